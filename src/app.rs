@@ -1,0 +1,173 @@
+//! Wiring for the `run` and `demo` commands: bind, serve, reload on SIGHUP, drain on
+//! SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{self, Config};
+use crate::snapshot::ProxyState;
+use crate::{echo, server};
+
+/// Why palisade could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid; one entry per problem.
+    #[error("invalid configuration")]
+    Config(Vec<config::ConfigError>),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Binds every `server.listen` address of `config`.
+pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, StartError> {
+    config
+        .server
+        .listen
+        .iter()
+        .map(|&addr| server::bind(addr).map_err(|source| StartError::Bind { addr, source }))
+        .collect()
+}
+
+/// Serves `config` (loaded from `path`) until SIGTERM or SIGINT, reloading it from `path`
+/// on SIGHUP. Returns once drained.
+pub async fn run(path: PathBuf, config: Config) -> Result<(), StartError> {
+    let listeners = bind_all(&config)?;
+    for addr in &config.server.listen {
+        tracing::info!(%addr, "listening");
+    }
+    let state = Arc::new(ProxyState::new(config));
+    tokio::spawn(reload_on_sighup(path, state.clone()));
+    server::serve(listeners, state, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops palisade");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Reloads the config from `path` on every SIGHUP; a bad file keeps the running config.
+async fn reload_on_sighup(path: PathBuf, state: Arc<ProxyState>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot watch SIGHUP; reload by signal is off");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            reload(&path, &state);
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, state);
+    }
+}
+
+/// Loads, validates and applies the config at `path`; logs the outcome.
+pub fn reload(path: &Path, state: &ProxyState) {
+    match config::load(path) {
+        Ok(config) => {
+            let generation = state.apply(config);
+            tracing::info!(generation, "configuration reloaded");
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!(error = %e, "reload rejected; the running configuration stays");
+            }
+        }
+    }
+}
+
+/// The demo's configuration: one route to three echo backends.
+pub const DEMO_CONFIG: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+
+[admin]
+listen = "127.0.0.1:9901"
+
+[[routes]]
+name = "demo"
+path_prefix = "/"
+upstream = "echo"
+
+[upstreams.echo]
+balance = "round_robin"
+backends = [
+  { addr = "127.0.0.1:9001" },
+  { addr = "127.0.0.1:9002" },
+  { addr = "127.0.0.1:9003" },
+]
+"#;
+
+/// Runs the demo: three echo backends and the proxy in one process, until Ctrl-C.
+pub async fn demo() -> Result<(), StartError> {
+    let config = config::parse(DEMO_CONFIG, Path::new("<demo>")).map_err(StartError::Config)?;
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut backends = Vec::new();
+    for (i, port) in (9001u16..=9003).enumerate() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        let name: Arc<str> = format!("echo-{}", i + 1).into();
+        let mut stop = stop_tx.subscribe();
+        backends.push(tokio::spawn(echo::serve(listener, name, async move {
+            let _ = stop.recv().await;
+        })));
+    }
+    let listeners = bind_all(&config)?;
+    let state = Arc::new(ProxyState::new(config));
+    println!("{}", demo_banner());
+    server::serve(listeners, state, shutdown_signal()).await;
+    let _ = stop_tx.send(());
+    for b in backends {
+        let _ = b.await;
+    }
+    Ok(())
+}
+
+fn demo_banner() -> &'static str {
+    r#"palisade demo is running:
+  proxy          http://127.0.0.1:8080  (round robin over the three echo backends)
+  echo backends  127.0.0.1:9001, 127.0.0.1:9002, 127.0.0.1:9003
+
+Try:
+  for i in 1 2 3 4 5 6; do curl -s 127.0.0.1:8080/hello | grep -o '"backend":"[^"]*"'; done
+  curl -si 127.0.0.1:8080/status/503        # a backend's own error passes through
+  curl -si 127.0.0.1:8080/delay/300         # answered after 300 ms
+  curl -s  127.0.0.1:8080/bytes/1000000 | wc -c
+  curl -sN 127.0.0.1:8080/stream/5          # five chunks, 100 ms apart
+  curl -s --http2-prior-knowledge 127.0.0.1:8080/h2
+
+Ctrl-C drains and stops."#
+}

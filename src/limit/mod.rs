@@ -1,0 +1,3 @@
+//! Client protection: who the client is, and (in later pieces) what it may do.
+
+pub mod client_ip;

@@ -1,0 +1,137 @@
+//! The `palisade` command line: parse arguments, call into the library, map outcomes to exit
+//! codes (0 clean, 1 config or start error, 2 usage error).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use palisade::app::{self, StartError};
+use palisade::config;
+use palisade::logging::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "palisade",
+    version,
+    about = "HTTP reverse proxy and load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        env = "PALISADE_CONFIG",
+        default_value = "config/palisade.toml"
+    )]
+    config: PathBuf,
+    /// Log format (default: text on a terminal, json otherwise).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log level or filter, e.g. `info`, `debug`, `palisade=debug,hyper=info`.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve with the config (the default command).
+    Run,
+    /// Validate the config and exit.
+    Check,
+    /// Run the built-in test backend.
+    Echo {
+        /// Address to listen on, e.g. 127.0.0.1:9001.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Name reported in every answer.
+        #[arg(long, default_value = "echo")]
+        name: String,
+    },
+    /// Proxy on 127.0.0.1:8080 in front of three echo backends on 127.0.0.1:9001-9003.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(
+        cli.log_format.unwrap_or_else(LogFormat::detect),
+        &cli.log_level,
+    ) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => {
+            let config = match config::load(&cli.config) {
+                Ok(config) => config,
+                Err(errors) => return config_errors(&errors),
+            };
+            for warning in config::warnings(&config) {
+                tracing::warn!("{warning}");
+            }
+            block_on(app::run(cli.config.clone(), config))
+        }
+        Command::Demo => block_on(app::demo()),
+        Command::Echo { listen, name } => block_on(async move {
+            let listener = palisade::server::bind(listen).map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
+            tracing::info!(%listen, %name, "echo backend listening");
+            let name: Arc<str> = name.into();
+            palisade::echo::serve(listener, name, app::shutdown_signal())
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: listen,
+                    source,
+                })
+        }),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(config) => {
+            for warning in config::warnings(&config) {
+                eprintln!("warning: {warning}");
+            }
+            println!("config OK: {}", config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => config_errors(&errors),
+    }
+}
+
+fn config_errors(errors: &[config::ConfigError]) -> ExitCode {
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+    ExitCode::from(1)
+}
+
+fn block_on(future: impl std::future::Future<Output = Result<(), StartError>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(StartError::Config(errors)) => config_errors(&errors),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

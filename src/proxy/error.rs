@@ -1,0 +1,215 @@
+//! Errors that palisade answers itself, and the one function that turns them into responses.
+//!
+//! Each [`ProxyError`] knows its HTTP status and its RFC 9209 `Proxy-Status` error name, so
+//! the status, the header and the log line all come from one place.
+
+use std::error::Error as _;
+use std::io;
+
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use super::body::{BodyTooLarge, ProxyBody};
+
+/// Why palisade answered a request itself instead of passing on a backend's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matches the request's host and path.
+    #[error("no route matches")]
+    NoRoute,
+    /// The client's address is not allowed on this route.
+    #[error("client address not allowed")]
+    Denied,
+    /// The client went over the route's rate limit; it may retry after this many seconds.
+    #[error("rate limited")]
+    RateLimited {
+        /// Whole seconds, at least 1.
+        retry_after_secs: u64,
+    },
+    /// The backend refused the connection (or none could be reached).
+    #[error("backend refused the connection")]
+    ConnectionRefused,
+    /// The backend closed or reset the connection before a complete response head.
+    #[error("backend closed the connection")]
+    ConnectionTerminated,
+    /// Connecting to the backend took longer than `timeouts.connect`.
+    #[error("backend connect timed out")]
+    ConnectionTimeout,
+    /// The backend's response head took longer than `timeouts.response`.
+    #[error("backend response timed out")]
+    ResponseTimeout,
+    /// The upstream's queue was full, or the wait in it too long.
+    #[error("upstream queue full")]
+    QueueFull,
+    /// The request is malformed (the reason is for the log).
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    /// The request head is larger than `max_header_bytes`.
+    #[error("request head too large")]
+    HeadTooLarge,
+    /// The request body is larger than `max_body_bytes`.
+    #[error("request body too large")]
+    BodyTooLarge,
+}
+
+impl ProxyError {
+    /// The HTTP status palisade answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Denied => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ConnectionRefused
+            | ProxyError::ConnectionTerminated
+            | ProxyError::ConnectionTimeout => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    /// The RFC 9209 error type named in the `Proxy-Status` header.
+    pub fn proxy_status_name(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "destination_not_found",
+            ProxyError::Denied | ProxyError::RateLimited { .. } => "http_request_denied",
+            ProxyError::ConnectionRefused => "connection_refused",
+            ProxyError::ConnectionTerminated => "connection_terminated",
+            ProxyError::ConnectionTimeout => "connection_timeout",
+            ProxyError::ResponseTimeout => "http_response_timeout",
+            ProxyError::QueueFull => "connection_limit_reached",
+            ProxyError::BadRequest(_) | ProxyError::HeadTooLarge | ProxyError::BodyTooLarge => {
+                "http_request_error"
+            }
+        }
+    }
+
+    /// The full `Proxy-Status` header value, built without allocating.
+    fn proxy_status_header(&self) -> HeaderValue {
+        HeaderValue::from_static(match self.proxy_status_name() {
+            "destination_not_found" => "palisade; error=destination_not_found",
+            "http_request_denied" => "palisade; error=http_request_denied",
+            "connection_refused" => "palisade; error=connection_refused",
+            "connection_terminated" => "palisade; error=connection_terminated",
+            "connection_timeout" => "palisade; error=connection_timeout",
+            "http_response_timeout" => "palisade; error=http_response_timeout",
+            "connection_limit_reached" => "palisade; error=connection_limit_reached",
+            _ => "palisade; error=http_request_error",
+        })
+    }
+
+    /// The short text body of the answer.
+    fn body_text(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no route matches this request\n",
+            ProxyError::Denied => "forbidden\n",
+            ProxyError::RateLimited { .. } => "too many requests\n",
+            ProxyError::ConnectionRefused
+            | ProxyError::ConnectionTerminated
+            | ProxyError::ConnectionTimeout => "bad gateway: no backend could answer\n",
+            ProxyError::ResponseTimeout => "gateway timeout: the backend did not answer in time\n",
+            ProxyError::QueueFull => "service unavailable: too many requests queued\n",
+            ProxyError::BadRequest(_) => "bad request\n",
+            ProxyError::HeadTooLarge => "request header fields too large\n",
+            ProxyError::BodyTooLarge => "request body too large\n",
+        }
+    }
+
+    /// Whether the client connection must close after this answer (the request stream can
+    /// no longer be trusted to be in sync).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::HeadTooLarge | ProxyError::BodyTooLarge
+        )
+    }
+
+    /// The response palisade sends for this error.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut resp = Response::new(ProxyBody::from_static(self.body_text()));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert("proxy-status", self.proxy_status_header());
+        if let ProxyError::RateLimited { retry_after_secs } = self {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+        }
+        if self.closes_connection() {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    /// Classifies a failed upstream exchange from the client's error.
+    pub fn from_upstream(err: &hyper_util::client::legacy::Error) -> ProxyError {
+        let mut source = err.source();
+        while let Some(cause) = source {
+            if cause.is::<BodyTooLarge>() {
+                return ProxyError::BodyTooLarge;
+            }
+            if let Some(io) = cause.downcast_ref::<io::Error>() {
+                if io.kind() == io::ErrorKind::TimedOut {
+                    return ProxyError::ConnectionTimeout;
+                }
+            }
+            source = cause.source();
+        }
+        if err.is_connect() {
+            ProxyError::ConnectionRefused
+        } else {
+            ProxyError::ConnectionTerminated
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_names_its_status_and_proxy_status() {
+        let cases = [
+            (ProxyError::NoRoute, 404, "destination_not_found"),
+            (ProxyError::Denied, 403, "http_request_denied"),
+            (
+                ProxyError::RateLimited {
+                    retry_after_secs: 3,
+                },
+                429,
+                "http_request_denied",
+            ),
+            (ProxyError::ConnectionRefused, 502, "connection_refused"),
+            (
+                ProxyError::ConnectionTerminated,
+                502,
+                "connection_terminated",
+            ),
+            (ProxyError::ConnectionTimeout, 502, "connection_timeout"),
+            (ProxyError::ResponseTimeout, 504, "http_response_timeout"),
+            (ProxyError::QueueFull, 503, "connection_limit_reached"),
+            (ProxyError::BadRequest("x"), 400, "http_request_error"),
+            (ProxyError::HeadTooLarge, 431, "http_request_error"),
+            (ProxyError::BodyTooLarge, 413, "http_request_error"),
+        ];
+        for (err, status, name) in cases {
+            let resp = err.into_response();
+            assert_eq!(resp.status().as_u16(), status, "{err:?}");
+            let header = resp.headers()["proxy-status"].to_str().unwrap_or_default();
+            assert_eq!(header, format!("palisade; error={name}"), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_of_at_least_one_second() {
+        let resp = ProxyError::RateLimited {
+            retry_after_secs: 0,
+        }
+        .into_response();
+        assert_eq!(resp.headers()[RETRY_AFTER], "1");
+    }
+}

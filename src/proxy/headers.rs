@@ -1,0 +1,286 @@
+//! Header rewriting between the client and the backend.
+//!
+//! Hop-by-hop headers stay on their own hop (RFC 9110 7.6.1); the upstream request gains the
+//! `X-Forwarded-*`, `Via` and `X-Request-Id` headers; the Host header is kept. Everything
+//! here edits the existing `HeaderMap` in place and formats into stack buffers, so a request
+//! without an incoming `X-Forwarded-For` costs two small header values and no map rebuild.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    VIA,
+};
+use http::Version;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The request id header, kept when valid and generated otherwise.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one hop, never forwarded (besides those `Connection` names).
+const HOP_BY_HOP: [&HeaderName; 7] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &TE,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+];
+
+/// What the upstream request needs to know about the client side.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSide {
+    /// The client's address as palisade resolved it.
+    pub ip: IpAddr,
+    /// `http` or `https`: the scheme the client used.
+    pub proto: &'static str,
+    /// The HTTP version the client spoke.
+    pub version: Version,
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+/// With `upgrade`, `Upgrade` is kept and `Connection: upgrade` set, so a WebSocket handshake
+/// reaches the backend. `TE: trailers` is kept (gRPC needs it; it is the only value a
+/// proxy may pass on).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(CONNECTION) {
+        // Names listed in Connection are hop-by-hop too; collect them first since we
+        // cannot remove while borrowing. Typical values ("keep-alive", "close") are short.
+        let listed: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if !(upgrade && name == UPGRADE) && name != TE {
+                headers.remove(&name);
+            }
+        }
+    }
+    let keep_te = headers
+        .get(TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let upgrade_value = if upgrade {
+        headers.remove(UPGRADE)
+    } else {
+        None
+    };
+    for name in HOP_BY_HOP {
+        if !(keep_te && *name == TE) {
+            headers.remove(name);
+        }
+    }
+    if let Some(value) = upgrade_value {
+        headers.insert(UPGRADE, value);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Adds `X-Forwarded-For` (client IP appended to any existing list, as one line),
+/// `X-Forwarded-Proto`, `X-Forwarded-Host`, `Via`, and a valid `X-Request-Id`.
+/// `authority` is the request URI's authority (HTTP/2 clients send no Host header):
+/// it becomes the Host header when there is none, so the backend sees the name the client used.
+/// Returns the request id as sent upstream.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client: &ClientSide,
+    authority: Option<&str>,
+) -> HeaderValue {
+    set_forwarded_for(headers, client.ip);
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(client.proto),
+    );
+    if !headers.contains_key(HOST) {
+        if let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+            headers.insert(HOST, value);
+        }
+    }
+    if let Some(host) = headers.get(HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.append(VIA, via_value(client.version));
+
+    match headers.get(&X_REQUEST_ID) {
+        Some(id) if is_valid_request_id(id.as_bytes()) => id.clone(),
+        _ => {
+            let id = new_request_id();
+            headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    }
+}
+
+fn via_value(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_10 => "1.0 palisade",
+        Version::HTTP_2 => "2 palisade",
+        Version::HTTP_3 => "3 palisade",
+        _ => "1.1 palisade",
+    })
+}
+
+fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    // "255.255.255.255" / a full IPv6 address fits easily in 64 bytes.
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    if write!(cursor, "{ip}").is_err() {
+        return;
+    }
+    let len = cursor.position() as usize;
+    let ip_text = &buf[..len];
+
+    let existing = headers.get_all(&X_FORWARDED_FOR);
+    let mut values = existing.iter();
+    let value = match (values.next(), values.next()) {
+        (None, _) => HeaderValue::from_bytes(ip_text),
+        (Some(one), None) => {
+            let mut joined = Vec::with_capacity(one.len() + 2 + len);
+            joined.extend_from_slice(one.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip_text);
+            HeaderValue::from_bytes(&joined)
+        }
+        (Some(_), Some(_)) => {
+            // Several X-Forwarded-For lines: fold them into one list, the order kept.
+            let mut joined = Vec::new();
+            for v in headers.get_all(&X_FORWARDED_FOR) {
+                joined.extend_from_slice(v.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(ip_text);
+            HeaderValue::from_bytes(&joined)
+        }
+    };
+    if let Ok(value) = value {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+/// A client-sent request id is kept when it is 1 to 128 characters of `[A-Za-z0-9._:+/=@-]`
+/// (covers UUIDs, ULIDs, trace ids and base64); anything else is replaced.
+pub fn is_valid_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:+/=@-".contains(b))
+}
+
+/// A fresh random request id: 32 lowercase hex digits (128 bits from a thread-local RNG).
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte = HEX[((bits >> (i * 4)) & 0xf) as usize];
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn client() -> ClientSide {
+        ClientSide {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            proto: "http",
+            version: Version::HTTP_11,
+        }
+    }
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.append(*k, HeaderValue::from_static(v));
+        }
+        headers
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn te_trailers_and_websocket_upgrade_survive() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn forwarding_headers_are_added_and_host_kept() {
+        let mut h = map(&[("host", "api.example.com:8080")]);
+        let id = add_forwarding(&mut h, &client(), None);
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com:8080");
+        assert_eq!(h["host"], "api.example.com:8080");
+        assert_eq!(h["via"], "1.1 palisade");
+        assert_eq!(h["x-request-id"], id);
+        assert_eq!(id.len(), 32);
+    }
+
+    #[test]
+    fn existing_forwarded_for_lines_are_folded_into_one() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
+        add_forwarding(&mut h, &client(), None);
+        let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["1.1.1.1, 2.2.2.2, 10.1.2.3"]);
+    }
+
+    #[test]
+    fn authority_becomes_host_for_http2_clients() {
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, &client(), Some("example.com"));
+        assert_eq!(h["host"], "example.com");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+    }
+
+    #[test]
+    fn valid_request_ids_are_kept_and_invalid_ones_replaced() {
+        let mut h = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(add_forwarding(&mut h, &client(), None), "abc-123");
+        let mut h = map(&[("x-request-id", "has space")]);
+        let id = add_forwarding(&mut h, &client(), None);
+        assert_ne!(id, "has space");
+        assert_eq!(h["x-request-id"], id);
+        assert!(!is_valid_request_id(&[b'a'; 129]));
+        assert!(!is_valid_request_id(b""));
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}

@@ -1,0 +1,277 @@
+//! The route table: which route a request belongs to.
+//!
+//! Routes match on host (exact, or `*.suffix`; the port is ignored; case-insensitive) and
+//! path prefix, and the first match in file order wins. The table is compiled once per
+//! config: routes are indexed by exact host and by wildcard suffix, so a lookup touches only
+//! the routes that could match the request's host, plus the host-less ones, and allocates
+//! nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{self, HostMatch};
+
+/// One compiled route.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's name (metrics and logs).
+    pub name: Arc<str>,
+    /// Position in the file: lower wins.
+    order: u32,
+    /// The path prefix it matches.
+    pub path_prefix: Box<str>,
+    /// Whether `path_prefix` is removed from the upstream request's path.
+    pub strip_prefix: bool,
+    /// Index of its upstream in the snapshot's upstream list.
+    pub upstream: usize,
+    /// The route's configuration, as validated.
+    pub config: config::Route,
+}
+
+/// All routes of a config, indexed for lookup.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    /// Exact host -> route indices in file order.
+    by_host: HashMap<Box<str>, Vec<u32>>,
+    /// Wildcard suffix (".example.com") -> route indices in file order.
+    by_suffix: HashMap<Box<str>, Vec<u32>>,
+    /// Routes without a host, in file order.
+    any_host: Vec<u32>,
+}
+
+/// The longest host name we index (DNS names are at most 253 bytes).
+const MAX_HOST: usize = 256;
+
+impl RouteTable {
+    /// Compiles `routes`; `upstream_index` maps an upstream name to its index (validation
+    /// guarantees every route's upstream exists; a route whose upstream is missing is skipped).
+    pub fn build(routes: &[config::Route], upstream_index: impl Fn(&str) -> Option<usize>) -> Self {
+        let mut table = RouteTable::default();
+        for cfg in routes {
+            let Some(upstream) = upstream_index(&cfg.upstream) else {
+                continue;
+            };
+            let order = table.routes.len() as u32;
+            match &cfg.host {
+                None => table.any_host.push(order),
+                Some(HostMatch::Exact(host)) => table
+                    .by_host
+                    .entry(host.as_str().into())
+                    .or_default()
+                    .push(order),
+                Some(HostMatch::Suffix(suffix)) => table
+                    .by_suffix
+                    .entry(suffix.as_str().into())
+                    .or_default()
+                    .push(order),
+            }
+            table.routes.push(Route {
+                name: cfg.name.as_str().into(),
+                order,
+                path_prefix: cfg.path_prefix.as_str().into(),
+                strip_prefix: cfg.strip_prefix,
+                upstream,
+                config: cfg.clone(),
+            });
+        }
+        table
+    }
+
+    /// The number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The first route, in file order, that matches `host` (a Host header or URI authority,
+    /// port allowed) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let mut best: Option<u32> = self.first_match(&self.any_host, path);
+
+        let mut buf = [0u8; MAX_HOST];
+        if let Some(host) = host.and_then(|h| normalise_host(h, &mut buf)) {
+            if !self.by_host.is_empty() {
+                if let Some(list) = self.by_host.get(host) {
+                    best = min_some(best, self.first_match(list, path));
+                }
+            }
+            if !self.by_suffix.is_empty() {
+                // Every proper suffix starting at a dot: "a.b.c" -> ".b.c", ".c".
+                for (i, _) in host.match_indices('.') {
+                    if let Some(list) = self.by_suffix.get(&host[i..]) {
+                        best = min_some(best, self.first_match(list, path));
+                    }
+                }
+            }
+        }
+        best.and_then(|i| self.routes.get(i as usize))
+    }
+
+    fn first_match(&self, list: &[u32], path: &str) -> Option<u32> {
+        list.iter().copied().find(|&i| {
+            self.routes
+                .get(i as usize)
+                .is_some_and(|r| path.starts_with(&*r.path_prefix))
+        })
+    }
+
+    /// All routes in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+}
+
+impl Route {
+    /// The path (and query) the backend sees: with `strip_prefix` the prefix is removed and
+    /// the result still starts with '/'. Returns None when nothing changes.
+    pub fn rewrite_path(&self, path_and_query: &str) -> Option<String> {
+        if !self.strip_prefix || self.path_prefix.len() <= 1 {
+            return None;
+        }
+        let rest = path_and_query.get(self.path_prefix.len()..)?;
+        Some(if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        })
+    }
+
+    /// Position in the config file (0-based).
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+}
+
+fn min_some(a: Option<u32>, b: Option<u32>) -> Option<u32> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// Lowercases `host` into `buf` without its port and trailing dot. None for hosts that are
+/// empty, too long or not UTF-8 after lowercasing (impossible for ASCII input).
+fn normalise_host<'a>(host: &str, buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str> {
+    let host = if let Some(rest) = host.strip_prefix('[') {
+        // "[::1]:8080" -> "[::1]"
+        let end = rest.find(']')?;
+        &host[..end + 2]
+    } else {
+        match host.rfind(':') {
+            Some(i) => &host[..i],
+            None => host,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() || host.len() > MAX_HOST {
+        return None;
+    }
+    let out = &mut buf[..host.len()];
+    out.copy_from_slice(host.as_bytes());
+    out.make_ascii_lowercase();
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, host: Option<HostMatch>, prefix: &str, strip: bool) -> config::Route {
+        config::Route {
+            name: name.into(),
+            host,
+            path_prefix: prefix.into(),
+            upstream: "app".into(),
+            strip_prefix: strip,
+            allow: vec![],
+            deny: vec![],
+            rate_limit: None,
+        }
+    }
+
+    fn table(routes: &[config::Route]) -> RouteTable {
+        RouteTable::build(routes, |_| Some(0))
+    }
+
+    fn name<'a>(t: &'a RouteTable, host: Option<&str>, path: &str) -> Option<&'a str> {
+        t.find(host, path).map(|r| &*r.name)
+    }
+
+    #[test]
+    fn first_match_in_file_order_wins() {
+        let t = table(&[
+            route("api", None, "/api", false),
+            route("api-v2", None, "/api/v2", false),
+            route("root", None, "/", false),
+        ]);
+        assert_eq!(name(&t, None, "/api/v2/x"), Some("api"));
+        assert_eq!(name(&t, None, "/other"), Some("root"));
+    }
+
+    #[test]
+    fn hosts_match_exactly_or_by_wildcard_ignoring_port_and_case() {
+        let t = table(&[
+            route(
+                "exact",
+                Some(HostMatch::Exact("api.example.com".into())),
+                "/",
+                false,
+            ),
+            route(
+                "wild",
+                Some(HostMatch::Suffix(".example.com".into())),
+                "/",
+                false,
+            ),
+            route("tail", None, "/only", false),
+        ]);
+        assert_eq!(name(&t, Some("API.Example.com:8080"), "/"), Some("exact"));
+        assert_eq!(name(&t, Some("www.example.com"), "/"), Some("wild"));
+        assert_eq!(name(&t, Some("a.b.example.com."), "/"), Some("wild"));
+        // "*.example.com" does not match the bare domain (as in nginx and Envoy).
+        assert_eq!(name(&t, Some("example.com"), "/"), None);
+        assert_eq!(name(&t, Some("other.org"), "/only/x"), Some("tail"));
+        assert_eq!(name(&t, None, "/"), None);
+    }
+
+    #[test]
+    fn a_host_less_route_earlier_in_the_file_beats_a_later_host_route() {
+        let t = table(&[
+            route("any", None, "/", false),
+            route("exact", Some(HostMatch::Exact("a.com".into())), "/", false),
+        ]);
+        assert_eq!(name(&t, Some("a.com"), "/"), Some("any"));
+    }
+
+    #[test]
+    fn ipv6_hosts_drop_their_port() {
+        let t = table(&[route(
+            "v6",
+            Some(HostMatch::Exact("[::1]".into())),
+            "/",
+            false,
+        )]);
+        assert_eq!(name(&t, Some("[::1]:8080"), "/"), Some("v6"));
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash_and_the_query() {
+        let t = table(&[route("api", None, "/api", true)]);
+        let r = t.find(None, "/api/users").expect("route");
+        assert_eq!(
+            r.rewrite_path("/api/users?x=1").as_deref(),
+            Some("/users?x=1")
+        );
+        assert_eq!(r.rewrite_path("/api").as_deref(), Some("/"));
+        assert_eq!(r.rewrite_path("/api?x=1").as_deref(), Some("/?x=1"));
+        let t = table(&[route("root", None, "/", true)]);
+        let r = t.find(None, "/x").expect("route");
+        assert_eq!(r.rewrite_path("/x"), None);
+    }
+}

@@ -1,0 +1,403 @@
+//! Listeners, the accept loop, connection limits and graceful shutdown.
+//!
+//! [`serve`] takes already-bound listeners and a shutdown future (mini-redis style), so
+//! tests bind port 0, start it, and stop it deterministically. Each connection runs in its
+//! own task with a watchdog that enforces two timeouts hyper does not give us as we want
+//! them: `header_read` (a request head must arrive within it once its first byte has) and
+//! `idle` (a connection with no request in flight and no bytes moving is closed). On
+//! shutdown every connection is asked to finish gracefully (in-flight requests complete,
+//! idle keep-alive connections close) and `serve` returns once all are gone or
+//! `server.timeouts.shutdown` has passed.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::proxy::{self, ConnInfo};
+use crate::snapshot::ProxyState;
+
+/// Binds a listener with SO_REUSEADDR and SO_REUSEPORT, so a new palisade process can start
+/// on the same port while the old one drains.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves proxy traffic on `listeners` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    state: Arc<ProxyState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a clone of `done_tx`; when all are dropped, `recv`
+    // returns None: all connections are gone.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut accept_tasks = Vec::new();
+    for listener in listeners {
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            state.clone(),
+            stop_rx.clone(),
+            done_tx.clone(),
+        )));
+    }
+    drop(done_tx);
+
+    shutdown.await;
+    state.start_draining();
+    let _ = stop_tx.send(true);
+    for task in accept_tasks {
+        task.abort();
+        let _ = task.await;
+    }
+    let limit = state.snapshot().config.server.timeouts.shutdown;
+    let open = state.connections.load(Ordering::Relaxed);
+    tracing::info!(open_connections = open, "draining");
+    if tokio::time::timeout(limit, done_rx.recv()).await.is_err() {
+        tracing::warn!(
+            open_connections = state.connections.load(Ordering::Relaxed),
+            "shutdown timeout reached; closing the remaining connections"
+        );
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    configure(&mut builder, &state);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let limits = ConnLimits::from_state(&state);
+        let open = state.connections.fetch_add(1, Ordering::Relaxed);
+        if open >= limits.max_connections {
+            state.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(%peer, open, "max_connections reached; closing new connection");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            state.clone(),
+            builder.clone(),
+            limits,
+            stop.clone(),
+            done.clone(),
+        ));
+    }
+}
+
+fn configure(builder: &mut auto::Builder<TokioExecutor>, state: &ProxyState) {
+    let snapshot = state.snapshot();
+    let limits = &snapshot.config.server.limits;
+    // hyper answers 431 itself when the head does not fit in its read buffer; the buffer
+    // cannot be smaller than 8 KiB.
+    let max_head = limits.max_header_bytes.max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(max_head);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+}
+
+/// The per-connection limits, read from the snapshot when the connection is accepted.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    max_connections: usize,
+    header_read: Duration,
+    idle: Duration,
+}
+
+impl ConnLimits {
+    fn from_state(state: &ProxyState) -> Self {
+        let snapshot = state.snapshot();
+        let server = &snapshot.config.server;
+        ConnLimits {
+            max_connections: server.limits.max_connections,
+            header_read: server.timeouts.header_read,
+            idle: server.timeouts.idle,
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: ConnLimits,
+    mut stop: watch::Receiver<bool>,
+    _done: mpsc::Sender<()>,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(TrackedIo {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let info = ConnInfo {
+        peer,
+        proto: "http",
+    };
+    let service = {
+        let state = state.clone();
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let state = state.clone();
+            let activity = activity.clone();
+            async move {
+                let _request = activity.request_started();
+                Ok::<_, Infallible>(proxy::handle(&state, req, &info).await)
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+
+    let mut draining = *stop.borrow();
+    if draining {
+        conn.as_mut().graceful_shutdown();
+    }
+    let watchdog = tokio::time::sleep(limits.idle.min(limits.header_read));
+    tokio::pin!(watchdog);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            changed = stop.changed(), if !draining => {
+                draining = true;
+                if changed.is_ok() {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = &mut watchdog => {
+                match activity.check(limits) {
+                    Verdict::Fine(next) => watchdog.as_mut().reset(next.into()),
+                    Verdict::HeadTooSlow => {
+                        tracing::debug!(%peer, "request head not received within header_read; closing");
+                        break;
+                    }
+                    Verdict::Idle => {
+                        tracing::debug!(%peer, "idle timeout; closing");
+                        if draining {
+                            break;
+                        }
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                        // A graceful close that does not finish within another `idle` is forced.
+                        watchdog.as_mut().reset((Instant::now() + limits.idle).into());
+                    }
+                }
+            }
+        }
+    }
+    state.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Process-wide time origin, so activity timestamps fit in an atomic u64 of nanoseconds.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`], plus one so that 0 can mean "never".
+fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
+fn instant_at(ns: u64) -> Instant {
+    epoch() + Duration::from_nanos(ns)
+}
+
+/// What a connection has been doing, updated by its IO and its requests.
+#[derive(Debug)]
+struct Activity {
+    /// Requests being handled right now.
+    in_flight: AtomicU32,
+    /// When bytes last moved either way.
+    last_io: AtomicU64,
+    /// When the first byte of a request head arrived on an otherwise quiet connection
+    /// (0: not reading a head).
+    head_started: AtomicU64,
+}
+
+enum Verdict {
+    /// Nothing to do; look again at this time.
+    Fine(Instant),
+    /// A request head has been arriving for longer than `header_read`.
+    HeadTooSlow,
+    /// Nothing happened for `idle`.
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        let now = now_ns();
+        Activity {
+            in_flight: AtomicU32::new(0),
+            last_io: AtomicU64::new(now),
+            // A new connection owes us a request head right away.
+            head_started: AtomicU64::new(now),
+        }
+    }
+
+    fn request_started(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        RequestGuard {
+            activity: self.clone(),
+        }
+    }
+
+    fn on_read(&self) {
+        let now = now_ns();
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            let _ =
+                self.head_started
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    fn on_write(&self) {
+        self.last_io.store(now_ns(), Ordering::Relaxed);
+    }
+
+    fn check(&self, limits: ConnLimits) -> Verdict {
+        let now = now_ns();
+        let header_read = u64::try_from(limits.header_read.as_nanos()).unwrap_or(u64::MAX);
+        let idle = u64::try_from(limits.idle.as_nanos()).unwrap_or(u64::MAX);
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Verdict::Fine(instant_at(now.saturating_add(idle)));
+        }
+        let head_started = self.head_started.load(Ordering::Relaxed);
+        if head_started != 0 {
+            let deadline = head_started.saturating_add(header_read);
+            if now >= deadline {
+                return Verdict::HeadTooSlow;
+            }
+            return Verdict::Fine(instant_at(deadline));
+        }
+        let deadline = self.last_io.load(Ordering::Relaxed).saturating_add(idle);
+        if now >= deadline {
+            return Verdict::Idle;
+        }
+        Verdict::Fine(instant_at(deadline))
+    }
+}
+
+/// Ends a request's count on its connection, also when the client goes away mid-request.
+struct RequestGuard {
+    activity: Arc<Activity>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.activity.last_io.store(now_ns(), Ordering::Relaxed);
+    }
+}
+
+/// A TCP stream that reports its reads and writes to the connection's [`Activity`].
+struct TrackedIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.on_write();
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.on_write();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,109 @@
+//! The immutable, compiled form of a config that the hot path reads.
+//!
+//! A request loads the current snapshot once and uses it to the end, so a reload never shows
+//! it half of two configs. Building is pure: no I/O, no sockets; state that must survive a
+//! reload (backends with their counters and health, connection pools) is carried over from
+//! the previous snapshot by identity, not rebuilt.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::route::RouteTable;
+use crate::upstream::Upstream;
+
+/// One generation of the running configuration, compiled.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Starts at 1 and grows by one with each successful reload.
+    pub generation: u64,
+    /// The configuration this snapshot was built from.
+    pub config: Arc<Config>,
+    /// The route table.
+    pub routes: RouteTable,
+    /// The upstream pools, in config order (routes refer to them by index).
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Snapshot {
+    /// Compiles `config`, carrying live state over from `previous` where it still applies.
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+        let upstreams: Vec<Upstream> = config
+            .upstreams
+            .iter()
+            .map(|cfg| {
+                let old = previous.and_then(|p| p.upstream(&cfg.name));
+                Upstream::build(cfg, old)
+            })
+            .collect();
+        let routes = RouteTable::build(&config.routes, |name| {
+            upstreams.iter().position(|u| &*u.name == name)
+        });
+        Snapshot {
+            generation: previous.map_or(1, |p| p.generation + 1),
+            config: Arc::new(config),
+            routes,
+            upstreams,
+        }
+    }
+
+    /// The upstream called `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| &*u.name == name)
+    }
+}
+
+/// What every connection and request of one palisade instance shares.
+#[derive(Debug)]
+pub struct ProxyState {
+    snapshot: ArcSwap<Snapshot>,
+    draining: AtomicBool,
+    /// Client connections open right now.
+    pub connections: AtomicUsize,
+    started: Instant,
+}
+
+impl ProxyState {
+    /// State serving `config` as generation 1.
+    pub fn new(config: Config) -> Self {
+        ProxyState {
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// The current snapshot; hold it for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Builds a snapshot of `config` from the current one and swaps it in; returns its
+    /// generation. In-flight requests finish on the snapshot they started with.
+    pub fn apply(&self, config: Config) -> u64 {
+        let current = self.snapshot.load();
+        let next = Snapshot::build(config, Some(&current));
+        let generation = next.generation;
+        self.snapshot.store(Arc::new(next));
+        generation
+    }
+
+    /// Marks the instance as draining (readiness turns false).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the instance is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// When this instance started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+}

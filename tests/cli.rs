@@ -1,0 +1,151 @@
+//! The command line: `check` output and exit codes, usage errors, `run` with a bad config,
+//! and `demo` answering on its documented ports.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use common::*;
+
+fn palisade(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("PALISADE_CONFIG")
+        .output()
+        .expect("run palisade");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let (code, out, err) = palisade(&["check", "-c", "config/palisade.toml"]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.starts_with("config OK: "), "{out}");
+    assert!(
+        out.contains(" routes, ") && out.contains(" upstreams, ") && out.contains(" backends"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_reports_every_mistake_with_its_position() {
+    let path = write_config(
+        "three-mistakes.toml",
+        r#"[server.timeouts]
+idle = "5 sec"
+
+[[routes]]
+name = "api"
+upstream = "missing"
+
+[upstreams.app]
+backends = [{ addr = "127.0.0.1:9001", weight = 0 }]
+"#,
+    );
+    let p = path.to_string_lossy().into_owned();
+    let (code, out, err) = palisade(&["check", "-c", &p]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for (line, position) in lines.iter().zip(["2:8", "6:12", "9:"]) {
+        assert!(
+            line.starts_with(&format!("error: {p}:{position}")),
+            "{line} (want {position})"
+        );
+    }
+}
+
+#[test]
+fn check_rejects_unknown_keys() {
+    let path = write_config(
+        "typo.toml",
+        "[server]\nlisten = [\"127.0.0.1:8080\"]\nlsten = 1\n",
+    );
+    let p = path.to_string_lossy().into_owned();
+    let (code, _, err) = palisade(&["check", "-c", &p]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("error: {p}:3:1")), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_a_config_error() {
+    let (code, _, err) = palisade(&["check", "-c", "/nonexistent/palisade.toml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/palisade.toml"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(palisade(&["frobnicate"]).0, 2);
+    assert_eq!(palisade(&["echo"]).0, 2, "echo without --listen");
+    assert_eq!(palisade(&["check", "--log-format", "xml"]).0, 2);
+    assert_eq!(palisade(&["--help"]).0, 0);
+}
+
+#[test]
+fn run_with_an_invalid_config_exits_1_without_serving() {
+    let path = write_config("bad-run.toml", "[[routes]]\nupstream = \"nowhere\"\n");
+    let p = path.to_string_lossy().into_owned();
+    let (code, _, err) = palisade(&["run", "-c", &p]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+#[tokio::test]
+async fn demo_serves_round_robin_over_three_echo_backends() {
+    // The demo's ports are fixed by the SPEC (8080, 9001-9003).
+    let child = spawn_palisade(&["demo"]);
+    wait_listening("127.0.0.1:8080".parse().expect("addr")).await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..6 {
+        let answer = get("http://127.0.0.1:8080/").await;
+        assert_eq!(answer.status, 200);
+        *seen
+            .entry(
+                answer.json()["backend"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|&n| n == 2), "{seen:?}");
+    stop_gracefully(child);
+}
+
+/// Sends SIGTERM and expects a clean exit (code 0) within a few seconds.
+fn stop_gracefully(mut child: ChildGuard) {
+    let pid = child.0.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            assert_eq!(status.code(), Some(0), "exit after SIGTERM");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

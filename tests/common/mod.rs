@@ -1,0 +1,275 @@
+//! Test harness: real palisade servers and echo backends on ephemeral 127.0.0.1 ports,
+//! stopped when dropped, plus small HTTP helpers over real sockets.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use palisade::snapshot::ProxyState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// An echo backend serving on an ephemeral port until dropped.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub name: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Echo {
+    pub async fn start(name: &str) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().expect("echo addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(palisade::echo::serve(listener, Arc::from(name), async {
+            let _ = rx.await;
+        }));
+        Echo {
+            addr,
+            name: name.to_owned(),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the backend and waits until it no longer accepts connections.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A palisade proxy served in-process on an ephemeral port until dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub state: Arc<ProxyState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts palisade with `toml` (its `server.listen` is ignored: the proxy listens on an
+    /// ephemeral port).
+    pub async fn start(toml: &str) -> Proxy {
+        let config = palisade::config::parse(toml, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("test config invalid: {e:?}\n{toml}"));
+        let listener = palisade::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let state = Arc::new(ProxyState::new(config));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(palisade::server::serve(
+            vec![listener],
+            state.clone(),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Proxy {
+            addr,
+            state,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Asks the proxy to drain and waits until `serve` returns.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("proxy drained in time")
+                .expect("serve task");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A config with one catch-all route to one upstream over `backends`, plus `extra` lines
+/// in the upstream table (e.g. `balance = "weighted"`).
+pub fn single_upstream(backends: &[(SocketAddr, u32)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("{{ addr = \"{a}\", weight = {w} }}"))
+        .collect();
+    format!(
+        r#"
+[[routes]]
+name = "all"
+upstream = "app"
+
+[upstreams.app]
+backends = [{}]
+{extra}
+"#,
+        list.join(", ")
+    )
+}
+
+/// A plain response, body collected.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends `req` with a fresh client and collects the answer.
+pub async fn send(req: http::Request<Full<Bytes>>) -> Answer {
+    let resp = tokio::time::timeout(Duration::from_secs(20), client().request(req))
+        .await
+        .expect("answer in time")
+        .expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Answer {
+    send(
+        http::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await
+}
+
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = http::Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(req.body(Full::new(Bytes::new())).expect("request")).await
+}
+
+/// Writes `raw` to a new connection and reads until the peer closes or `limit` passes.
+/// Returns what was read and whether the peer closed the connection.
+pub async fn raw_exchange(addr: SocketAddr, raw: &[u8], limit: Duration) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+/// Polls `check` until it returns true or `limit` passes.
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free ephemeral port on 127.0.0.1 (bound then released; the kernel does not hand it
+/// out again right away).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process killed (SIGKILL) when dropped unless it already exited.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the palisade binary with `args`, stderr captured to a file in the temp dir.
+pub fn spawn_palisade(args: &[&str]) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(args)
+        .arg("--log-level")
+        .arg("warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn palisade");
+    ChildGuard(child)
+}
+
+/// Waits until something accepts connections on `addr`.
+pub async fn wait_listening(addr: SocketAddr) {
+    let up = eventually(Duration::from_secs(20), async || {
+        TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    assert!(up, "nothing listens on {addr}");
+}

@@ -1,0 +1,150 @@
+//! Bodies stream: a 1 GiB download and a 1 GiB upload through a palisade process keep its
+//! peak RSS (VmHWM) under 64 MiB. palisade and the echo backend run as separate processes,
+//! so the number is the proxy's alone.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const GIB: u64 = 1 << 30;
+const RSS_LIMIT_KIB: u64 = 64 * 1024;
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// Reads one HTTP/1.1 response head, then exactly its Content-Length of body; the body is
+/// returned when it is small (up to 1 MiB), counted and discarded otherwise.
+async fn read_response(stream: &mut TcpStream) -> (String, u64, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.expect("read head");
+        assert_eq!(
+            n,
+            1,
+            "closed in the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length: u64 = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut left = length;
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = stream.read(&mut buf[..want]).await.expect("read body");
+        assert!(n > 0, "closed with {left} bytes left");
+        if length <= 1 << 20 {
+            kept.extend_from_slice(&buf[..n]);
+        }
+        left -= n as u64;
+    }
+    (head, length, kept)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gibibyte_each_way_streams_in_bounded_memory() {
+    let echo_port = free_port();
+    let _echo = spawn_palisade(&[
+        "echo",
+        "--listen",
+        &format!("127.0.0.1:{echo_port}"),
+        "--name",
+        "big",
+    ]);
+    let proxy_port = free_port();
+    let dir = std::env::temp_dir().join(format!("palisade-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("palisade.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = ["127.0.0.1:{proxy_port}"]
+[server.limits]
+max_body_bytes = 0
+[admin]
+listen = "127.0.0.1:{admin}"
+[[routes]]
+upstream = "big"
+[upstreams.big]
+backends = [{{ addr = "127.0.0.1:{echo_port}" }}]
+[upstreams.big.timeouts]
+response = "120s"
+"#,
+            admin = free_port()
+        ),
+    )
+    .expect("write config");
+    let proxy = spawn_palisade(&["run", "-c", &config.to_string_lossy()]);
+    let addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().expect("addr");
+    wait_listening(format!("127.0.0.1:{echo_port}").parse().expect("addr")).await;
+    wait_listening(addr).await;
+
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    // Download.
+    stream
+        .write_all(format!("GET /bytes/{GIB} HTTP/1.1\r\nhost: big\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let (head, length, _) =
+        tokio::time::timeout(Duration::from_secs(240), read_response(&mut stream))
+            .await
+            .expect("download in time");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(length, GIB);
+
+    // Upload, on the same keep-alive connection.
+    stream
+        .write_all(
+            format!("POST /upload HTTP/1.1\r\nhost: big\r\ncontent-length: {GIB}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("write head");
+    let chunk = vec![b'u'; 256 * 1024];
+    let upload = async {
+        let mut sent = 0u64;
+        while sent < GIB {
+            stream.write_all(&chunk).await.expect("write body");
+            sent += chunk.len() as u64;
+        }
+        read_response(&mut stream).await
+    };
+    let (head, _, body) = tokio::time::timeout(Duration::from_secs(240), upload)
+        .await
+        .expect("upload in time");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("echo JSON");
+    assert_eq!(
+        json["body_bytes"], GIB,
+        "the backend did not get the whole upload"
+    );
+
+    let peak = peak_rss_kib(proxy.0.id());
+    eprintln!("palisade peak RSS after 1 GiB each way: {peak} KiB");
+    assert!(
+        peak < RSS_LIMIT_KIB,
+        "peak RSS {peak} KiB >= {RSS_LIMIT_KIB} KiB"
+    );
+}

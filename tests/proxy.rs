@@ -1,0 +1,531 @@
+//! The core proxy over real sockets: routing, balancing, forwarding headers, streaming,
+//! WebSocket tunnelling, HTTP/2 and palisade's own error answers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+
+#[tokio::test]
+async fn round_robin_spreads_six_requests_two_per_backend() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let proxy = Proxy::start(&single_upstream(
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+        "",
+    ))
+    .await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..6 {
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!(answer.status, 200);
+        let backend = answer.json()["backend"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        *seen.entry(backend).or_default() += 1;
+    }
+    assert_eq!(
+        seen,
+        HashMap::from([("a".into(), 2), ("b".into(), 2), ("c".into(), 2)])
+    );
+}
+
+#[tokio::test]
+async fn weighted_balancing_follows_the_weights_through_the_proxy() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let cfg = single_upstream(&[(a.addr, 3), (b.addr, 1)], r#"balance = "weighted""#);
+    let proxy = Proxy::start(&cfg).await;
+    let mut count_a = 0;
+    for _ in 0..40 {
+        if get(&proxy.url("/")).await.json()["backend"] == "a" {
+            count_a += 1;
+        }
+    }
+    assert_eq!(count_a, 30);
+}
+
+#[tokio::test]
+async fn consistent_hash_on_a_header_sticks_to_one_backend() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let cfg = single_upstream(
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+        "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let mut owners = HashMap::new();
+    for user in 0..20 {
+        let user = format!("user-{user}");
+        let first = get_with(&proxy.url("/"), &[("x-user", &user)]).await.json()["backend"].clone();
+        for _ in 0..3 {
+            let again =
+                get_with(&proxy.url("/"), &[("x-user", &user)]).await.json()["backend"].clone();
+            assert_eq!(first, again, "{user} moved");
+        }
+        owners.insert(user, first);
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "20 users all hashed to one backend: {owners:?}"
+    );
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let answer = get_with(
+        &proxy.url("/headers?q=1"),
+        &[
+            ("host", "shop.example.com"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("connection", "keep-alive, x-drop-me"),
+            ("x-drop-me", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "yes"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let json = answer.json();
+    let h = &json["headers"];
+    assert_eq!(json["path"], "/headers?q=1");
+    assert_eq!(h["host"], "shop.example.com");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.example.com");
+    assert_eq!(h["via"], "1.1 palisade");
+    assert_eq!(h["x-kept"], "yes");
+    assert!(h.get("x-drop-me").is_none(), "{h}");
+    assert!(h.get("keep-alive").is_none(), "{h}");
+    let id = h["x-request-id"].as_str().unwrap_or_default();
+    assert_eq!(id.len(), 32, "generated request id: {id:?}");
+
+    let kept = get_with(&proxy.url("/"), &[("x-request-id", "req-42")])
+        .await
+        .json();
+    assert_eq!(kept["headers"]["x-request-id"], "req-42");
+    let replaced = get_with(&proxy.url("/"), &[("x-request-id", "bad id!")])
+        .await
+        .json();
+    assert_ne!(replaced["headers"]["x-request-id"], "bad id!");
+}
+
+#[tokio::test]
+async fn routes_match_host_and_prefix_in_file_order_and_strip_prefix() {
+    let (api, web, wild) = (
+        Echo::start("api").await,
+        Echo::start("web").await,
+        Echo::start("wild").await,
+    );
+    let cfg = format!(
+        r#"
+[[routes]]
+name = "api"
+host = "api.example.com"
+path_prefix = "/v1"
+strip_prefix = true
+upstream = "api"
+
+[[routes]]
+name = "wild"
+host = "*.example.com"
+upstream = "wild"
+
+[[routes]]
+name = "web"
+path_prefix = "/site"
+upstream = "web"
+
+[upstreams.api]
+backends = [{{ addr = "{}" }}]
+[upstreams.web]
+backends = [{{ addr = "{}" }}]
+[upstreams.wild]
+backends = [{{ addr = "{}" }}]
+"#,
+        api.addr, web.addr, wild.addr
+    );
+    let proxy = Proxy::start(&cfg).await;
+
+    let a = get_with(
+        &proxy.url("/v1/users?id=7"),
+        &[("host", "API.example.com:8080")],
+    )
+    .await
+    .json();
+    assert_eq!(
+        (a["backend"].as_str(), a["path"].as_str()),
+        (Some("api"), Some("/users?id=7"))
+    );
+    let w = get_with(&proxy.url("/v1/x"), &[("host", "www.example.com")])
+        .await
+        .json();
+    assert_eq!(w["backend"], "wild");
+    let s = get_with(&proxy.url("/site/page"), &[("host", "other.org")])
+        .await
+        .json();
+    assert_eq!(
+        (s["backend"].as_str(), s["path"].as_str()),
+        (Some("web"), Some("/site/page"))
+    );
+
+    let miss = get_with(&proxy.url("/nothing"), &[("host", "other.org")]).await;
+    assert_eq!(miss.status, 404);
+    assert_eq!(
+        miss.header("proxy-status"),
+        Some("palisade; error=destination_not_found")
+    );
+}
+
+#[tokio::test]
+async fn a_dead_backend_gives_502_connection_refused() {
+    let port = free_port();
+    let cfg = single_upstream(
+        &[(format!("127.0.0.1:{port}").parse().expect("addr"), 1)],
+        "",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let answer = get(&proxy.url("/")).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(
+        answer.header("proxy-status"),
+        Some("palisade; error=connection_refused")
+    );
+    assert!(!answer.text().is_empty());
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_without_answering_gives_502_connection_terminated() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let rude = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let proxy = Proxy::start(&single_upstream(&[(addr, 1)], "")).await;
+    let answer = get(&proxy.url("/")).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(
+        answer.header("proxy-status"),
+        Some("palisade; error=connection_terminated")
+    );
+    rude.abort();
+}
+
+#[tokio::test]
+async fn a_slow_backend_gives_504_after_the_response_timeout() {
+    let a = Echo::start("slow").await;
+    let cfg = single_upstream(
+        &[(a.addr, 1)],
+        "[upstreams.app.timeouts]\nresponse = \"300ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let started = Instant::now();
+    let answer = get(&proxy.url("/delay/3000")).await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(
+        answer.header("proxy-status"),
+        Some("palisade; error=http_response_timeout")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A fast answer on the same upstream still passes.
+    assert_eq!(get(&proxy.url("/delay/10")).await.status, 200);
+}
+
+#[tokio::test]
+async fn backend_statuses_and_bodies_pass_through() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let answer = get(&proxy.url("/status/503")).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(
+        answer.header("proxy-status"),
+        None,
+        "a backend's error is not palisade's"
+    );
+    let bytes = get(&proxy.url("/bytes/300000")).await;
+    assert_eq!(bytes.body.len(), 300_000);
+
+    let post = send(
+        http::Request::post(proxy.url("/upload"))
+            .body(Full::new(Bytes::from(vec![7u8; 12345])))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(post.json()["body_bytes"], 12345);
+    assert_eq!(post.json()["method"], "POST");
+}
+
+#[tokio::test]
+async fn responses_stream_chunk_by_chunk() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let resp = client()
+        .request(
+            http::Request::get(proxy.url("/stream/5"))
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("response");
+    let started = Instant::now();
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    let first_at = started.elapsed();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    let mut chunks = 1;
+    while let Some(frame) = body.frame().await {
+        if frame.expect("frame").data_ref().is_some() {
+            chunks += 1;
+        }
+    }
+    let total = started.elapsed();
+    assert!(chunks >= 2, "the stream came in one piece");
+    // The first chunk arrived well before the whole stream (5 chunks, 100 ms apart).
+    assert!(
+        first_at + Duration::from_millis(250) < total,
+        "first {first_at:?}, total {total:?}"
+    );
+}
+
+#[tokio::test]
+async fn requests_over_the_body_limit_get_413() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.limits]\nmax_body_bytes = 1000\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let declared = send(
+        http::Request::post(proxy.url("/"))
+            .body(Full::new(Bytes::from(vec![0u8; 1001])))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(declared.status, 413);
+    assert_eq!(
+        declared.header("proxy-status"),
+        Some("palisade; error=http_request_error")
+    );
+
+    // Chunked: no length up front, so the limit is enforced while streaming.
+    let mut raw = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        raw.extend_from_slice(b"1f4\r\n");
+        raw.extend_from_slice(&[b'z'; 500]);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let (text, _) = raw_exchange(proxy.addr, &raw, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+
+    let ok = send(
+        http::Request::post(proxy.url("/"))
+            .body(Full::new(Bytes::from(vec![0u8; 1000])))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(ok.json()["body_bytes"], 1000);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_clients_are_served() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let resp = client
+        .request(
+            http::Request::get(proxy.url("/h2?x=1"))
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("h2 response");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["path"], "/h2?x=1");
+    assert_eq!(json["headers"]["via"], "2 palisade");
+    // HTTP/2 carries the host in :authority; the backend still gets a Host header.
+    assert_eq!(json["headers"]["host"], proxy.addr.to_string());
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_tunnelled_both_ways() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let url = format!("ws://{}/ws", proxy.addr);
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "through", "palisade"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .expect("send");
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time")
+            .expect("a message")
+            .expect("ok message");
+        assert_eq!(echoed.into_text().expect("text").as_str(), text);
+    }
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off_by_header_read() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.timeouts]\nheader_read = \"300ms\"\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let started = Instant::now();
+    // Half a request head, never finished.
+    let (_, closed) = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "slow head not cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_idle_but_not_before() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.timeouts]\nheader_read = \"200ms\"\nidle = \"1s\"\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let started = Instant::now();
+    let (text, closed) = raw_exchange(
+        proxy.addr,
+        b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(closed, "idle connection never closed");
+    let lived = started.elapsed();
+    // Kept open past header_read (200 ms) while idle, closed around idle (1 s).
+    assert!(
+        lived >= Duration::from_millis(900),
+        "closed after {lived:?}"
+    );
+    assert!(lived < Duration::from_secs(4), "closed after {lived:?}");
+}
+
+#[tokio::test]
+async fn oversized_request_heads_get_431() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.limits]\nmax_header_bytes = 8192\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let big = "x".repeat(20_000);
+    let raw = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let (text, closed) = raw_exchange(proxy.addr, raw.as_bytes(), Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(closed);
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let url = proxy.url("/delay/500");
+    let slow = tokio::spawn(async move { get(&url).await.status });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let addr = proxy.addr;
+    assert!(!proxy.state.is_draining());
+    proxy.shutdown().await;
+    assert_eq!(slow.await.expect("task"), 200, "in-flight request was cut");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after drain"
+    );
+}
+
+#[tokio::test]
+async fn max_connections_caps_open_connections() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.limits]\nmax_connections = 2\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let _c1 = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("c1");
+    let _c2 = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("c2");
+    let counted = eventually(Duration::from_secs(5), async || {
+        proxy
+            .state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+    })
+    .await;
+    assert!(counted);
+    let (text, closed) = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(closed && text.is_empty(), "third connection served: {text}");
+    drop(_c1);
+    let served = eventually(Duration::from_secs(5), async || {
+        let (text, _) = raw_exchange(
+            proxy.addr,
+            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            Duration::from_secs(2),
+        )
+        .await;
+        text.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert!(served, "a slot freed by a closed connection was not reused");
+}
