@@ -2,13 +2,16 @@
 //!
 //! Every request gets 200 and a JSON description of itself; a few paths ask for specific
 //! behaviour: `/health`, `/status/CODE`, `/delay/MS`, `/bytes/N`, `/stream/N`, and a
-//! WebSocket upgrade on any path gets a minimal RFC 6455 echo. Bodies are never buffered:
+//! WebSocket upgrade on any path gets a minimal RFC 6455 echo. Beyond the SPEC,
+//! `POST /health/down` makes `/health` answer 503 until `POST /health/up`, so failover can
+//! be tried by hand and tested. Bodies are never buffered:
 //! uploads are counted as they stream, downloads are produced from one static chunk.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,6 +38,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let healthy = Arc::new(AtomicBool::new(true));
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -51,12 +55,14 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let name = name.clone();
+                let healthy = healthy.clone();
                 let builder = builder.clone();
                 let mut stop = stop_rx.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |req| {
                         let name = name.clone();
-                        async move { Ok::<_, Infallible>(answer(req, &name).await) }
+                        let healthy = healthy.clone();
+                        async move { Ok::<_, Infallible>(answer(req, &name, &healthy).await) }
                     });
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     tokio::pin!(conn);
@@ -168,13 +174,28 @@ fn text(status: StatusCode, body: &'static str) -> Response<EchoBody> {
 }
 
 /// Answers one request.
-async fn answer(mut req: Request<Incoming>, name: &str) -> Response<EchoBody> {
+async fn answer(
+    mut req: Request<Incoming>,
+    name: &str,
+    healthy: &AtomicBool,
+) -> Response<EchoBody> {
     if is_websocket(&req) {
         return websocket(&mut req);
     }
     let path = req.uri().path().to_owned();
     let mut status = StatusCode::OK;
     if path == "/health" {
+        return with_name(
+            if healthy.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "ok")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "down")
+            },
+            name,
+        );
+    }
+    if req.method() == http::Method::POST && (path == "/health/down" || path == "/health/up") {
+        healthy.store(path == "/health/up", Ordering::Relaxed);
         return with_name(text(StatusCode::OK, "ok"), name);
     }
     if let Some(code) = path.strip_prefix("/status/") {

@@ -13,8 +13,10 @@
 
 pub mod app;
 pub mod balance;
+pub mod clock;
 pub mod config;
 pub mod echo;
+pub mod health;
 pub mod limit;
 pub mod logging;
 pub mod proxy;

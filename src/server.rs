@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::clock::{instant_at, nanos, now_ns};
 use crate::proxy::{self, ConnInfo};
 use crate::snapshot::ProxyState;
 
@@ -237,23 +238,6 @@ async fn serve_connection(
     state.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Process-wide time origin, so activity timestamps fit in an atomic u64 of nanoseconds.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Nanoseconds since [`epoch`], plus one so that 0 can mean "never".
-fn now_ns() -> u64 {
-    u64::try_from(epoch().elapsed().as_nanos())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1)
-}
-
-fn instant_at(ns: u64) -> Instant {
-    epoch() + Duration::from_nanos(ns)
-}
-
 /// What a connection has been doing, updated by its IO and its requests.
 #[derive(Debug)]
 struct Activity {
@@ -310,8 +294,8 @@ impl Activity {
 
     fn check(&self, limits: ConnLimits) -> Verdict {
         let now = now_ns();
-        let header_read = u64::try_from(limits.header_read.as_nanos()).unwrap_or(u64::MAX);
-        let idle = u64::try_from(limits.idle.as_nanos()).unwrap_or(u64::MAX);
+        let header_read = nanos(limits.header_read);
+        let idle = nanos(limits.idle);
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return Verdict::Fine(instant_at(now.saturating_add(idle)));
         }

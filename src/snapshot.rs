@@ -6,10 +6,11 @@
 //! the previous snapshot by identity, not rebuilt.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::route::RouteTable;
@@ -64,16 +65,39 @@ pub struct ProxyState {
     /// Client connections open right now.
     pub connections: AtomicUsize,
     started: Instant,
+    /// The health checkers of the current snapshot (not on the request path).
+    checkers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl ProxyState {
-    /// State serving `config` as generation 1.
+    /// State serving `config` as generation 1. Health checks start when called inside a
+    /// tokio runtime.
     pub fn new(config: Config) -> Self {
-        ProxyState {
+        let state = ProxyState {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             started: Instant::now(),
+            checkers: Mutex::new(Vec::new()),
+        };
+        state.restart_checkers(&state.snapshot.load());
+        state
+    }
+
+    /// Replaces the running health checkers with those of `snapshot`. Their state lives in
+    /// the backends, so a backend kept by a reload keeps its health.
+    fn restart_checkers(&self, snapshot: &Snapshot) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let Ok(mut checkers) = self.checkers.lock() else {
+            return;
+        };
+        for task in checkers.drain(..) {
+            task.abort();
+        }
+        for upstream in &snapshot.upstreams {
+            checkers.extend(crate::health::active::spawn_checks(upstream));
         }
     }
 
@@ -88,6 +112,7 @@ impl ProxyState {
         let current = self.snapshot.load();
         let next = Snapshot::build(config, Some(&current));
         let generation = next.generation;
+        self.restart_checkers(&next);
         self.snapshot.store(Arc::new(next));
         generation
     }
@@ -105,5 +130,15 @@ impl ProxyState {
     /// When this instance started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+}
+
+impl Drop for ProxyState {
+    fn drop(&mut self) {
+        if let Ok(checkers) = self.checkers.get_mut() {
+            for task in checkers.drain(..) {
+                task.abort();
+            }
+        }
     }
 }

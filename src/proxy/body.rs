@@ -6,6 +6,7 @@
 //! path free of a per-request allocation, and nothing here ever buffers a whole body.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -41,6 +42,71 @@ pub enum ProxyBody {
         /// The configured limit, for the error.
         limit: u64,
     },
+    /// A client's body parked in a shared slot until the first poll takes it: an attempt
+    /// whose connection failed never polled it, so a retry can still send it.
+    Deferred {
+        /// Where the body waits.
+        slot: Arc<Mutex<Option<Incoming>>>,
+        /// Bytes still allowed (u64::MAX: unlimited).
+        remaining: u64,
+        /// The configured limit, for the error.
+        limit: u64,
+    },
+}
+
+/// A request body that can be sent more than once: empty, in memory, or parked until the
+/// first attempt that actually sends it.
+#[derive(Debug, Clone)]
+pub enum Replayable {
+    /// No body.
+    Empty,
+    /// The whole body, in memory (small bodies are read before forwarding).
+    Full(Bytes),
+    /// A streaming body; replayable only until an attempt started sending it.
+    Parked {
+        /// The slot shared by every attempt.
+        slot: Arc<Mutex<Option<Incoming>>>,
+        /// The body limit (0 = unlimited).
+        limit: u64,
+    },
+}
+
+impl Replayable {
+    /// Parks a streaming body.
+    pub fn park(body: Incoming, limit: u64) -> Self {
+        Replayable::Parked {
+            slot: Arc::new(Mutex::new(Some(body))),
+            limit,
+        }
+    }
+
+    /// The body for one attempt.
+    pub fn attempt(&self) -> ProxyBody {
+        match self {
+            Replayable::Empty => ProxyBody::Empty,
+            Replayable::Full(bytes) => ProxyBody::Full(Some(bytes.clone())),
+            Replayable::Parked { slot, limit } => ProxyBody::Deferred {
+                slot: slot.clone(),
+                remaining: if *limit == 0 { u64::MAX } else { *limit },
+                limit: *limit,
+            },
+        }
+    }
+
+    /// Whether another attempt can still send the whole body: always for bodies in
+    /// memory, and for a streaming body only while no attempt has started reading it.
+    pub fn can_replay(&self) -> bool {
+        match self {
+            Replayable::Empty | Replayable::Full(_) => true,
+            Replayable::Parked { slot, .. } => slot.lock().map(|s| s.is_some()).unwrap_or(false),
+        }
+    }
+
+    /// Whether the body is in memory (or absent), so it can be sent again even after a
+    /// backend received it.
+    pub fn is_buffered(&self) -> bool {
+        matches!(self, Replayable::Empty | Replayable::Full(_))
+    }
 }
 
 impl ProxyBody {
@@ -74,10 +140,10 @@ impl Body for ProxyBody {
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
+        match &mut *self {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
@@ -100,6 +166,31 @@ impl Body for ProxyBody {
                 }
                 other => other.map_err(Into::into),
             },
+            ProxyBody::Deferred {
+                slot,
+                remaining,
+                limit,
+            } => {
+                // First poll: take the body out of the slot and stream it from here on.
+                let taken = slot.lock().ok().and_then(|mut s| s.take());
+                match taken {
+                    Some(inner) => {
+                        let (remaining, limit) = (*remaining, *limit);
+                        let this = self.get_mut();
+                        *this = if remaining == u64::MAX {
+                            ProxyBody::Stream(inner)
+                        } else {
+                            ProxyBody::Limited {
+                                inner,
+                                remaining,
+                                limit,
+                            }
+                        };
+                        Pin::new(this).poll_frame(cx)
+                    }
+                    None => Poll::Ready(Some(Err("request body already consumed".into()))),
+                }
+            }
         }
     }
 
@@ -108,6 +199,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(chunk) => chunk.is_none(),
             ProxyBody::Stream(inner) | ProxyBody::Limited { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Deferred { .. } => false,
         }
     }
 
@@ -118,6 +210,11 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(chunk.as_ref().map_or(0, |b| b.len() as u64))
             }
             ProxyBody::Stream(inner) | ProxyBody::Limited { inner, .. } => inner.size_hint(),
+            ProxyBody::Deferred { slot, .. } => slot
+                .lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|b| b.size_hint()))
+                .unwrap_or_default(),
         }
     }
 }

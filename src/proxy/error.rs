@@ -50,6 +50,9 @@ pub enum ProxyError {
     /// The request body is larger than `max_body_bytes`.
     #[error("request body too large")]
     BodyTooLarge,
+    /// The client stopped sending its request body.
+    #[error("request body not received in time")]
+    BodyTimeout,
 }
 
 impl ProxyError {
@@ -67,6 +70,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -80,9 +84,10 @@ impl ProxyError {
             ProxyError::ConnectionTimeout => "connection_timeout",
             ProxyError::ResponseTimeout => "http_response_timeout",
             ProxyError::QueueFull => "connection_limit_reached",
-            ProxyError::BadRequest(_) | ProxyError::HeadTooLarge | ProxyError::BodyTooLarge => {
-                "http_request_error"
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge
+            | ProxyError::BodyTooLarge
+            | ProxyError::BodyTimeout => "http_request_error",
         }
     }
 
@@ -114,6 +119,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad request\n",
             ProxyError::HeadTooLarge => "request header fields too large\n",
             ProxyError::BodyTooLarge => "request body too large\n",
+            ProxyError::BodyTimeout => "request body not received in time\n",
         }
     }
 
@@ -122,7 +128,10 @@ impl ProxyError {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::HeadTooLarge | ProxyError::BodyTooLarge
+            ProxyError::BadRequest(_)
+                | ProxyError::HeadTooLarge
+                | ProxyError::BodyTooLarge
+                | ProxyError::BodyTimeout
         )
     }
 

@@ -3,29 +3,38 @@
 //! 1. load the snapshot once;
 //! 2. find the route (host + path) — else 404;
 //! 3. resolve the client IP and check the request against the server limits;
-//! 4. pick a backend from the route's upstream;
-//! 5. rewrite the request for the backend (hop-by-hop headers, X-Forwarded-*, Via,
-//!    X-Request-Id, URI);
-//! 6. forward it, streaming the body, within the response timeout;
-//! 7. pass the response back (hop-by-hop headers removed, WebSocket upgrades tunnelled),
+//! 4. prepare the request for the backends: hop-by-hop headers out, X-Forwarded-*, Via,
+//!    X-Request-Id in, and a body that can be replayed where the retry rules allow;
+//! 5. attempt: pick a backend (queueing when all are at their cap), send within the
+//!    response timeout, judge the outcome (passive health), and retry on another backend
+//!    when the rules and the retry budget allow;
+//! 6. pass the response back (hop-by-hop headers removed, WebSocket upgrades tunnelled),
 //!    or map the failure to palisade's own answer.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use http::header::{CONNECTION, CONTENT_LENGTH, UPGRADE};
+use http::header::{HeaderMap, CONNECTION, CONTENT_LENGTH, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, Replayable};
 use super::error::ProxyError;
 use super::headers::{self, ClientSide};
+use crate::clock::now_ns;
+use crate::health::{self, Transition};
 use crate::limit::client_ip;
 use crate::route::Route;
 use crate::snapshot::{ProxyState, Snapshot};
-use crate::upstream::Backend;
+use crate::upstream::{Backend, PickError, Tried, Upstream};
+
+/// Request bodies up to this size are read before forwarding, so that they can be sent
+/// again on a retry (nginx buffers request bodies too). Larger bodies stream, and are
+/// retried only when the failed attempt never started sending them.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// What the handler knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +72,10 @@ async fn proxy(
         .routes
         .find(request_host(&req), req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
+    let upstream = snapshot
+        .upstreams
+        .get(route.upstream)
+        .ok_or(ProxyError::NoRoute)?;
 
     // 3. Client and limits.
     let config = &snapshot.config;
@@ -72,17 +85,10 @@ async fn proxy(
         &config.server.client_ip.trusted_proxies,
     );
     let max_body = config.server.limits.max_body_bytes;
-    check_declared_length(&req, max_body)?;
+    let declared = declared_length(&req, max_body)?;
 
-    // 4. Backend.
-    let upstream = snapshot
-        .upstreams
-        .get(route.upstream)
-        .ok_or(ProxyError::NoRoute)?;
+    // 4. Prepare the request for the backends.
     let key = upstream.hash_key(client_ip, req.headers(), req.uri().path());
-    let backend = upstream.pick(key).ok_or(ProxyError::ConnectionRefused)?;
-
-    // 5. Rewrite for the backend.
     let client_version = req.version();
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -98,38 +104,27 @@ async fn proxy(
         },
         authority,
     );
-    parts.uri = upstream_uri(&parts.uri, route, backend)?;
-    parts.version = upstream.version;
-    let upstream_req = Request::from_parts(parts, ProxyBody::limited(body, max_body));
-
-    // 6. Forward.
-    let in_flight = backend.start();
-    let started = Instant::now();
-    let sent = tokio::time::timeout(
-        upstream.response_timeout(),
-        upstream.client.request(upstream_req),
+    let path_and_query = upstream_path(&parts.uri, route)?;
+    let retries = upstream.config.retry.attempts;
+    let body = replayable_body(
+        body,
+        declared,
+        max_body,
+        retries > 0,
+        config.server.timeouts.idle,
     )
-    .await;
-    let mut resp = match sent {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(err)) => {
-            let mapped = ProxyError::from_upstream(&err);
-            if mapped != ProxyError::BodyTooLarge {
-                backend.record_failure();
-                tracing::warn!(upstream = %upstream.name, backend = %backend.addr, error = %err, "upstream request failed");
-            }
-            return Err(mapped);
-        }
-        Err(_elapsed) => {
-            backend.record_failure();
-            tracing::warn!(upstream = %upstream.name, backend = %backend.addr, "upstream response timed out");
-            return Err(ProxyError::ResponseTimeout);
-        }
+    .await?;
+    let template = Template {
+        method: parts.method,
+        path_and_query,
+        headers: parts.headers,
+        version: upstream.version,
     };
-    backend.record_latency(started.elapsed());
-    drop(in_flight);
 
-    // 7. Respond.
+    // 5. Attempt, and retry where the rules allow.
+    let mut resp = attempt_until_done(upstream, &template, &body, key).await?;
+
+    // 6. Respond.
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             // A backend may not switch protocols the client did not ask for.
@@ -148,6 +143,192 @@ async fn proxy(
     Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
 }
 
+/// The parts of the upstream request that stay the same on every attempt.
+struct Template {
+    method: Method,
+    path_and_query: PathAndQuery,
+    headers: HeaderMap,
+    version: Version,
+}
+
+impl Template {
+    fn request(
+        &self,
+        backend: &Backend,
+        body: ProxyBody,
+    ) -> Result<Request<ProxyBody>, ProxyError> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(backend.authority.clone())
+            .path_and_query(self.path_and_query.clone())
+            .build()
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        Ok(req)
+    }
+}
+
+/// How one attempt ended.
+enum Outcome {
+    /// An answer to pass on.
+    Answer(Response<Incoming>),
+    /// A failure, and whether the backend may have received the request.
+    Failed { error: ProxyError, sent: bool },
+}
+
+/// Sends the request to one backend after another until an attempt succeeds or the retry
+/// rules say stop: connection failures (nothing was sent) are retried whatever the method;
+/// after the request was sent, only idempotent requests with a buffered body are retried,
+/// and only after a reset, a timeout or a 502/503/504. Each retry needs a token from the
+/// upstream's retry budget and waits an exponential backoff with full jitter.
+async fn attempt_until_done(
+    upstream: &Upstream,
+    template: &Template,
+    body: &Replayable,
+    key: u64,
+) -> Result<Response<Incoming>, ProxyError> {
+    let policy = &upstream.config.retry;
+    let idempotent = is_idempotent(&template.method);
+    let mut tried = Tried::default();
+    upstream.budget.deposit();
+    let mut attempt = 0u32;
+    loop {
+        let outcome = attempt_once(upstream, template, body, key, &mut tried).await?;
+        let (retryable, result) = match outcome {
+            Outcome::Answer(resp) => {
+                let retry_status = matches!(resp.status().as_u16(), 502..=504);
+                let can = retry_status && idempotent && body.is_buffered();
+                (can, Ok(resp))
+            }
+            Outcome::Failed { error, sent } => {
+                let can = if sent {
+                    idempotent
+                        && body.is_buffered()
+                        && matches!(
+                            error,
+                            ProxyError::ConnectionTerminated | ProxyError::ResponseTimeout
+                        )
+                } else {
+                    body.can_replay()
+                };
+                (can, Err(error))
+            }
+        };
+        if !retryable || attempt >= policy.attempts || !upstream.budget.try_withdraw() {
+            return result;
+        }
+        attempt += 1;
+        tokio::time::sleep(backoff(policy.backoff, policy.backoff_max, attempt)).await;
+    }
+}
+
+/// One attempt: pick a backend, send, judge.
+async fn attempt_once(
+    upstream: &Upstream,
+    template: &Template,
+    body: &Replayable,
+    key: u64,
+    tried: &mut Tried,
+) -> Result<Outcome, ProxyError> {
+    let (index, in_flight) = upstream.acquire(key, tried).await.map_err(|e| match e {
+        PickError::NoBackends => ProxyError::ConnectionRefused,
+        PickError::QueueFull => ProxyError::QueueFull,
+    })?;
+    tried.push(index);
+    let backend = &upstream.backends[index];
+    let req = template.request(backend, body.attempt())?;
+    let started = Instant::now();
+    let sent =
+        tokio::time::timeout(upstream.response_timeout(), upstream.client.request(req)).await;
+    drop(in_flight);
+    let outcome = match sent {
+        Ok(Ok(resp)) => {
+            backend.record_latency(started.elapsed());
+            Outcome::Answer(resp)
+        }
+        Ok(Err(err)) => {
+            let error = ProxyError::from_upstream(&err);
+            if error == ProxyError::BodyTooLarge {
+                // The client's fault, not the backend's.
+                return Err(error);
+            }
+            tracing::warn!(upstream = %upstream.name, backend = %backend.addr, error = %err, "upstream request failed");
+            Outcome::Failed {
+                sent: !err.is_connect(),
+                error,
+            }
+        }
+        Err(_elapsed) => {
+            tracing::warn!(upstream = %upstream.name, backend = %backend.addr, "upstream response timed out");
+            Outcome::Failed {
+                error: ProxyError::ResponseTimeout,
+                sent: true,
+            }
+        }
+    };
+    let ok = matches!(&outcome, Outcome::Answer(r) if !r.status().is_server_error());
+    if !ok {
+        backend.record_failure();
+    }
+    if let Some(passive) = &upstream.config.passive {
+        if let Some(Transition::Ejected(length)) =
+            health::on_live_result(backend, ok, passive, now_ns())
+        {
+            tracing::warn!(
+                upstream = %upstream.name, backend = %backend.addr, ejection = ?length,
+                "backend failed {} requests in a row; ejected", passive.consecutive_failures
+            );
+        }
+    }
+    Ok(outcome)
+}
+
+/// Exponential backoff with full jitter: a random wait up to `base` x 2^(attempt-1),
+/// capped at `max`.
+fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max);
+    Duration::from_nanos(fastrand::u64(..=crate::clock::nanos(ceiling)))
+}
+
+/// RFC 9110 idempotent methods, as the SPEC lists them.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Turns the client's body into one the attempts can share: nothing for an empty body;
+/// small bodies with a known length read into memory when retries are on; the rest
+/// streamed (checked against `max_body` while they stream).
+async fn replayable_body(
+    body: Incoming,
+    declared: Option<u64>,
+    max_body: u64,
+    retries: bool,
+    read_timeout: Duration,
+) -> Result<Replayable, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Replayable::Empty);
+    }
+    match declared {
+        Some(len) if retries && len <= REPLAY_LIMIT => {
+            let collected = tokio::time::timeout(read_timeout, body.collect())
+                .await
+                .map_err(|_| ProxyError::BodyTimeout)?
+                .map_err(|_| ProxyError::BadRequest("request body ended early"))?;
+            Ok(Replayable::Full(collected.to_bytes()))
+        }
+        _ => Ok(Replayable::park(body, max_body)),
+    }
+}
+
 /// The host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
@@ -156,26 +337,21 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
 }
 
-/// Rejects a body whose declared length is already over the limit, before any backend
-/// sees it. Bodies without a length are counted while they stream (see `ProxyBody`).
-fn check_declared_length<B>(req: &Request<B>, max_body: u64) -> Result<(), ProxyError> {
-    if max_body == 0 {
-        return Ok(());
+/// The body length the client declared; rejects one already over the limit before any
+/// backend sees it. Bodies without a length are counted while they stream.
+fn declared_length<B>(req: &Request<B>, max_body: u64) -> Result<Option<u64>, ProxyError> {
+    let Some(value) = req.headers().get(CONTENT_LENGTH) else {
+        return Ok(None);
+    };
+    let len = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or(ProxyError::BadRequest("invalid content-length"))?;
+    if max_body != 0 && len > max_body {
+        return Err(ProxyError::BodyTooLarge);
     }
-    match req.headers().get(CONTENT_LENGTH) {
-        Some(value) => {
-            let len = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(ProxyError::BadRequest("invalid content-length"))?;
-            if len > max_body {
-                return Err(ProxyError::BodyTooLarge);
-            }
-            Ok(())
-        }
-        None => Ok(()),
-    }
+    Ok(Some(len))
 }
 
 /// An HTTP/1.1 `Connection: upgrade` request naming a protocol (WebSocket and the like).
@@ -191,23 +367,16 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
         })
 }
 
-/// The backend's URI: its address as authority, the client's path (prefix stripped when the
-/// route says so) and query.
-fn upstream_uri(uri: &Uri, route: &Route, backend: &Backend) -> Result<Uri, ProxyError> {
-    let path_and_query = match uri.path_and_query() {
+/// The path and query the backend sees (the route's prefix stripped when it says so).
+fn upstream_path(uri: &Uri, route: &Route) -> Result<PathAndQuery, ProxyError> {
+    match uri.path_and_query() {
         Some(pq) => match route.rewrite_path(pq.as_str()) {
             Some(rewritten) => PathAndQuery::try_from(rewritten)
-                .map_err(|_| ProxyError::BadRequest("invalid path"))?,
-            None => pq.clone(),
+                .map_err(|_| ProxyError::BadRequest("invalid path")),
+            None => Ok(pq.clone()),
         },
-        None => PathAndQuery::from_static("/"),
-    };
-    Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(backend.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("invalid request target"))
+        None => Ok(PathAndQuery::from_static("/")),
+    }
 }
 
 /// Copies bytes both ways between an upgraded client connection and an upgraded backend

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
+use tokio::sync::Notify;
 
 /// One backend of an upstream with its live counters (shared by all requests, lock-free).
 #[derive(Debug)]
@@ -27,8 +28,21 @@ pub struct Backend {
     pub requests: AtomicU64,
     /// Requests to this backend that failed (connect error, reset, timeout).
     pub failures: AtomicU64,
-    /// False while the backend is out of rotation (health checks, outlier ejection).
+    /// False while active health checks hold the backend out of rotation.
     pub healthy: AtomicBool,
+    /// Active checks passed in a row.
+    pub(crate) probe_passes: AtomicU32,
+    /// Active checks failed in a row.
+    pub(crate) probe_failures: AtomicU32,
+    /// Live requests failed in a row (passive outlier detection).
+    pub(crate) live_failures: AtomicU32,
+    /// Ejected until this clock time (0: not ejected).
+    pub(crate) ejected_until: AtomicU64,
+    /// Ejections in close succession; each one lasts twice as long as the one before.
+    pub(crate) ejections: AtomicU32,
+    /// When the backend last came back into rotation (0: never left); slow start runs
+    /// from here.
+    pub(crate) returned_at: AtomicU64,
 }
 
 impl Backend {
@@ -47,6 +61,12 @@ impl Backend {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            probe_passes: AtomicU32::new(0),
+            probe_failures: AtomicU32::new(0),
+            live_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            returned_at: AtomicU64::new(0),
         }
     }
 
@@ -60,21 +80,67 @@ impl Backend {
         self.ewma_ns.load(Ordering::Relaxed)
     }
 
-    /// Whether balancers may pick this backend.
-    pub fn is_available(&self) -> bool {
+    /// Whether active health checks currently hold the backend in rotation.
+    pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive outlier detection has the backend ejected at clock time `now`.
+    pub fn is_ejected(&self, now: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now < until
+    }
+
+    /// Whether balancers may pick this backend at clock time `now`.
+    pub fn is_available(&self, now: u64) -> bool {
+        self.is_healthy() && !self.is_ejected(now)
+    }
+
+    /// The share of its full weight the backend gets at `now` while it ramps up after
+    /// coming back (slow start), in 1/1024ths; 1024 outside slow start.
+    pub fn slow_start_share(&self, now: u64, window: u64) -> u32 {
+        let returned = self.returned_at.load(Ordering::Relaxed);
+        if returned == 0 || window == 0 || now >= returned.saturating_add(window) {
+            return 1024;
+        }
+        let elapsed = now.saturating_sub(returned);
+        // At least a trickle from the start, so the backend proves itself.
+        (elapsed.saturating_mul(1024) / window).clamp(64, 1024) as u32
     }
 
     /// Counts a request as sent; the guard counts it as finished when dropped.
     pub fn start(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight { backend: self }
+        InFlight {
+            backend: self,
+            notify: None,
+        }
+    }
+
+    /// Like [`Backend::start`], but only while fewer than `cap` requests are in flight;
+    /// the guard wakes one queued request through `notify` when dropped.
+    pub fn try_start<'a>(&'a self, cap: u32, notify: Option<&'a Notify>) -> Option<InFlight<'a>> {
+        self.in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight {
+            backend: self,
+            notify,
+        })
     }
 
     /// Counts a failed exchange.
     pub fn record_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ejections in close succession so far.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
     }
 
     /// Folds one response time into the EWMA (weight 1/8 for the new sample, like TCP's SRTT).
@@ -95,11 +161,15 @@ impl Backend {
 #[derive(Debug)]
 pub struct InFlight<'a> {
     backend: &'a Backend,
+    notify: Option<&'a Notify>,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(notify) = self.notify {
+            notify.notify_one();
+        }
     }
 }
 

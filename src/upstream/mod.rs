@@ -4,17 +4,21 @@
 //! the health module) are independent pieces; a pool only ties them together for a snapshot.
 
 pub mod backend;
+pub mod budget;
 pub mod client;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Version};
+use tokio::sync::Notify;
 
 use crate::balance::{self, Balance};
 use crate::config;
-pub use backend::Backend;
+pub use backend::{Backend, InFlight};
+pub use budget::RetryBudget;
 pub use client::HttpClient;
 
 /// One upstream as the hot path sees it: immutable for the life of a snapshot, except for
@@ -33,6 +37,49 @@ pub struct Upstream {
     pub version: Version,
     /// The upstream's configuration, as validated.
     pub config: config::Upstream,
+    /// Limits retries to a share of the request rate (carried over reloads).
+    pub budget: Arc<RetryBudget>,
+    /// Per-backend in-flight cap (u32::MAX without a queue).
+    cap: u32,
+    /// Woken when a backend drops below its cap (queue only).
+    slot_freed: Notify,
+    /// Requests waiting in the queue right now.
+    pub queued: AtomicU32,
+    /// Whether the last pick found no healthy backend (for logging transitions).
+    in_panic: AtomicBool,
+    /// Picks made in panic mode, ever.
+    pub panic_picks: AtomicU64,
+}
+
+/// Why no backend could be had for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// The upstream has no backends at all.
+    NoBackends,
+    /// Every backend is at its in-flight cap and the queue is full, or the wait timed out.
+    QueueFull,
+}
+
+/// The backends a request already tried (only the first few are remembered).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tried {
+    list: [u32; 8],
+    len: usize,
+}
+
+impl Tried {
+    /// Remembers backend `i`.
+    pub fn push(&mut self, i: usize) {
+        if self.len < self.list.len() {
+            self.list[self.len] = i as u32;
+            self.len += 1;
+        }
+    }
+
+    /// Whether backend `i` was tried.
+    pub fn contains(&self, i: usize) -> bool {
+        self.list[..self.len].contains(&(i as u32))
+    }
 }
 
 impl Upstream {
@@ -64,6 +111,12 @@ impl Upstream {
             _ => client::build(cfg.protocol, cfg.timeouts.connect),
         };
         let balancer = balance::build(algorithm(cfg.balance), &backends);
+        let budget = match previous {
+            Some(p) if p.config.retry.budget_percent == cfg.retry.budget_percent => {
+                p.budget.clone()
+            }
+            _ => Arc::new(RetryBudget::new(cfg.retry.budget_percent)),
+        };
         Upstream {
             name: cfg.name.as_str().into(),
             backends,
@@ -74,19 +127,104 @@ impl Upstream {
                 config::Protocol::H2c => Version::HTTP_2,
             },
             config: cfg.clone(),
+            budget,
+            cap: cfg
+                .queue
+                .as_ref()
+                .map_or(u32::MAX, |q| q.max_in_flight_per_backend),
+            slot_freed: Notify::new(),
+            queued: AtomicU32::new(0),
+            in_panic: AtomicBool::new(false),
+            panic_picks: AtomicU64::new(0),
         }
     }
 
-    /// Picks a backend for a request with hash key `key`, skipping unavailable ones.
-    /// With none available it still picks among all of them (panic mode: trying a backend
-    /// believed down beats failing every request).
-    pub fn pick(&self, key: u64) -> Option<&Arc<Backend>> {
+    /// Picks a backend for a request with hash key `key` and counts it in flight.
+    ///
+    /// In order of preference: an available backend this request has not tried (with
+    /// backends in slow start picked only for their share); an available one it has tried;
+    /// and with none available, any backend (panic mode: trying a backend believed down
+    /// beats failing every request). Backends at their in-flight cap are never picked;
+    /// when all are, the request waits in the queue for a slot.
+    pub async fn acquire(
+        &self,
+        key: u64,
+        tried: &Tried,
+    ) -> Result<(usize, InFlight<'_>), PickError> {
+        if self.backends.is_empty() {
+            return Err(PickError::NoBackends);
+        }
+        let mut deadline = None;
+        loop {
+            if let Some(index) = self.pick(key, tried) {
+                if let Some(guard) = self.backends[index].try_start(self.cap, self.notify()) {
+                    return Ok((index, guard));
+                }
+                // Lost a race for the last slot: pick again.
+                continue;
+            }
+            // Every backend is at its cap: queue, if there is a queue.
+            let Some(queue) = &self.config.queue else {
+                return Err(PickError::QueueFull);
+            };
+            let deadline =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + queue.timeout);
+            if self.queued.fetch_add(1, Ordering::Relaxed) >= queue.size {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                return Err(PickError::QueueFull);
+            }
+            let woken = tokio::time::timeout_at(deadline, self.slot_freed.notified()).await;
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            if woken.is_err() {
+                return Err(PickError::QueueFull);
+            }
+        }
+    }
+
+    fn notify(&self) -> Option<&Notify> {
+        self.config.queue.as_ref().map(|_| &self.slot_freed)
+    }
+
+    fn pick(&self, key: u64, tried: &Tried) -> Option<usize> {
         let backends = &self.backends;
-        let index = self
+        let now = crate::clock::now_ns();
+        let window = crate::clock::nanos(crate::health::SLOW_START);
+        let cap = self.cap;
+        let open = |i: usize| backends[i].in_flight() < cap;
+        let ramping = |i: usize| {
+            let share = backends[i].slow_start_share(now, window);
+            share < 1024 && fastrand::u32(..1024) >= share
+        };
+        let fresh = |i: usize| backends[i].is_available(now) && !tried.contains(i) && open(i);
+        let found = self
             .balancer
-            .pick(backends, key, &|i| !backends[i].is_available())
-            .or_else(|| self.balancer.pick(backends, key, &|_| false))?;
-        backends.get(index)
+            .pick(backends, key, &|i| !fresh(i) || ramping(i))
+            .or_else(|| self.balancer.pick(backends, key, &|i| !fresh(i)))
+            .or_else(|| {
+                self.balancer.pick(backends, key, &|i| {
+                    !(backends[i].is_available(now) && open(i))
+                })
+            });
+        if found.is_some() {
+            if self.in_panic.swap(false, Ordering::Relaxed) {
+                tracing::info!(upstream = %self.name, "healthy backends are back; panic mode over");
+            }
+            return found;
+        }
+        // Panic mode: none available.
+        let any = self.balancer.pick(backends, key, &|i| !open(i));
+        if any.is_some() {
+            self.panic_picks.fetch_add(1, Ordering::Relaxed);
+            if !self.in_panic.swap(true, Ordering::Relaxed) {
+                tracing::warn!(upstream = %self.name, "no healthy backend left; panic mode: trying all of them");
+            }
+        }
+        any
+    }
+
+    /// Whether the upstream is in panic mode (its last pick found no healthy backend).
+    pub fn in_panic(&self) -> bool {
+        self.in_panic.load(Ordering::Relaxed)
     }
 
     /// The response timeout (until the response head has arrived).

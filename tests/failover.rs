@@ -1,0 +1,373 @@
+//! Failover that users never see: health checks, outlier ejection, panic mode, retries
+//! with their rules and budget, the request queue, and draining on SIGTERM.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn backends_toml(addrs: &[std::net::SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("{{ addr = \"{a}\" }}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn config(addrs: &[std::net::SocketAddr], extra: &str) -> String {
+    format!(
+        "[[routes]]\nupstream = \"app\"\n\n[upstreams.app]\nbackends = [{}]\n{extra}\n",
+        backends_toml(addrs)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_backend_under_load_costs_the_clients_nothing() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let c = Echo::start("c").await;
+    let cfg = config(
+        &[a.addr, b.addr, c.addr],
+        "[upstreams.app.health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\n[upstreams.app.passive]\nconsecutive_failures = 3\nejection = \"5s\"\n[upstreams.app.retry]\nbackoff = \"5ms\"\nbackoff_max = \"50ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let url = proxy.url("/load");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let (url, ok, failed) = (url.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let client = client();
+            // Bounded by time and by count.
+            for _ in 0..5000 {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let req = http::Request::get(&url)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .expect("req");
+                let status =
+                    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                        Ok(Ok(resp)) => resp.status().as_u16(),
+                        _ => 0,
+                    };
+                if status == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before_kill = ok.load(Ordering::Relaxed);
+    b.stop().await;
+    for client in clients {
+        client.await.expect("client task");
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("kill test: {ok} ok, {failed} failed, {before_kill} before the kill");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} client-visible errors out of {}",
+        ok + failed
+    );
+    assert!(ok >= 2000, "only {ok} requests in 8 s");
+    assert!(ok - before_kill >= 1000, "too few requests after the kill");
+    drop((a, c));
+}
+
+#[tokio::test]
+async fn a_failing_health_endpoint_takes_a_backend_out_and_recovery_brings_it_back() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let cfg = config(
+        &[a.addr, b.addr],
+        "[upstreams.app.health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let backend_b = || proxy.state.snapshot().upstreams[0].backends[1].clone();
+    assert!(backend_b().is_healthy());
+
+    let down_at = Instant::now();
+    assert_eq!(
+        post(&format!("http://{}/health/down", b.addr), vec![])
+            .await
+            .status,
+        200
+    );
+    let left = eventually(Duration::from_secs(3), async || !backend_b().is_healthy()).await;
+    let took = down_at.elapsed();
+    assert!(left, "backend b never left rotation");
+    // unhealthy_threshold x interval + timeout, plus slack for the check's phase.
+    assert!(
+        took <= Duration::from_millis(2 * 200 + 100 + 400),
+        "left after {took:?}"
+    );
+    for _ in 0..30 {
+        assert_eq!(get(&proxy.url("/")).await.json()["backend"], "a");
+    }
+
+    assert_eq!(
+        post(&format!("http://{}/health/up", b.addr), vec![])
+            .await
+            .status,
+        200
+    );
+    let back = eventually(Duration::from_secs(3), async || backend_b().is_healthy()).await;
+    assert!(back, "backend b never came back");
+    // In slow start it gets a small share at first, but it does get traffic.
+    let served = eventually(Duration::from_secs(8), async || {
+        get(&proxy.url("/")).await.json()["backend"] == "b"
+    })
+    .await;
+    assert!(served, "backend b came back but got no traffic");
+}
+
+#[tokio::test]
+async fn a_backend_answering_errors_is_ejected_by_passive_detection() {
+    let good = Echo::start("good").await;
+    let bad = Counter::start(500).await;
+    let cfg = config(
+        &[good.addr, bad.addr],
+        "[upstreams.app.passive]\nconsecutive_failures = 3\nejection = \"30s\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let mut errors = 0;
+    for _ in 0..40 {
+        if get(&proxy.url("/")).await.status == 500 {
+            errors += 1;
+        }
+    }
+    assert_eq!(
+        errors, 3,
+        "the bad backend should be ejected after 3 failures"
+    );
+    assert_eq!(bad.hits(), 3);
+    let ejected = &proxy.state.snapshot().upstreams[0].backends[1];
+    assert!(!ejected.is_available(palisade::clock::now_ns()));
+}
+
+#[tokio::test]
+async fn with_every_backend_down_palisade_still_tries_them_in_panic_mode() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let cfg = config(
+        &[a.addr, b.addr],
+        "[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    for e in [&a, &b] {
+        post(&format!("http://{}/health/down", e.addr), vec![]).await;
+    }
+    let upstream = || proxy.state.snapshot();
+    let all_down = eventually(Duration::from_secs(3), async || {
+        upstream().upstreams[0]
+            .backends
+            .iter()
+            .all(|b| !b.is_healthy())
+    })
+    .await;
+    assert!(all_down);
+    // The backends answer requests fine; only their health endpoint is down.
+    for _ in 0..4 {
+        assert_eq!(get(&proxy.url("/")).await.status, 200);
+    }
+    let snapshot = upstream();
+    assert!(snapshot.upstreams[0].in_panic());
+    assert!(snapshot.upstreams[0].panic_picks.load(Ordering::Relaxed) >= 4);
+}
+
+#[tokio::test]
+async fn a_post_that_reached_a_backend_is_not_retried_but_a_get_is() {
+    let r1 = Resetter::start().await;
+    let r2 = Resetter::start().await;
+    let cfg = config(
+        &[r1.addr, r2.addr],
+        "[upstreams.app.retry]\nbackoff = \"1ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+
+    let answer = post(&proxy.url("/order"), b"{\"item\": 1}".to_vec()).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(
+        answer.header("proxy-status"),
+        Some("palisade; error=connection_terminated")
+    );
+    assert_eq!(
+        r1.hits() + r2.hits(),
+        1,
+        "the POST reached a backend more than once"
+    );
+
+    let answer = get(&proxy.url("/item")).await;
+    assert_eq!(answer.status, 502);
+    // One try and two retries, the first retry on the other backend.
+    assert_eq!(r1.hits() + r2.hits(), 1 + 3);
+    assert!(r1.hits() >= 1 && r2.hits() >= 1);
+}
+
+#[tokio::test]
+async fn a_post_refused_at_connect_is_retried_on_another_backend() {
+    let dead = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let a = Echo::start("a").await;
+    let cfg = config(&[dead, a.addr], "[upstreams.app.retry]\nbackoff = \"1ms\"");
+    let proxy = Proxy::start(&cfg).await;
+    // Small bodies (buffered) and a large streaming one (parked until sent): every POST
+    // gets through, whichever backend round robin tries first.
+    for size in [10usize, 1000, 300_000] {
+        for _ in 0..4 {
+            let answer = post(&proxy.url("/submit"), vec![b'p'; size]).await;
+            assert_eq!(
+                answer.status,
+                200,
+                "POST of {size} bytes: {}",
+                answer.text()
+            );
+            assert_eq!(answer.json()["body_bytes"], size);
+        }
+    }
+}
+
+#[tokio::test]
+async fn retries_stay_within_the_retry_budget() {
+    let b1 = Counter::start(503).await;
+    let b2 = Counter::start(503).await;
+    let cfg = config(
+        &[b1.addr, b2.addr],
+        "[upstreams.app.retry]\nattempts = 2\nbackoff = \"1ms\"\nbackoff_max = \"2ms\"\nbudget_percent = 20",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let requests = 200;
+    for _ in 0..requests {
+        assert_eq!(get(&proxy.url("/")).await.status, 503);
+    }
+    let attempts = b1.hits() + b2.hits();
+    let reserve = palisade::upstream::budget::RESERVE as usize;
+    eprintln!("{requests} requests -> {attempts} attempts at the backends");
+    assert!(attempts > requests, "no retries at all");
+    assert!(
+        attempts <= requests + requests * 20 / 100 + reserve,
+        "{attempts} attempts for {requests} requests: over the 20 % budget"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_and_queued_requests_are_served() {
+    let a = Echo::start("a").await;
+    let cfg = config(
+        &[a.addr],
+        "[upstreams.app.queue]\nmax_in_flight_per_backend = 1\nsize = 1\ntimeout = \"5s\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let url = proxy.url("/delay/400");
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await.status }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await.status }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let third = get(&url).await;
+    assert_eq!(third.status, 503);
+    assert_eq!(
+        third.header("proxy-status"),
+        Some("palisade; error=connection_limit_reached")
+    );
+    assert_eq!(first.await.expect("first"), 200);
+    assert_eq!(
+        second.await.expect("second"),
+        200,
+        "the queued request was not served"
+    );
+}
+
+#[tokio::test]
+async fn waiting_in_the_queue_longer_than_its_timeout_answers_503() {
+    let a = Echo::start("a").await;
+    let cfg = config(
+        &[a.addr],
+        "[upstreams.app.queue]\nmax_in_flight_per_backend = 1\nsize = 10\ntimeout = \"200ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let url = proxy.url("/delay/1500");
+    let busy = tokio::spawn(async move { get(&url).await.status });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let waited = get(&proxy.url("/")).await;
+    assert_eq!(waited.status, 503);
+    assert!(
+        started.elapsed() >= Duration::from_millis(180),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(busy.await.expect("busy"), 200);
+}
+
+#[tokio::test]
+async fn sigterm_lets_slow_requests_finish_and_exits_0() {
+    let a = Echo::start("a").await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("palisade-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("palisade.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
+            free_port(),
+            config(&[a.addr], "")
+        ),
+    )
+    .expect("config");
+    let mut child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr).await;
+    let url = format!("http://{addr}/delay/1000");
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await.status })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    for s in slow {
+        assert_eq!(
+            s.await.expect("task"),
+            200,
+            "an in-flight request was cut by SIGTERM"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "palisade did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
