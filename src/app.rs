@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
+use crate::dns::{self, Resolve, SystemResolver};
 use crate::snapshot::ProxyState;
 use crate::{echo, server};
 
@@ -44,9 +45,15 @@ pub async fn run(path: PathBuf, config: Config) -> Result<(), StartError> {
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening");
     }
-    let state = Arc::new(ProxyState::new(config));
-    tokio::spawn(reload_on_sighup(path, state.clone()));
+    let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
+    let resolved =
+        dns::resolve_all(resolver.as_ref(), &dns::names(&config), &Default::default()).await;
+    let state = Arc::new(ProxyState::with_resolved(config, resolved));
+    let sighup = tokio::spawn(reload_on_sighup(path, state.clone()));
+    let dns_task = tokio::spawn(dns::refresh_forever(state.clone(), resolver));
     server::serve(listeners, state, shutdown_signal()).await;
+    sighup.abort();
+    dns_task.abort();
     tracing::info!("stopped");
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod app;
 pub mod balance;
 pub mod clock;
 pub mod config;
+pub mod dns;
 pub mod echo;
 pub mod health;
 pub mod limit;

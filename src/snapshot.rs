@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::dns::Resolved;
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
 
@@ -30,21 +31,32 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Compiles `config`, carrying live state over from `previous` where it still applies.
-    pub fn build(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+    /// Compiles `config` as the next generation after `previous`, carrying live state over
+    /// where it still applies; backend names are expanded with the `resolved` addresses.
+    pub fn build(config: Config, previous: Option<&Snapshot>, resolved: &Resolved) -> Snapshot {
+        let generation = previous.map_or(1, |p| p.generation + 1);
+        Self::build_generation(config, previous, resolved, generation)
+    }
+
+    fn build_generation(
+        config: Config,
+        previous: Option<&Snapshot>,
+        resolved: &Resolved,
+        generation: u64,
+    ) -> Snapshot {
         let upstreams: Vec<Upstream> = config
             .upstreams
             .iter()
             .map(|cfg| {
                 let old = previous.and_then(|p| p.upstream(&cfg.name));
-                Upstream::build(cfg, old)
+                Upstream::build(cfg, old, resolved)
             })
             .collect();
         let routes = RouteTable::build(&config.routes, |name| {
             upstreams.iter().position(|u| &*u.name == name)
         });
         Snapshot {
-            generation: previous.map_or(1, |p| p.generation + 1),
+            generation,
             config: Arc::new(config),
             routes,
             upstreams,
@@ -67,18 +79,26 @@ pub struct ProxyState {
     started: Instant,
     /// The health checkers of the current snapshot (not on the request path).
     checkers: Mutex<Vec<JoinHandle<()>>>,
+    /// The last good addresses of the backend names.
+    resolved: Mutex<Resolved>,
 }
 
 impl ProxyState {
     /// State serving `config` as generation 1. Health checks start when called inside a
     /// tokio runtime.
     pub fn new(config: Config) -> Self {
+        Self::with_resolved(config, Resolved::new())
+    }
+
+    /// Like [`ProxyState::new`], with backend names already resolved.
+    pub fn with_resolved(config: Config, resolved: Resolved) -> Self {
         let state = ProxyState {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &resolved)),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             started: Instant::now(),
             checkers: Mutex::new(Vec::new()),
+            resolved: Mutex::new(resolved),
         };
         state.restart_checkers(&state.snapshot.load());
         state
@@ -110,11 +130,30 @@ impl ProxyState {
     /// generation. In-flight requests finish on the snapshot they started with.
     pub fn apply(&self, config: Config) -> u64 {
         let current = self.snapshot.load();
-        let next = Snapshot::build(config, Some(&current));
+        let next = Snapshot::build(config, Some(&current), &self.resolved());
         let generation = next.generation;
         self.restart_checkers(&next);
         self.snapshot.store(Arc::new(next));
         generation
+    }
+
+    /// The last good addresses of the backend names.
+    pub fn resolved(&self) -> Resolved {
+        self.resolved.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Takes new backend addresses: the running config is rebuilt with them, keeping its
+    /// generation (it is not a reload) and the state of every backend that stays.
+    pub fn set_resolved(&self, resolved: Resolved) {
+        let current = self.snapshot.load_full();
+        let config = (*current.config).clone();
+        let next =
+            Snapshot::build_generation(config, Some(&current), &resolved, current.generation);
+        if let Ok(mut r) = self.resolved.lock() {
+            *r = resolved;
+        }
+        self.restart_checkers(&next);
+        self.snapshot.store(Arc::new(next));
     }
 
     /// Marks the instance as draining (readiness turns false).

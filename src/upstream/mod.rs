@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::balance::{self, Balance};
 use crate::config;
+use crate::dns::Resolved;
 pub use backend::{Backend, InFlight};
 pub use budget::RetryBudget;
 pub use client::HttpClient;
@@ -86,21 +87,33 @@ impl Upstream {
     /// Builds the pool for `cfg`. Backends, and the client with its open connections, are
     /// carried over from `previous` (the same upstream in the running snapshot) where they
     /// are unchanged, so a reload keeps their live state.
-    pub fn build(cfg: &config::Upstream, previous: Option<&Upstream>) -> Upstream {
-        let backends: Vec<Arc<Backend>> = cfg
-            .backends
-            .iter()
-            .map(|b| {
-                previous
-                    .and_then(|p| {
-                        p.backends
-                            .iter()
-                            .find(|old| *old.addr == *b.addr && old.weight == b.weight)
-                    })
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Backend::new(&b.addr, b.weight)))
-            })
-            .collect();
+    /// Backend names with an entry in `resolved` become one backend per address.
+    pub fn build(
+        cfg: &config::Upstream,
+        previous: Option<&Upstream>,
+        resolved: &Resolved,
+    ) -> Upstream {
+        let mut backends: Vec<Arc<Backend>> = Vec::with_capacity(cfg.backends.len());
+        for b in &cfg.backends {
+            let addrs: Vec<String> = match resolved.get(&b.addr) {
+                Some(list) if !list.is_empty() => list.iter().map(|a| a.to_string()).collect(),
+                _ => vec![b.addr.clone()],
+            };
+            for addr in addrs {
+                if backends.iter().any(|x| *x.addr == *addr) {
+                    continue;
+                }
+                let kept = previous.and_then(|p| {
+                    p.backends
+                        .iter()
+                        .find(|old| *old.addr == *addr && old.weight == b.weight)
+                });
+                backends.push(match kept {
+                    Some(old) => old.clone(),
+                    None => Arc::new(Backend::new(&addr, b.weight)),
+                });
+            }
+        }
         let client = match previous {
             Some(p)
                 if p.config.protocol == cfg.protocol
