@@ -2,7 +2,7 @@
 //! SIGTERM/SIGINT.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use crate::config::{self, Config};
 use crate::dns::{self, Resolve, SystemResolver};
 use crate::snapshot::ProxyState;
-use crate::{echo, server};
+use crate::{admin, echo, reload, server};
 
 /// Why palisade could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,12 @@ pub enum StartError {
     },
 }
 
+/// Binds the admin listener of `config`.
+pub fn bind_admin(config: &Config) -> Result<TcpListener, StartError> {
+    let addr = config.admin.listen;
+    server::bind(addr).map_err(|source| StartError::Bind { addr, source })
+}
+
 /// Binds every `server.listen` address of `config`.
 pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, StartError> {
     config
@@ -38,22 +44,27 @@ pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, StartError> {
         .collect()
 }
 
-/// Serves `config` (loaded from `path`) until SIGTERM or SIGINT, reloading it from `path`
-/// on SIGHUP. Returns once drained.
-pub async fn run(path: PathBuf, config: Config) -> Result<(), StartError> {
+/// Serves `config` until SIGTERM or SIGINT, reloading it from its file on SIGHUP or
+/// `POST /reload`. Returns once drained.
+pub async fn run(config: Config) -> Result<(), StartError> {
     let listeners = bind_all(&config)?;
+    let admin_listener = bind_admin(&config)?;
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening");
     }
+    tracing::info!(addr = %config.admin.listen, "admin API listening");
     let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
     let resolved =
         dns::resolve_all(resolver.as_ref(), &dns::names(&config), &Default::default()).await;
     let state = Arc::new(ProxyState::with_resolved(config, resolved));
-    let sighup = tokio::spawn(reload_on_sighup(path, state.clone()));
+    let sighup = tokio::spawn(reload_on_sighup(state.clone()));
     let dns_task = tokio::spawn(dns::refresh_forever(state.clone(), resolver));
+    let (admin_stop, admin_task) = spawn_admin(admin_listener, state.clone());
     server::serve(listeners, state, shutdown_signal()).await;
     sighup.abort();
     dns_task.abort();
+    let _ = admin_stop.send(());
+    let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -82,8 +93,8 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Reloads the config from `path` on every SIGHUP; a bad file keeps the running config.
-async fn reload_on_sighup(path: PathBuf, state: Arc<ProxyState>) {
+/// Reloads the config on every SIGHUP; a bad file keeps the running config.
+async fn reload_on_sighup(state: Arc<ProxyState>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -92,27 +103,13 @@ async fn reload_on_sighup(path: PathBuf, state: Arc<ProxyState>) {
             return;
         };
         while hup.recv().await.is_some() {
-            reload(&path, &state);
+            tracing::info!("SIGHUP: reloading");
+            let _ = reload::reload(&state);
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (path, state);
-    }
-}
-
-/// Loads, validates and applies the config at `path`; logs the outcome.
-pub fn reload(path: &Path, state: &ProxyState) {
-    match config::load(path) {
-        Ok(config) => {
-            let generation = state.apply(config);
-            tracing::info!(generation, "configuration reloaded");
-        }
-        Err(errors) => {
-            for e in &errors {
-                tracing::error!(error = %e, "reload rejected; the running configuration stays");
-            }
-        }
+        let _ = state;
     }
 }
 
@@ -136,6 +133,10 @@ backends = [
   { addr = "127.0.0.1:9002" },
   { addr = "127.0.0.1:9003" },
 ]
+
+[upstreams.echo.health]
+interval = "1s"
+timeout = "500ms"
 "#;
 
 /// Runs the demo: three echo backends and the proxy in one process, until Ctrl-C.
@@ -153,9 +154,13 @@ pub async fn demo() -> Result<(), StartError> {
         })));
     }
     let listeners = bind_all(&config)?;
+    let admin_listener = bind_admin(&config)?;
     let state = Arc::new(ProxyState::new(config));
+    let (admin_stop, admin_task) = spawn_admin(admin_listener, state.clone());
     println!("{}", demo_banner());
     server::serve(listeners, state, shutdown_signal()).await;
+    let _ = admin_stop.send(());
+    let _ = admin_task.await;
     let _ = stop_tx.send(());
     for b in backends {
         let _ = b.await;
@@ -163,9 +168,26 @@ pub async fn demo() -> Result<(), StartError> {
     Ok(())
 }
 
+/// Starts the admin API; it stays up while the proxy drains (so `/readyz` can say so) and
+/// stops when the returned sender fires.
+fn spawn_admin(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(admin::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+    (tx, task)
+}
+
 fn demo_banner() -> &'static str {
     r#"palisade demo is running:
   proxy          http://127.0.0.1:8080  (round robin over the three echo backends)
+  admin          http://127.0.0.1:9901  (dashboard; /status, /metrics, /healthz, /readyz)
   echo backends  127.0.0.1:9001, 127.0.0.1:9002, 127.0.0.1:9003
 
 Try:
@@ -175,6 +197,8 @@ Try:
   curl -s  127.0.0.1:8080/bytes/1000000 | wc -c
   curl -sN 127.0.0.1:8080/stream/5          # five chunks, 100 ms apart
   curl -s --http2-prior-knowledge 127.0.0.1:8080/h2
+  curl -s 127.0.0.1:9901/status             # backends, health, counters
+  curl -s -XPOST 127.0.0.1:9002/health/down # fail echo-2's health check (passive/active failover)
 
 Ctrl-C drains and stops."#
 }

@@ -11,6 +11,7 @@
 //! - `balance` has one small type per algorithm behind the `Balance` trait;
 //! - `echo` is the built-in test backend; `app` wires it all up for `run` and `demo`.
 
+pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod clock;
@@ -21,6 +22,7 @@ pub mod health;
 pub mod limit;
 pub mod logging;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod snapshot;

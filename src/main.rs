@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             for warning in config::warnings(&config) {
                 tracing::warn!("{warning}");
             }
-            block_on(app::run(cli.config.clone(), config))
+            block_on(app::run(config))
         }
         Command::Demo => block_on(app::demo()),
         Command::Echo { listen, name } => block_on(async move {

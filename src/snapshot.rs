@@ -5,7 +5,7 @@
 //! reload (backends with their counters and health, connection pools) is carried over from
 //! the previous snapshot by identity, not rebuilt.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -76,6 +76,10 @@ pub struct ProxyState {
     draining: AtomicBool,
     /// Client connections open right now.
     pub connections: AtomicUsize,
+    /// Successful reloads.
+    pub reloads_ok: AtomicU64,
+    /// Rejected reloads.
+    pub reloads_failed: AtomicU64,
     started: Instant,
     /// The health checkers of the current snapshot (not on the request path).
     checkers: Mutex<Vec<JoinHandle<()>>>,
@@ -96,6 +100,8 @@ impl ProxyState {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &resolved)),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
             started: Instant::now(),
             checkers: Mutex::new(Vec::new()),
             resolved: Mutex::new(resolved),

@@ -61,22 +61,38 @@ impl Drop for Echo {
     }
 }
 
-/// A palisade proxy served in-process on an ephemeral port until dropped.
+/// A palisade proxy (and its admin API) served in-process on ephemeral ports until dropped.
 pub struct Proxy {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub state: Arc<ProxyState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    admin_task: JoinHandle<()>,
 }
 
 impl Proxy {
-    /// Starts palisade with `toml` (its `server.listen` is ignored: the proxy listens on an
-    /// ephemeral port).
+    /// Starts palisade with `toml` (its listen addresses are ignored: the proxy and the
+    /// admin API listen on ephemeral ports).
     pub async fn start(toml: &str) -> Proxy {
         let config = palisade::config::parse(toml, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("test config invalid: {e:?}\n{toml}"));
+        Self::serve(config)
+    }
+
+    /// Starts palisade with the config file at `path` (so reloads re-read it).
+    pub async fn start_file(path: &Path) -> Proxy {
+        let config =
+            palisade::config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e:?}"));
+        Self::serve(config)
+    }
+
+    fn serve(config: palisade::config::Config) -> Proxy {
         let listener = palisade::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("proxy addr");
+        let admin_listener =
+            palisade::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind admin");
+        let admin = admin_listener.local_addr().expect("admin addr");
         let state = Arc::new(ProxyState::new(config));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(palisade::server::serve(
@@ -86,12 +102,23 @@ impl Proxy {
                 let _ = rx.await;
             },
         ));
+        let admin_task = tokio::spawn(palisade::admin::serve(
+            admin_listener,
+            state.clone(),
+            std::future::pending(),
+        ));
         Proxy {
             addr,
+            admin,
             state,
             stop: Some(tx),
             task: Some(task),
+            admin_task,
         }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -117,6 +144,7 @@ impl Drop for Proxy {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        self.admin_task.abort();
     }
 }
 

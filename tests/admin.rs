@@ -1,0 +1,206 @@
+//! The admin API: liveness and readiness (also while draining), status, config with
+//! secrets redacted, token protection, and reloads through `POST /reload`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn upstream_toml(addrs: &[std::net::SocketAddr]) -> String {
+    let list: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{{ addr = \"{a}\" }}"))
+        .collect();
+    format!(
+        "[[routes]]\nname = \"all\"\nupstream = \"app\"\n\n[upstreams.app]\nbackends = [{}]\n",
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn health_readiness_and_status_describe_the_running_proxy() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "{}[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1\n",
+        upstream_toml(&[a.addr, b.addr])
+    ))
+    .await;
+    assert_eq!(get(&proxy.admin_url("/healthz")).await.status, 200);
+    assert_eq!(get(&proxy.admin_url("/readyz")).await.status, 200);
+    for _ in 0..4 {
+        get(&proxy.url("/")).await;
+    }
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["generation"], 1);
+    assert!(status["uptime_seconds"].as_f64().is_some());
+    let backends = status["upstreams"]["app"]["backends"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(backends.len(), 2);
+    for backend in &backends {
+        for field in [
+            "addr",
+            "healthy",
+            "ejected",
+            "in_flight",
+            "weight",
+            "requests",
+            "failures",
+        ] {
+            assert!(backend.get(field).is_some(), "{field} missing in {backend}");
+        }
+        assert_eq!(backend["requests"], 2);
+    }
+
+    // A backend failing its checks shows up as unhealthy.
+    post(&format!("http://{}/health/down", b.addr), vec![]).await;
+    let shows = eventually(Duration::from_secs(3), async || {
+        let status = get(&proxy.admin_url("/status")).await.json();
+        status["upstreams"]["app"]["backends"][1]["healthy"] == false
+    })
+    .await;
+    assert!(shows, "/status never showed the backend as unhealthy");
+}
+
+#[tokio::test]
+async fn readyz_turns_503_while_draining() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&upstream_toml(&[a.addr])).await;
+    let admin = proxy.admin_url("/readyz");
+    let slow_url = proxy.url("/delay/800");
+    let slow = tokio::spawn(async move { get(&slow_url).await.status });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let state = proxy.state.clone();
+    let drained = tokio::spawn(proxy.shutdown());
+    let draining = eventually(Duration::from_secs(2), async || state.is_draining()).await;
+    assert!(draining);
+    assert_eq!(get(&admin).await.status, 503);
+    assert_eq!(slow.await.expect("slow"), 200);
+    drained.await.expect("drained");
+}
+
+#[tokio::test]
+async fn a_token_guards_everything_but_liveness_and_readiness() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&format!(
+        "[admin]\ntoken = \"hunter2\"\n{}",
+        upstream_toml(&[a.addr])
+    ))
+    .await;
+    assert_eq!(get(&proxy.admin_url("/healthz")).await.status, 200);
+    assert_eq!(get(&proxy.admin_url("/readyz")).await.status, 200);
+    for path in ["/status", "/config", "/"] {
+        assert_eq!(
+            get(&proxy.admin_url(path)).await.status,
+            401,
+            "{path} without a token"
+        );
+        let wrong = get_with(
+            &proxy.admin_url(path),
+            &[("authorization", "Bearer hunter3")],
+        )
+        .await;
+        assert_eq!(wrong.status, 401, "{path} with a wrong token");
+        let right = get_with(
+            &proxy.admin_url(path),
+            &[("authorization", "Bearer hunter2")],
+        )
+        .await;
+        assert_eq!(right.status, 200, "{path} with the token");
+    }
+    let config = get_with(
+        &proxy.admin_url("/config"),
+        &[("authorization", "Bearer hunter2")],
+    )
+    .await;
+    assert!(
+        !config.text().contains("hunter2"),
+        "the token leaked: {}",
+        config.text()
+    );
+    assert_eq!(config.json()["admin"]["token"], "<redacted>");
+}
+
+#[tokio::test]
+async fn post_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let dir = std::env::temp_dir().join(format!("palisade-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("palisade.toml");
+    std::fs::write(&path, upstream_toml(&[a.addr])).expect("write");
+    let proxy = Proxy::start_file(&path).await;
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "a");
+
+    // Add a backend.
+    std::fs::write(&path, upstream_toml(&[a.addr, b.addr])).expect("write");
+    let reloaded = send(
+        http::Request::post(proxy.admin_url("/reload"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    assert_eq!(reloaded.json()["generation"], 2);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(
+            get(&proxy.url("/")).await.json()["backend"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // A broken file: 400 with the position, the running config stays.
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[server.timeouts]\nidle = \"soon\"\n",
+            upstream_toml(&[a.addr])
+        ),
+    )
+    .expect("write");
+    let rejected = send(
+        http::Request::post(proxy.admin_url("/reload"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(rejected.status, 400);
+    let error = rejected.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.starts_with(&format!("{}:", path.display())),
+        "{error}"
+    );
+    assert!(error.contains(":9:8: invalid duration"), "{error}");
+    assert_eq!(proxy.state.snapshot().generation, 2);
+    assert_eq!(proxy.state.snapshot().upstreams[0].backends.len(), 2);
+    assert_eq!(get(&proxy.url("/")).await.status, 200);
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_without_external_resources() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&upstream_toml(&[a.addr])).await;
+    let page = get(&proxy.admin_url("/")).await;
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap_or_default()
+        .starts_with("text/html"));
+    let html = page.text();
+    assert!(html.contains("fetch(\"/status\""));
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "the dashboard loads something external"
+    );
+}
