@@ -35,7 +35,11 @@ fn route_matching(c: &mut Criterion) {
     let mut group = c.benchmark_group("route_find");
     for n in [10usize, 10_000] {
         let config = config_with(n);
-        let table = RouteTable::build(&config.routes, |_| Some(0));
+        let table = RouteTable::build(
+            &config.routes,
+            |_| Some(0),
+            &palisade::metrics::Metrics::new(),
+        );
         let exact = format!("host{}.example.com", (n / 2) / 3 * 3);
         let wild = format!("api.zone{}.example.org", ((n / 2) / 3) * 3 + 1);
         let last_path = format!("/svc{}/items/42", (n - 1) / 3 * 3 + 2);

@@ -21,6 +21,7 @@ pub mod echo;
 pub mod health;
 pub mod limit;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod route;

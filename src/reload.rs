@@ -15,11 +15,13 @@ pub fn reload(state: &ProxyState) -> Result<u64, Vec<ConfigError>> {
         Ok(config) => {
             let generation = state.apply(config);
             state.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            state.metrics.reload(true);
             tracing::info!(generation, path = %path.display(), "configuration reloaded");
             Ok(generation)
         }
         Err(errors) => {
             state.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            state.metrics.reload(false);
             for e in &errors {
                 tracing::error!(error = %e, "reload rejected; the running configuration stays");
             }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{self, HostMatch};
+use crate::metrics::{Metrics, RouteMetrics};
 
 /// One compiled route.
 #[derive(Debug)]
@@ -26,6 +27,8 @@ pub struct Route {
     pub upstream: usize,
     /// The route's configuration, as validated.
     pub config: config::Route,
+    /// The route's metric handles.
+    pub metrics: RouteMetrics,
 }
 
 /// All routes of a config, indexed for lookup.
@@ -46,7 +49,11 @@ const MAX_HOST: usize = 256;
 impl RouteTable {
     /// Compiles `routes`; `upstream_index` maps an upstream name to its index (validation
     /// guarantees every route's upstream exists; a route whose upstream is missing is skipped).
-    pub fn build(routes: &[config::Route], upstream_index: impl Fn(&str) -> Option<usize>) -> Self {
+    pub fn build(
+        routes: &[config::Route],
+        upstream_index: impl Fn(&str) -> Option<usize>,
+        metrics: &Metrics,
+    ) -> Self {
         let mut table = RouteTable::default();
         for cfg in routes {
             let Some(upstream) = upstream_index(&cfg.upstream) else {
@@ -73,6 +80,7 @@ impl RouteTable {
                 strip_prefix: cfg.strip_prefix,
                 upstream,
                 config: cfg.clone(),
+                metrics: metrics.route(&cfg.name, &cfg.upstream),
             });
         }
         table
@@ -196,7 +204,7 @@ mod tests {
     }
 
     fn table(routes: &[config::Route]) -> RouteTable {
-        RouteTable::build(routes, |_| Some(0))
+        RouteTable::build(routes, |_| Some(0), &Metrics::new())
     }
 
     fn name<'a>(t: &'a RouteTable, host: Option<&str>, path: &str) -> Option<&'a str> {

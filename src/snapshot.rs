@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::dns::Resolved;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
 
@@ -28,20 +29,28 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// The upstream pools, in config order (routes refer to them by index).
     pub upstreams: Vec<Upstream>,
+    /// Metric handles for requests no route matched.
+    pub unrouted: RouteMetrics,
 }
 
 impl Snapshot {
     /// Compiles `config` as the next generation after `previous`, carrying live state over
     /// where it still applies; backend names are expanded with the `resolved` addresses.
-    pub fn build(config: Config, previous: Option<&Snapshot>, resolved: &Resolved) -> Snapshot {
+    pub fn build(
+        config: Config,
+        previous: Option<&Snapshot>,
+        resolved: &Resolved,
+        metrics: &Metrics,
+    ) -> Snapshot {
         let generation = previous.map_or(1, |p| p.generation + 1);
-        Self::build_generation(config, previous, resolved, generation)
+        Self::build_generation(config, previous, resolved, metrics, generation)
     }
 
     fn build_generation(
         config: Config,
         previous: Option<&Snapshot>,
         resolved: &Resolved,
+        metrics: &Metrics,
         generation: u64,
     ) -> Snapshot {
         let upstreams: Vec<Upstream> = config
@@ -49,17 +58,20 @@ impl Snapshot {
             .iter()
             .map(|cfg| {
                 let old = previous.and_then(|p| p.upstream(&cfg.name));
-                Upstream::build(cfg, old, resolved)
+                Upstream::build(cfg, old, resolved, metrics)
             })
             .collect();
-        let routes = RouteTable::build(&config.routes, |name| {
-            upstreams.iter().position(|u| &*u.name == name)
-        });
+        let routes = RouteTable::build(
+            &config.routes,
+            |name| upstreams.iter().position(|u| &*u.name == name),
+            metrics,
+        );
         Snapshot {
             generation,
             config: Arc::new(config),
             routes,
             upstreams,
+            unrouted: metrics.route("", ""),
         }
     }
 
@@ -85,6 +97,8 @@ pub struct ProxyState {
     checkers: Mutex<Vec<JoinHandle<()>>>,
     /// The last good addresses of the backend names.
     resolved: Mutex<Resolved>,
+    /// This instance's metrics.
+    pub metrics: Metrics,
 }
 
 impl ProxyState {
@@ -96,8 +110,9 @@ impl ProxyState {
 
     /// Like [`ProxyState::new`], with backend names already resolved.
     pub fn with_resolved(config: Config, resolved: Resolved) -> Self {
+        let metrics = Metrics::new();
         let state = ProxyState {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &resolved)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &resolved, &metrics)),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             reloads_ok: AtomicU64::new(0),
@@ -105,6 +120,7 @@ impl ProxyState {
             started: Instant::now(),
             checkers: Mutex::new(Vec::new()),
             resolved: Mutex::new(resolved),
+            metrics,
         };
         state.restart_checkers(&state.snapshot.load());
         state
@@ -123,7 +139,7 @@ impl ProxyState {
             task.abort();
         }
         for upstream in &snapshot.upstreams {
-            checkers.extend(crate::health::active::spawn_checks(upstream));
+            checkers.extend(crate::health::active::spawn_checks(upstream, &self.metrics));
         }
     }
 
@@ -136,7 +152,7 @@ impl ProxyState {
     /// generation. In-flight requests finish on the snapshot they started with.
     pub fn apply(&self, config: Config) -> u64 {
         let current = self.snapshot.load();
-        let next = Snapshot::build(config, Some(&current), &self.resolved());
+        let next = Snapshot::build(config, Some(&current), &self.resolved(), &self.metrics);
         let generation = next.generation;
         self.restart_checkers(&next);
         self.snapshot.store(Arc::new(next));
@@ -153,8 +169,13 @@ impl ProxyState {
     pub fn set_resolved(&self, resolved: Resolved) {
         let current = self.snapshot.load_full();
         let config = (*current.config).clone();
-        let next =
-            Snapshot::build_generation(config, Some(&current), &resolved, current.generation);
+        let next = Snapshot::build_generation(
+            config,
+            Some(&current),
+            &resolved,
+            &self.metrics,
+            current.generation,
+        );
         if let Ok(mut r) = self.resolved.lock() {
             *r = resolved;
         }

@@ -204,3 +204,138 @@ async fn the_dashboard_is_served_without_external_resources() {
         "the dashboard loads something external"
     );
 }
+
+/// The value of the sample `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let have: Vec<(String, String)> = rest
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
+                })
+                .collect();
+            labels
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+                .then(|| value.parse().ok())?
+        })
+}
+
+#[tokio::test]
+async fn metrics_carry_every_spec_name_and_count_the_traffic() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nstrip_prefix = true\nupstream = \"app\"\n\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\n",
+        a.addr
+    ))
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get(&proxy.url("/api/x")).await.status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(get(&proxy.url("/api/status/503")).await.status, 503);
+    }
+    assert_eq!(get(&proxy.url("/elsewhere")).await.status, 404);
+    // Let a health probe or two happen.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let text = get(&proxy.admin_url("/metrics")).await.text();
+    for name in [
+        "palisade_requests_total",
+        "palisade_request_duration_seconds_bucket",
+        "palisade_upstream_requests_total",
+        "palisade_backend_healthy",
+        "palisade_backend_in_flight",
+        "palisade_retries_total",
+        "palisade_rate_limited_total",
+        "palisade_denied_total",
+        "palisade_config_reloads_total",
+        "palisade_config_generation",
+        "palisade_connections_active",
+        "palisade_health_checks_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing from /metrics:\n{text}"
+        );
+    }
+    let route = [("route", "api"), ("upstream", "app")];
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_requests_total",
+            &[route[0], route[1], ("code", "200")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_requests_total",
+            &[route[0], route[1], ("code", "503")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_requests_total",
+            &[("route", ""), ("code", "404")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "palisade_request_duration_seconds_count", &route),
+        Some(7.0)
+    );
+    let backend = a.addr.to_string();
+    let b = [("upstream", "app"), ("backend", backend.as_str())];
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_upstream_requests_total",
+            &[b[0], b[1], ("code", "200")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(sample(&text, "palisade_backend_healthy", &b), Some(1.0));
+    assert_eq!(sample(&text, "palisade_backend_in_flight", &b), Some(0.0));
+    assert_eq!(sample(&text, "palisade_config_generation", &[]), Some(1.0));
+    assert_eq!(
+        sample(&text, "palisade_rate_limited_total", &[("route", "api")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        Some(0.0)
+    );
+    let probes = sample(
+        &text,
+        "palisade_health_checks_total",
+        &[b[0], b[1], ("result", "pass")],
+    )
+    .unwrap_or(0.0);
+    assert!(probes >= 1.0, "no health check counted");
+    // The 503s were retried (GET, 503): two retries each, counted.
+    assert_eq!(
+        sample(&text, "palisade_retries_total", &[("upstream", "app")]),
+        Some(4.0)
+    );
+}

@@ -93,6 +93,14 @@ fn route(state: &ProxyState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             resp
         }
         (&Method::GET, "/status") => json_response(StatusCode::OK, &status(state)),
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render(state))));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         (&Method::GET, "/config") => {
             let snapshot = state.snapshot();
             json_response(
@@ -118,7 +126,7 @@ fn route(state: &ProxyState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             resp
         }
-        (_, "/healthz" | "/readyz" | "/status" | "/config" | "/reload" | "/") => {
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/config" | "/reload" | "/") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -20,12 +20,14 @@ use tokio::task::JoinHandle;
 use super::{on_probe, Transition};
 use crate::clock::now_ns;
 use crate::config::Health;
+use crate::metrics::Metrics;
 use crate::upstream::{Backend, Upstream};
+use prometheus::IntCounter;
 
 type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Starts the checkers of every backend of `upstream` (none when it has no `health`).
-pub fn spawn_checks(upstream: &Upstream) -> Vec<JoinHandle<()>> {
+pub fn spawn_checks(upstream: &Upstream, metrics: &Metrics) -> Vec<JoinHandle<()>> {
     let Some(cfg) = upstream.config.health.clone() else {
         return Vec::new();
     };
@@ -45,12 +47,19 @@ pub fn spawn_checks(upstream: &Upstream) -> Vec<JoinHandle<()>> {
                 backend.clone(),
                 cfg.clone(),
                 client.clone(),
+                metrics.health_checks(&upstream.name, &backend.addr),
             ))
         })
         .collect()
 }
 
-async fn check_loop(upstream: Arc<str>, backend: Arc<Backend>, cfg: Health, client: ProbeClient) {
+async fn check_loop(
+    upstream: Arc<str>,
+    backend: Arc<Backend>,
+    cfg: Health,
+    client: ProbeClient,
+    (passes, failures): (IntCounter, IntCounter),
+) {
     let jitter = Duration::from_nanos(fastrand::u64(..=crate::clock::nanos(cfg.interval)));
     tokio::time::sleep(jitter).await;
     let mut ticker = tokio::time::interval(cfg.interval);
@@ -58,6 +67,11 @@ async fn check_loop(upstream: Arc<str>, backend: Arc<Backend>, cfg: Health, clie
     loop {
         ticker.tick().await;
         let (passed, detail) = probe(&client, &backend, &cfg).await;
+        if passed {
+            passes.inc()
+        } else {
+            failures.inc()
+        }
         match on_probe(&backend, passed, &cfg, now_ns()) {
             Some(Transition::Down) => tracing::warn!(
                 upstream = %upstream, backend = %backend.addr, %detail,

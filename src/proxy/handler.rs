@@ -51,27 +51,34 @@ pub async fn handle(
     req: Request<Incoming>,
     conn: &ConnInfo,
 ) -> Response<ProxyBody> {
+    let started = Instant::now();
     let snapshot = state.snapshot();
-    let method = req.method().clone();
-    match proxy(&snapshot, req, conn).await {
+    let mut routed = None;
+    let resp = match proxy(&snapshot, req, conn, &mut routed).await {
         Ok(resp) => resp,
         Err(err) => {
-            tracing::debug!(peer = %conn.peer, %method, error = %err, "answered by palisade");
+            tracing::debug!(peer = %conn.peer, error = %err, "answered by palisade");
             err.into_response()
         }
-    }
+    };
+    let metrics = routed.map_or(&snapshot.unrouted, |r: &Route| &r.metrics);
+    metrics.by_code.inc(resp.status().as_u16());
+    metrics.duration.observe(started.elapsed().as_secs_f64());
+    resp
 }
 
-async fn proxy(
-    snapshot: &Snapshot,
+async fn proxy<'s>(
+    snapshot: &'s Snapshot,
     mut req: Request<Incoming>,
     conn: &ConnInfo,
+    routed: &mut Option<&'s Route>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // 2. Route.
     let route = snapshot
         .routes
         .find(request_host(&req), req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
+    *routed = Some(route);
     let upstream = snapshot
         .upstreams
         .get(route.upstream)
@@ -222,6 +229,7 @@ async fn attempt_until_done(
             return result;
         }
         attempt += 1;
+        upstream.retries.inc();
         tokio::time::sleep(backoff(policy.backoff, policy.backoff_max, attempt)).await;
     }
 }
@@ -270,6 +278,13 @@ async fn attempt_once(
             }
         }
     };
+    let code = match &outcome {
+        Outcome::Answer(resp) => resp.status().as_u16(),
+        Outcome::Failed { error, .. } => error.status().as_u16(),
+    };
+    if let Some(counters) = upstream.backend_metrics.get(index) {
+        counters.inc(code);
+    }
     let ok = matches!(&outcome, Outcome::Answer(r) if !r.status().is_server_error());
     if !ok {
         backend.record_failure();

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use crate::balance::{self, Balance};
 use crate::config;
 use crate::dns::Resolved;
+use crate::metrics::{CodeCounters, Metrics};
 pub use backend::{Backend, InFlight};
 pub use budget::RetryBudget;
 pub use client::HttpClient;
@@ -50,6 +51,10 @@ pub struct Upstream {
     in_panic: AtomicBool,
     /// Picks made in panic mode, ever.
     pub panic_picks: AtomicU64,
+    /// `palisade_upstream_requests_total` handles, one per backend (same order).
+    pub backend_metrics: Vec<CodeCounters>,
+    /// `palisade_retries_total` for this upstream.
+    pub retries: prometheus::IntCounter,
 }
 
 /// Why no backend could be had for a request.
@@ -92,6 +97,7 @@ impl Upstream {
         cfg: &config::Upstream,
         previous: Option<&Upstream>,
         resolved: &Resolved,
+        metrics: &Metrics,
     ) -> Upstream {
         let mut backends: Vec<Arc<Backend>> = Vec::with_capacity(cfg.backends.len());
         for b in &cfg.backends {
@@ -132,7 +138,6 @@ impl Upstream {
         };
         Upstream {
             name: cfg.name.as_str().into(),
-            backends,
             balancer,
             client,
             version: match cfg.protocol {
@@ -149,6 +154,12 @@ impl Upstream {
             queued: AtomicU32::new(0),
             in_panic: AtomicBool::new(false),
             panic_picks: AtomicU64::new(0),
+            backend_metrics: backends
+                .iter()
+                .map(|b| metrics.backend(&cfg.name, &b.addr))
+                .collect(),
+            retries: metrics.retries(&cfg.name),
+            backends,
         }
     }
 

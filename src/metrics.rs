@@ -1,0 +1,327 @@
+//! Prometheus metrics: one registry per running instance, with the names SPEC section 5
+//! relies on.
+//!
+//! The request path never looks a metric up by label: per-route and per-backend handles
+//! (with the common status codes already resolved) are built with each snapshot, and
+//! gauges that mirror live state (health, in flight, generation, connections, panic) are
+//! read from the atomics when `/metrics` is scraped, so they cost requests nothing.
+
+use std::sync::atomic::Ordering;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::clock::now_ns;
+use crate::snapshot::ProxyState;
+
+/// Status codes whose counters are resolved ahead of time; others are looked up by label.
+const COMMON_CODES: [u16; 16] = [
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 413, 429, 500, 502, 503, 504,
+];
+
+/// Request-duration buckets in seconds: 1 ms to 30 s.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every metric of one palisade instance.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_requests: IntCounterVec,
+    backend_healthy: IntGaugeVec,
+    backend_in_flight: IntGaugeVec,
+    retries: IntCounterVec,
+    rate_limited: IntCounterVec,
+    denied: IntCounterVec,
+    reloads: IntCounterVec,
+    generation: IntGauge,
+    connections: IntGauge,
+    health_checks: IntCounterVec,
+    upstream_panic: IntGaugeVec,
+    panic_picks: IntCounterVec,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    // Names are fixed and distinct, so registration cannot collide.
+    let _ = registry.register(Box::new(metric.clone()));
+    metric
+}
+
+// The metric definitions below are constants of this file, never input: a bad one is a
+// programming error caught by the first test run, hence `expect`.
+const STATIC_DEFINITION: &str = "static metric definition is valid";
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect(STATIC_DEFINITION),
+    )
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect(STATIC_DEFINITION),
+    )
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        let duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "palisade_request_duration_seconds",
+                    "Time from a request's arrival to its response head, by route.",
+                )
+                .buckets(DURATION_BUCKETS.to_vec()),
+                &["route", "upstream"],
+            )
+            .expect(STATIC_DEFINITION),
+        );
+        let generation = register(
+            &registry,
+            IntGauge::new(
+                "palisade_config_generation",
+                "Generation of the running configuration.",
+            )
+            .expect(STATIC_DEFINITION),
+        );
+        let connections = register(
+            &registry,
+            IntGauge::new(
+                "palisade_connections_active",
+                "Client connections open now.",
+            )
+            .expect(STATIC_DEFINITION),
+        );
+        let m = Metrics {
+            requests: counter_vec(
+                &registry,
+                "palisade_requests_total",
+                "Client requests answered, by route, upstream and status.",
+                &["route", "upstream", "code"],
+            ),
+            duration,
+            upstream_requests: counter_vec(
+                &registry,
+                "palisade_upstream_requests_total",
+                "Attempts sent to backends, by status (502/504 for attempts without an answer).",
+                &["upstream", "backend", "code"],
+            ),
+            backend_healthy: gauge_vec(
+                &registry,
+                "palisade_backend_healthy",
+                "1 when the backend is in rotation (healthy and not ejected).",
+                &["upstream", "backend"],
+            ),
+            backend_in_flight: gauge_vec(
+                &registry,
+                "palisade_backend_in_flight",
+                "Requests in flight to the backend.",
+                &["upstream", "backend"],
+            ),
+            retries: counter_vec(
+                &registry,
+                "palisade_retries_total",
+                "Retries, by upstream.",
+                &["upstream"],
+            ),
+            rate_limited: counter_vec(
+                &registry,
+                "palisade_rate_limited_total",
+                "Requests refused by a rate limit, by route.",
+                &["route"],
+            ),
+            denied: counter_vec(
+                &registry,
+                "palisade_denied_total",
+                "Requests refused by an allow/deny list, by route.",
+                &["route"],
+            ),
+            reloads: counter_vec(
+                &registry,
+                "palisade_config_reloads_total",
+                "Configuration reloads, by result.",
+                &["result"],
+            ),
+            generation,
+            connections,
+            health_checks: counter_vec(
+                &registry,
+                "palisade_health_checks_total",
+                "Active health probes, by result.",
+                &["upstream", "backend", "result"],
+            ),
+            upstream_panic: gauge_vec(
+                &registry,
+                "palisade_upstream_panic",
+                "1 while the upstream has no healthy backend (panic mode).",
+                &["upstream"],
+            ),
+            panic_picks: counter_vec(
+                &registry,
+                "palisade_panic_picks_total",
+                "Backends picked in panic mode, by upstream.",
+                &["upstream"],
+            ),
+            registry,
+        };
+        for result in ["success", "failure"] {
+            m.reloads.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// The handles one route's requests update.
+    pub fn route(&self, route: &str, upstream: &str) -> RouteMetrics {
+        // Resolving the refusal counters makes their series appear at 0.
+        self.rate_limited.with_label_values(&[route]);
+        self.denied.with_label_values(&[route]);
+        RouteMetrics {
+            by_code: CodeCounters::new(&self.requests, &[route, upstream]),
+            duration: self.duration.with_label_values(&[route, upstream]),
+            rate_limited: self.rate_limited.with_label_values(&[route]),
+            denied: self.denied.with_label_values(&[route]),
+        }
+    }
+
+    /// The handles one backend's attempts update.
+    pub fn backend(&self, upstream: &str, backend: &str) -> CodeCounters {
+        CodeCounters::new(&self.upstream_requests, &[upstream, backend])
+    }
+
+    /// The retry counter of an upstream.
+    pub fn retries(&self, upstream: &str) -> IntCounter {
+        self.retries.with_label_values(&[upstream])
+    }
+
+    /// The probe counters of a backend: (pass, fail).
+    pub fn health_checks(&self, upstream: &str, backend: &str) -> (IntCounter, IntCounter) {
+        (
+            self.health_checks
+                .with_label_values(&[upstream, backend, "pass"]),
+            self.health_checks
+                .with_label_values(&[upstream, backend, "fail"]),
+        )
+    }
+
+    /// Counts a reload.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric, live gauges read from `state`.
+    pub fn render(&self, state: &ProxyState) -> String {
+        let snapshot = state.snapshot();
+        self.generation.set(snapshot.generation as i64);
+        self.connections
+            .set(state.connections.load(Ordering::Relaxed) as i64);
+        // Backends that left the config must leave the gauges too.
+        self.backend_healthy.reset();
+        self.backend_in_flight.reset();
+        self.upstream_panic.reset();
+        let now = now_ns();
+        for upstream in &snapshot.upstreams {
+            let name = &*upstream.name;
+            for b in &upstream.backends {
+                let labels = [name, &*b.addr];
+                self.backend_healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(b.is_available(now)));
+                self.backend_in_flight
+                    .with_label_values(&labels)
+                    .set(i64::from(b.in_flight()));
+            }
+            self.upstream_panic
+                .with_label_values(&[name])
+                .set(i64::from(upstream.in_panic()));
+            let picks = self.panic_picks.with_label_values(&[name]);
+            let total = upstream.panic_picks.load(Ordering::Relaxed);
+            if total > picks.get() {
+                picks.inc_by(total - picks.get());
+            }
+        }
+        let mut out = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// A request counter per status code, with the common codes resolved ahead of time.
+#[derive(Debug, Clone)]
+pub struct CodeCounters {
+    common: [IntCounter; COMMON_CODES.len()],
+    vec: IntCounterVec,
+    labels: [String; 2],
+}
+
+impl CodeCounters {
+    fn new(vec: &IntCounterVec, labels: &[&str; 2]) -> Self {
+        let common = COMMON_CODES.map(|code| {
+            let code = code.to_string();
+            vec.with_label_values(&[labels[0], labels[1], code.as_str()])
+        });
+        CodeCounters {
+            common,
+            vec: vec.clone(),
+            labels: [labels[0].to_owned(), labels[1].to_owned()],
+        }
+    }
+
+    /// Counts one answer with `code`.
+    pub fn inc(&self, code: u16) {
+        match COMMON_CODES.iter().position(|&c| c == code) {
+            Some(i) => self.common[i].inc(),
+            None => {
+                let code = code.to_string();
+                self.vec
+                    .with_label_values(&[
+                        self.labels[0].as_str(),
+                        self.labels[1].as_str(),
+                        code.as_str(),
+                    ])
+                    .inc();
+            }
+        }
+    }
+}
+
+/// The metric handles of one route.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// `palisade_requests_total` by code.
+    pub by_code: CodeCounters,
+    /// `palisade_request_duration_seconds`.
+    pub duration: Histogram,
+    /// `palisade_rate_limited_total`.
+    pub rate_limited: IntCounter,
+    /// `palisade_denied_total`.
+    pub denied: IntCounter,
+}
