@@ -1,9 +1,14 @@
-//! Backend selection: one small type per algorithm behind the [`Balance`] trait.
+//! Backend selection: which backend of an upstream gets the next request.
 //!
-//! A balancer is built once per snapshot for a fixed backend list and then only reads
-//! atomics: picking takes no lock and allocates nothing. Callers pass `skip` to exclude
-//! backends that are out of rotation or were already tried by this request; every
-//! algorithm honours it and spreads load sensibly over the rest.
+//! Each algorithm is a small type behind one trait, [`Balance`], built once per upstream
+//! from its backend list (on config load or reload) and then shared by every request.
+//! `pick` is lock-free (atomics and a thread-local RNG only) and never allocates. Live
+//! per-backend state (in-flight count, latency EWMA) stays on [`Backend`]; balancers hold
+//! only what they precompute from the list (weights, a smooth sequence, a hash ring) plus
+//! a rotation counter, so rebuilding one on reload loses nothing that matters.
+//!
+//! Callers exclude backends with `skip` (unhealthy, ejected, or already tried by this
+//! request); every algorithm honours it and spreads load over the rest.
 
 mod consistent_hash;
 mod least_conn;
@@ -24,27 +29,56 @@ pub use round_robin::RoundRobin;
 pub use weighted::Weighted;
 
 /// Which algorithm; mirrors the config's `balance` key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Algorithm {
-    /// Each backend in turn.
+    /// `round_robin`: each backend in turn, ignoring weights.
     RoundRobin,
-    /// Smooth weighted round robin (nginx's).
+    /// `weighted`: nginx's smooth weighted round robin.
     Weighted,
-    /// Fewest in-flight requests relative to weight.
+    /// `least_conn`: fewest requests in flight relative to weight.
     LeastConn,
-    /// Power of two random choices over latency EWMA x in-flight.
+    /// `p2c_ewma`: power of two choices on latency EWMA times load.
     P2cEwma,
-    /// Weighted random.
+    /// `random`: weighted random.
     Random,
-    /// Ketama-style hash ring over the request's hash key.
+    /// `consistent_hash`: ketama-style ring on the request's hash key.
     ConsistentHash,
 }
 
-/// A backend selection algorithm for one fixed backend list.
+impl Algorithm {
+    /// Every algorithm, in the order the config documents them.
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::RoundRobin,
+        Algorithm::Weighted,
+        Algorithm::LeastConn,
+        Algorithm::P2cEwma,
+        Algorithm::Random,
+        Algorithm::ConsistentHash,
+    ];
+
+    /// The config spelling (`"round_robin"`, `"p2c_ewma"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::Weighted => "weighted",
+            Algorithm::LeastConn => "least_conn",
+            Algorithm::P2cEwma => "p2c_ewma",
+            Algorithm::Random => "random",
+            Algorithm::ConsistentHash => "consistent_hash",
+        }
+    }
+
+    /// Parses the config spelling; `None` for anything else.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+}
+
+/// A backend selection algorithm, built from one upstream's backend list.
 pub trait Balance: Send + Sync + std::fmt::Debug {
-    /// Picks the index of a backend in `backends` (the same slice, same order, the balancer
-    /// was built from), never one for which `skip(i)` is true; None only when every backend
-    /// is skipped. `key` is the request's hash key (only consistent_hash reads it).
+    /// Picks the index of a backend in `backends` (the same slice, same order, the balancer was built from),
+    /// never one for which `skip(i)` is true; None only when every backend is skipped.
+    /// `key` is the request's hash key (only consistent_hash reads it; others ignore it).
     fn pick(
         &self,
         backends: &[Arc<Backend>],
@@ -52,13 +86,13 @@ pub trait Balance: Send + Sync + std::fmt::Debug {
         skip: &dyn Fn(usize) -> bool,
     ) -> Option<usize>;
 
-    /// Whether `pick` reads `key` (so callers compute the hash only when needed).
+    /// Whether pick reads `key` (so callers compute the hash only when needed).
     fn needs_key(&self) -> bool {
         false
     }
 }
 
-/// Builds the balancer for `backends`.
+/// Builds the balancer for `algorithm` over `backends`; pass the same slice to every `pick`.
 pub fn build(algorithm: Algorithm, backends: &[Arc<Backend>]) -> Box<dyn Balance> {
     match algorithm {
         Algorithm::RoundRobin => Box::new(RoundRobin::new()),
@@ -71,111 +105,195 @@ pub fn build(algorithm: Algorithm, backends: &[Arc<Backend>]) -> Box<dyn Balance
 }
 
 /// Stable 64-bit hash of a key (client IP bytes, a header value, a path): the same on every
-/// run and every palisade instance (no random seed). FNV-1a, then the splitmix64 finaliser
-/// so that similar keys land far apart.
+/// run, platform and palisade instance (no random seed), and well mixed in every bit.
+///
+/// FNV-1a 64 over the bytes, then the murmur3 `fmix64` finaliser, which FNV alone needs:
+/// its high bits mix poorly for short keys that differ only at the end.
 pub fn hash_key(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    fmix64(fnv1a(FNV_OFFSET, bytes))
+}
+
+/// `hash_key` of the concatenation `a ++ b`, without building it.
+pub(crate) fn hash_concat(a: &[u8], b: &[u8]) -> u64 {
+    fmix64(fnv1a(fnv1a(FNV_OFFSET, a), b))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv1a(mut state: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        state ^= u64::from(b);
+        state = state.wrapping_mul(FNV_PRIME);
     }
-    mix(h)
+    state
 }
 
-/// splitmix64's finaliser: a bijective avalanche of 64 bits.
-pub(crate) fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
 }
 
-/// The first index at or after `start` (wrapping) that is not skipped.
-pub(crate) fn next_available(
-    n: usize,
-    start: usize,
-    skip: &dyn Fn(usize) -> bool,
-) -> Option<usize> {
-    (0..n).map(|i| (start + i) % n).find(|&i| !skip(i))
+/// A backend's weight as the algorithms use it: the configured one, at least 1.
+fn weight_of(backend: &Backend) -> u64 {
+    u64::from(backend.weight.max(1))
+}
+
+/// First index at or after `start` (wrapping) that `skip` allows, with the steps taken.
+/// O(len) only while it meets skipped backends.
+fn scan_from(start: usize, len: usize, skip: &dyn Fn(usize) -> bool) -> Option<(usize, usize)> {
+    let mut i = start;
+    for step in 0..len {
+        if !skip(i) {
+            return Some((i, step));
+        }
+        i += 1;
+        if i == len {
+            i = 0;
+        }
+    }
+    None
 }
 
 #[cfg(test)]
-pub(crate) mod testing {
+pub(crate) mod test_util {
+    //! Pools and pick counters shared by the algorithms' tests.
+
     use super::*;
 
+    /// Backends `10.0.0.{i}:80` with the given weights.
     pub fn pool(weights: &[u32]) -> Vec<Arc<Backend>> {
         weights
             .iter()
             .enumerate()
-            .map(|(i, &w)| Arc::new(Backend::new(&format!("10.0.0.{}:80", i + 1), w)))
+            .map(|(i, &w)| Arc::new(Backend::new(&format!("10.0.0.{i}:80"), w)))
             .collect()
     }
 
+    /// How often each backend is picked over `picks` picks (keys 0, 1, 2, ... hashed).
     pub fn counts(
-        b: &dyn Balance,
-        pool: &[Arc<Backend>],
-        n: usize,
+        balancer: &dyn Balance,
+        backends: &[Arc<Backend>],
+        picks: usize,
         skip: &dyn Fn(usize) -> bool,
     ) -> Vec<usize> {
-        let mut counts = vec![0; pool.len()];
-        for i in 0..n {
-            let key = hash_key(&(i as u64).to_le_bytes());
-            if let Some(idx) = b.pick(pool, key, skip) {
-                counts[idx] += 1;
-            }
+        let mut counts = vec![0; backends.len()];
+        for n in 0..picks {
+            let key = hash_key(&(n as u64).to_le_bytes());
+            let i = balancer.pick(backends, key, skip).expect("a backend");
+            assert!(!skip(i), "picked skipped backend {i}");
+            counts[i] += 1;
         }
         counts
     }
 
-    pub const NONE: &dyn Fn(usize) -> bool = &|_| false;
+    /// Asserts `count / total` is within `tolerance` of `expected`.
+    pub fn assert_share(count: usize, total: usize, expected: f64, tolerance: f64) {
+        let share = count as f64 / total as f64;
+        assert!(
+            (share - expected).abs() <= tolerance,
+            "share {share:.4} not within {tolerance} of {expected:.4}"
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::testing::*;
+    use super::test_util::*;
     use super::*;
 
-    const ALL: [Algorithm; 6] = [
-        Algorithm::RoundRobin,
-        Algorithm::Weighted,
-        Algorithm::LeastConn,
-        Algorithm::P2cEwma,
-        Algorithm::Random,
-        Algorithm::ConsistentHash,
-    ];
-
     #[test]
-    fn every_algorithm_returns_none_when_all_are_skipped_or_empty() {
-        for alg in ALL {
-            let p = pool(&[1, 1, 1]);
-            let b = build(alg, &p);
-            assert_eq!(b.pick(&p, 7, &|_| true), None, "{alg:?}");
-            let empty: Vec<Arc<Backend>> = vec![];
-            let b = build(alg, &empty);
-            assert_eq!(b.pick(&empty, 7, NONE), None, "{alg:?}");
-        }
-    }
-
-    #[test]
-    fn every_algorithm_picks_the_only_backend_and_honours_skip() {
-        for alg in ALL {
-            let p = pool(&[1]);
-            let b = build(alg, &p);
-            for k in 0..50 {
-                assert_eq!(b.pick(&p, k, NONE), Some(0), "{alg:?}");
+    fn every_backend_skipped_gives_none() {
+        for algorithm in Algorithm::ALL {
+            let backends = pool(&[1, 2, 3, 4]);
+            let balancer = build(algorithm, &backends);
+            for key in 0..50 {
+                assert_eq!(
+                    balancer.pick(&backends, key, &|_| true),
+                    None,
+                    "{algorithm:?}"
+                );
             }
-            let p = pool(&[1, 1, 1]);
-            let b = build(alg, &p);
-            let c = counts(b.as_ref(), &p, 300, &|i| i == 1);
-            assert_eq!(c[1], 0, "{alg:?} picked a skipped backend");
-            assert!(c[0] > 0 && c[2] > 0, "{alg:?} {c:?}");
         }
     }
 
     #[test]
-    fn hash_key_is_stable_and_spreads() {
-        assert_eq!(hash_key(b"abc"), hash_key(b"abc"));
-        assert_ne!(hash_key(b"abc"), hash_key(b"abd"));
-        // Pinned: the same on every instance and every run.
-        assert_eq!(hash_key(b""), mix(0xcbf2_9ce4_8422_2325));
+    fn empty_pool_gives_none() {
+        for algorithm in Algorithm::ALL {
+            let balancer = build(algorithm, &[]);
+            assert_eq!(balancer.pick(&[], 7, &|_| false), None, "{algorithm:?}");
+        }
     }
+
+    #[test]
+    fn single_backend_is_always_picked() {
+        for algorithm in Algorithm::ALL {
+            let backends = pool(&[3]);
+            let balancer = build(algorithm, &backends);
+            for key in 0..100 {
+                let key = hash_key(&u64::to_le_bytes(key));
+                assert_eq!(
+                    balancer.pick(&backends, key, &|_| false),
+                    Some(0),
+                    "{algorithm:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn large_pool_with_most_skipped_finds_the_survivors() {
+        for algorithm in Algorithm::ALL {
+            let backends = pool(&[1; 1000]);
+            let balancer = build(algorithm, &backends);
+            let skip = |i: usize| i != 17 && i != 900;
+            let counts = counts(balancer.as_ref(), &backends, 2000, &skip);
+            assert_eq!(counts[17] + counts[900], 2000, "{algorithm:?}");
+            assert!(
+                counts[17] > 0 && counts[900] > 0,
+                "{algorithm:?}: {}/{}",
+                counts[17],
+                counts[900]
+            );
+        }
+    }
+
+    #[test]
+    fn only_consistent_hash_needs_the_key() {
+        for algorithm in Algorithm::ALL {
+            let balancer = build(algorithm, &pool(&[1, 1]));
+            assert_eq!(balancer.needs_key(), algorithm == Algorithm::ConsistentHash);
+        }
+    }
+
+    #[test]
+    fn algorithm_names_round_trip() {
+        for algorithm in Algorithm::ALL {
+            assert_eq!(Algorithm::from_name(algorithm.name()), Some(algorithm));
+        }
+        assert_eq!(Algorithm::from_name("roundrobin"), None);
+    }
+
+    #[test]
+    fn hash_key_is_stable_and_mixed() {
+        // Pinned values: changing the hash would remap every consistent_hash key in a fleet.
+        assert_eq!(fnv1a(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c); // published FNV-1a vector
+        assert_eq!(hash_key(b""), PINNED_EMPTY);
+        assert_eq!(hash_key(b"127.0.0.1"), PINNED_LOOPBACK);
+        assert_eq!(hash_concat(b"127.0.", b"0.1"), hash_key(b"127.0.0.1"));
+        // Keys differing in one trailing byte differ in about half the bits.
+        for n in 0u8..=255 {
+            let a = hash_key(&[10, 0, 0, n]);
+            let b = hash_key(&[10, 0, 0, n.wrapping_add(1)]);
+            let flipped = (a ^ b).count_ones();
+            assert!((16..=48).contains(&flipped), "{n}: {flipped} bits");
+        }
+    }
+
+    const PINNED_EMPTY: u64 = 17_280_346_270_528_514_342;
+    const PINNED_LOOPBACK: u64 = 14_906_417_390_966_373_154;
 }

@@ -1,35 +1,36 @@
-//! Weighted random: each pick independent, shares proportional to weight.
+//! `random`: weighted random choice, O(log n) per pick.
 
 use std::sync::Arc;
 
-use super::Balance;
+use super::{scan_from, weight_of, Balance};
 use crate::upstream::Backend;
 
-/// Weighted random over prefix sums (binary search per pick).
+/// Draws before giving up on rejection sampling and scanning for an allowed backend.
+const DRAWS: usize = 3;
+
+/// Weighted random: a uniform draw below the total weight, found in the prefix sums by
+/// binary search, on the thread-local RNG (no shared state, no contention).
+///
+/// A skipped backend is redrawn (up to three draws, which keeps the remaining backends'
+/// weights exact); after that one linear scan from a random start finds any allowed
+/// backend, so heavily skipped pools stay correct, if less precisely weighted.
 #[derive(Debug)]
 pub struct Random {
-    /// prefix[i] = sum of weights 0..=i.
-    prefix: Vec<u64>,
+    /// `cumulative[i]` = sum of the weights of backends `0..=i`.
+    cumulative: Box<[u64]>,
 }
 
 impl Random {
-    /// Precomputes the prefix sums of the backends' weights.
+    /// Precomputes the prefix sums of `backends`' weights.
     pub fn new(backends: &[Arc<Backend>]) -> Self {
-        let mut total = 0u64;
-        let prefix = backends
+        let cumulative = backends
             .iter()
-            .map(|b| {
-                total += u64::from(b.weight.max(1));
-                total
+            .scan(0u64, |sum, b| {
+                *sum += weight_of(b);
+                Some(*sum)
             })
             .collect();
-        Random { prefix }
-    }
-
-    fn draw(&self) -> Option<usize> {
-        let total = *self.prefix.last()?;
-        let r = fastrand::u64(..total);
-        Some(self.prefix.partition_point(|&p| p <= r))
+        Self { cumulative }
     }
 }
 
@@ -40,32 +41,56 @@ impl Balance for Random {
         _key: u64,
         skip: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        let n = backends.len().min(self.prefix.len());
-        if n == 0 {
-            return None;
+        let len = backends.len().min(self.cumulative.len());
+        match len {
+            0 => return None,
+            1 => return (!skip(0)).then_some(0),
+            _ => {}
         }
-        for _ in 0..4 {
-            let i = self.draw()?;
-            if i < n && !skip(i) {
+        let total = self.cumulative[len - 1];
+        for _ in 0..DRAWS {
+            let r = fastrand::u64(..total);
+            let i = self.cumulative.partition_point(|&c| c <= r);
+            if !skip(i) {
                 return Some(i);
             }
         }
-        super::next_available(n, fastrand::usize(..n), skip)
+        scan_from(fastrand::usize(..len), len, skip).map(|(i, _)| i)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::*;
+    use super::super::test_util::*;
     use super::*;
 
     #[test]
     fn shares_follow_weights() {
-        let p = pool(&[1, 2, 3]);
-        let c = counts(&Random::new(&p), &p, 60_000, NONE);
-        for (i, want) in [10_000.0, 20_000.0, 30_000.0].iter().enumerate() {
-            let got = c[i] as f64;
-            assert!((got - want).abs() / want < 0.05, "{c:?}");
+        let backends = pool(&[1, 2, 3]);
+        let r = Random::new(&backends);
+        let c = counts(&r, &backends, 60_000, &|_| false);
+        assert_share(c[0], 60_000, 1.0 / 6.0, 0.02);
+        assert_share(c[1], 60_000, 2.0 / 6.0, 0.02);
+        assert_share(c[2], 60_000, 3.0 / 6.0, 0.02);
+    }
+
+    #[test]
+    fn skip_keeps_the_others_in_proportion() {
+        let backends = pool(&[1, 2, 3]);
+        let r = Random::new(&backends);
+        let c = counts(&r, &backends, 60_000, &|i| i == 1);
+        assert_eq!(c[1], 0);
+        assert_share(c[0], 60_000, 1.0 / 4.0, 0.02);
+        assert_share(c[2], 60_000, 3.0 / 4.0, 0.02);
+    }
+
+    #[test]
+    fn uniform_pool_spreads_evenly() {
+        let backends = pool(&[1; 10]);
+        let r = Random::new(&backends);
+        let c = counts(&r, &backends, 50_000, &|_| false);
+        for n in c {
+            assert_share(n, 50_000, 0.1, 0.01);
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! `raw` mirrors the TOML (unknown keys are errors), `validate` turns it into the types
 //! below while collecting every problem it finds, each as `PATH:LINE:COL: message`. The
-//! types here are plain values, already checked: the rest of palisade never re-validates.
+//! types here are plain values, already checked and with every default filled in: the
+//! rest of palisade never re-validates. They serialise to JSON for the admin API's
+//! `/config` with secrets redacted and durations written as in the file ("250ms").
 
 mod raw;
 mod validate;
@@ -46,7 +48,8 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
-/// Reads and validates the config file at `path`.
+/// Reads and validates the config file at `path`; an unreadable file is one error at
+/// line 0. `Err` always holds at least one error.
 pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
@@ -60,12 +63,16 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
 }
 
 /// Parses and validates config `text`; `path` is used in errors and to resolve relative
-/// file paths (certificates) against the config file's directory.
+/// file paths (certificates, CA bundles) against the config file's directory. Does no
+/// I/O except reading `admin.token_env`. `Err` holds every problem, sorted by position:
+/// a TOML syntax error, an unknown key or a wrong type stops at that one error.
 pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     validate::parse(text, path)
 }
 
-/// Non-fatal remarks about a valid config (printed by `check`, logged by `run`).
+/// Non-fatal remarks about a valid config (printed by `check`, logged by `run`): unused
+/// upstreams, routes that an earlier route always matches first, an admin API open to
+/// the network without a token.
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     for upstream in &config.upstreams {
@@ -73,6 +80,14 @@ pub fn warnings(config: &Config) -> Vec<String> {
             out.push(format!(
                 "upstream \"{}\" is not used by any route",
                 upstream.name
+            ));
+        }
+    }
+    for (i, later) in config.routes.iter().enumerate() {
+        if let Some(earlier) = config.routes[..i].iter().find(|r| r.shadows(later)) {
+            out.push(format!(
+                "route \"{}\" never matches: route \"{}\" before it matches all its requests",
+                later.name, earlier.name
             ));
         }
     }
@@ -142,7 +157,8 @@ pub struct TlsListener {
     pub cert: PathBuf,
     /// Private key (PEM), resolved against the config file's directory.
     pub key: PathBuf,
-    /// Server names this certificate answers for (lowercased).
+    /// Server names this certificate answers for (lowercased, may start with "*."); empty:
+    /// the default certificate of its listen address.
     pub sni: Vec<String>,
 }
 
@@ -191,7 +207,8 @@ pub struct Admin {
 /// `[[routes]]`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Route {
-    /// Unique name (default `route-N`, N its 1-based position).
+    /// Unique name of letters, digits, '-', '_', '.' (default `route-N`, N its 1-based
+    /// position).
     pub name: String,
     /// Host to match; None matches any.
     pub host: Option<HostMatch>,
@@ -209,8 +226,24 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
 }
 
-/// How a route matches the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+impl Route {
+    /// Whether every request `later` matches is matched by `self` first. Conservative:
+    /// true only when it holds whether prefixes match by string or by path segment.
+    fn shadows(&self, later: &Route) -> bool {
+        let host = self.host.is_none() || self.host == later.host;
+        let p = &self.path_prefix;
+        let prefix = p == "/"
+            || *p == later.path_prefix
+            || later
+                .path_prefix
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| p.ends_with('/') || rest.starts_with('/'));
+        host && prefix
+    }
+}
+
+/// How a route matches the host; serialises as written ("api.example.com", "*.example.com").
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostMatch {
     /// This host exactly (lowercase, no port).
     Exact(String),
@@ -231,17 +264,18 @@ pub struct RateLimit {
     pub store: LimitStore,
 }
 
-/// What a rate limit is counted per.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What a rate limit is counted per; serialises as written ("client_ip", "header:x-api-key").
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitKey {
     /// The client IP.
     ClientIp,
-    /// A request header (falls back to the client IP when absent).
-    Header(#[serde(serialize_with = "ser_header_name")] HeaderName),
+    /// A request header, lowercased (falls back to the client IP when absent).
+    Header(HeaderName),
 }
 
 /// Where rate-limit counts live.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LimitStore {
     /// In this process.
     Local,
@@ -256,7 +290,7 @@ pub enum LimitStore {
 /// `[upstreams.NAME]`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Upstream {
-    /// The upstream's name.
+    /// The upstream's name: letters, digits, '-', '_', '.'.
     pub name: String,
     /// Selection algorithm.
     pub balance: Balance,
@@ -301,13 +335,13 @@ pub enum Balance {
     ConsistentHash,
 }
 
-/// `hash_key`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// `hash_key`; serialises as written ("client_ip", "path", "header:x-user").
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
     /// The client IP.
     ClientIp,
-    /// A request header (falls back to the client IP when absent).
-    Header(#[serde(serialize_with = "ser_header_name")] HeaderName),
+    /// A request header, lowercased (falls back to the client IP when absent).
+    Header(HeaderName),
     /// The request path.
     Path,
 }
@@ -403,7 +437,7 @@ pub struct Queue {
 pub struct UpstreamTls {
     /// CA bundle to verify the backends with (default: system roots).
     pub ca_file: Option<PathBuf>,
-    /// Name to verify and send as SNI (default: the backend's host).
+    /// Name to verify and send as SNI, lowercased (default: the backend's host).
     pub server_name: Option<String>,
 }
 
@@ -418,23 +452,154 @@ fn ser_secret<S: Serializer>(token: &Option<String>, s: S) -> Result<S::Ok, S::E
     }
 }
 
-fn ser_header_name<S: Serializer>(name: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(name.as_str())
+impl Serialize for HostMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HostMatch::Exact(host) => s.serialize_str(host),
+            HostMatch::Suffix(suffix) => s.serialize_str(&format!("*{suffix}")),
+        }
+    }
 }
 
-/// `redis://user:secret@host` -> `redis://user:<redacted>@host`.
-fn ser_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            s.serialize_str(&format!(
-                "{}{}:<redacted>{}",
-                &url[..scheme_end + 3],
-                user,
-                &url[at..]
-            ))
+impl Serialize for LimitKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LimitKey::ClientIp => s.serialize_str("client_ip"),
+            LimitKey::Header(name) => s.serialize_str(&format!("header:{name}")),
         }
-        _ => s.serialize_str(url),
+    }
+}
+
+impl Serialize for HashKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HashKey::ClientIp => s.serialize_str("client_ip"),
+            HashKey::Header(name) => s.serialize_str(&format!("header:{name}")),
+            HashKey::Path => s.serialize_str("path"),
+        }
+    }
+}
+
+fn ser_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// `redis://user:secret@host` -> `redis://user:<redacted>@host`; a lone userinfo
+/// (`redis://secret@host`) may be a password too, so it goes whole.
+fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    // rfind: a password may hold an unescaped '@' or '/'; a redis URL's path (/db) never does.
+    let Some(at) = url[scheme_end..].rfind('@').map(|i| scheme_end + i) else {
+        return url.to_owned();
+    };
+    let redacted = match url[scheme_end..at].split_once(':') {
+        Some((user, _)) => format!("{user}:<redacted>"),
+        None => "<redacted>".to_owned(),
+    };
+    format!("{}{redacted}{}", &url[..scheme_end], &url[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> Config {
+        match parse(text, Path::new("t.toml")) {
+            Ok(c) => c,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_complete() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/palisade.toml");
+        let config = match load(&path) {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "{}",
+                e.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        };
+        assert_eq!(config.summary(), "2 routes, 1 upstreams, 3 backends");
+        assert_eq!(warnings(&config), Vec::<String>::new());
+        let app = config.upstream("app");
+        assert!(app.is_some_and(|u| u.health.is_some() && u.passive.is_some() && u.queue.is_some()));
+        assert!(config.upstream("nope").is_none());
+        assert!(config.routes[0].rate_limit.is_some());
+    }
+
+    #[test]
+    fn an_unreadable_file_is_one_error_without_position() {
+        let e = match load(Path::new("/nonexistent/palisade.toml")) {
+            Ok(_) => panic!("loaded a missing file"),
+            Err(e) => e,
+        };
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].line, e[0].col), (0, 0));
+        let shown = e[0].to_string();
+        assert!(
+            shown.starts_with("/nonexistent/palisade.toml: cannot read the config file: "),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn errors_print_as_path_line_col_message() {
+        let e = ConfigError {
+            path: "config/palisade.toml".into(),
+            line: 3,
+            col: 12,
+            message: "bad".into(),
+        };
+        assert_eq!(e.to_string(), "config/palisade.toml:3:12: bad");
+    }
+
+    #[test]
+    fn warnings_name_unused_upstreams_shadowed_routes_and_open_admin() {
+        let c = ok("[admin]\nlisten = \"0.0.0.0:9901\"\n\
+            [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"a\"\n\
+            [[routes]]\nname = \"users\"\npath_prefix = \"/api/users\"\nupstream = \"a\"\n\
+            [[routes]]\nname = \"apix\"\npath_prefix = \"/apix\"\nupstream = \"a\"\n\
+            [[routes]]\nname = \"other-host\"\nhost = \"b.test\"\nupstream = \"a\"\n\
+            [[routes]]\nname = \"all\"\nupstream = \"a\"\n\
+            [[routes]]\nname = \"late\"\nhost = \"c.test\"\npath_prefix = \"/c\"\nupstream = \"a\"\n\
+            [upstreams.a]\nbackends = [{ addr = \"a:1\" }]\n[upstreams.unused]\nbackends = [{ addr = \"b:1\" }]\n");
+        assert_eq!(
+            warnings(&c),
+            [
+                "upstream \"unused\" is not used by any route",
+                "route \"users\" never matches: route \"api\" before it matches all its requests",
+                "route \"late\" never matches: route \"all\" before it matches all its requests",
+                "the admin API listens on 0.0.0.0:9901 without a token: anyone who can reach it can reload the config; set admin.token or admin.token_env",
+            ]
+        );
+    }
+
+    #[test]
+    fn json_redacts_secrets_and_writes_durations_as_in_the_file() {
+        let c = ok("[admin]\ntoken = \"s3cret\"\n[[routes]]\nupstream = \"a\"\n[routes.rate_limit]\nrequests_per_second = 1\nburst = 1\nstore = \"redis\"\nredis_url = \"redis://u:pa55@r:6379/0\"\n[upstreams.a]\nbackends = [{ addr = \"a:1\" }]\n[upstreams.a.health]\ntimeout = \"250ms\"\n");
+        let json = serde_json::to_string(&c).unwrap_or_default();
+        assert!(!json.contains("s3cret") && !json.contains("pa55"), "{json}");
+        assert!(json.contains("\"token\":\"<redacted>\""), "{json}");
+        assert!(json.contains("redis://u:<redacted>@r:6379/0"), "{json}");
+        assert!(json.contains("\"timeout\":\"250ms\""), "{json}");
+        assert!(json.contains("\"key\":\"client_ip\""), "{json}");
+        assert!(json.contains("\"hash_key\":\"client_ip\""), "{json}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("redis://r:6379"), "redis://r:6379");
+        assert_eq!(redact_url("redis://:pw@r"), "redis://:<redacted>@r");
+        assert_eq!(
+            redact_url("rediss://u:p@ss@r/1"),
+            "rediss://u:<redacted>@r/1"
+        );
+        assert_eq!(redact_url("redis://secret@r"), "redis://<redacted>@r");
     }
 }

@@ -1,15 +1,44 @@
 //! The config file exactly as written: serde types mirroring the TOML, unknown keys
 //! rejected. Every value that can be semantically wrong keeps its span (`Spanned`) and its
 //! loosest type (strings for durations and addresses, i64 for counts), so `validate` can
-//! report all problems at once, each at its position.
+//! report all problems at once, each at its position. Nothing here checks meaning: a
+//! custom deserialiser would stop at the first bad value.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+/// A value with its byte span in the file.
 pub type S<T> = Spanned<T>;
 
+/// A TOML number, integer or float: `requests_per_second = 100` is as good as `100.0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Number(pub f64);
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Number;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Number, E> {
+                Ok(Number(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The whole file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -20,9 +49,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<S<RawRoute>>,
     #[serde(default)]
-    pub upstreams: BTreeMap<String, S<RawUpstream>>,
+    pub upstreams: BTreeMap<S<String>, S<RawUpstream>>,
 }
 
+/// `[server]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
@@ -37,6 +67,7 @@ pub struct RawServer {
     pub client_ip: RawClientIp,
 }
 
+/// One `[[server.tls]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
@@ -47,6 +78,7 @@ pub struct RawTls {
     pub sni: Vec<S<String>>,
 }
 
+/// `[server.timeouts]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServerTimeouts {
@@ -55,6 +87,7 @@ pub struct RawServerTimeouts {
     pub shutdown: Option<S<String>>,
 }
 
+/// `[server.limits]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
@@ -63,6 +96,7 @@ pub struct RawLimits {
     pub max_body_bytes: Option<S<i64>>,
 }
 
+/// `[server.client_ip]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawClientIp {
@@ -70,6 +104,7 @@ pub struct RawClientIp {
     pub trusted_proxies: Vec<S<String>>,
 }
 
+/// `[admin]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
@@ -78,6 +113,7 @@ pub struct RawAdmin {
     pub token_env: Option<S<String>>,
 }
 
+/// One `[[routes]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
@@ -94,16 +130,18 @@ pub struct RawRoute {
     pub rate_limit: Option<S<RawRateLimit>>,
 }
 
+/// `[routes.rate_limit]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
-    pub requests_per_second: S<f64>,
+    pub requests_per_second: S<Number>,
     pub burst: S<i64>,
     pub key: Option<S<String>>,
     pub store: Option<S<String>>,
     pub redis_url: Option<S<String>>,
 }
 
+/// `[upstreams.NAME]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
@@ -122,6 +160,7 @@ pub struct RawUpstream {
     pub server_name: Option<S<String>>,
 }
 
+/// One entry of `backends`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
@@ -129,6 +168,7 @@ pub struct RawBackend {
     pub weight: Option<S<i64>>,
 }
 
+/// `[upstreams.NAME.health]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
@@ -140,6 +180,7 @@ pub struct RawHealth {
     pub expect_status: Option<S<String>>,
 }
 
+/// `[upstreams.NAME.passive]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPassive {
@@ -147,7 +188,8 @@ pub struct RawPassive {
     pub ejection: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[upstreams.NAME.retry]`.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub attempts: Option<S<i64>>,
@@ -156,17 +198,95 @@ pub struct RawRetry {
     pub budget_percent: Option<S<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[upstreams.NAME.timeouts]`.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstreamTimeouts {
     pub connect: Option<S<String>>,
     pub response: Option<S<String>>,
 }
 
+/// `[upstreams.NAME.queue]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawQueue {
     pub max_in_flight_per_backend: Option<S<i64>>,
     pub size: Option<S<i64>>,
     pub timeout: Option<S<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// The single error the parser stops at, as `check` prints it.
+    fn parse_error(text: &str) -> String {
+        match super::super::parse(text, Path::new("t.toml")) {
+            Ok(_) => "no error".into(),
+            Err(e) => e
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_at_the_key() {
+        assert_eq!(
+            parse_error("[server]\nlsten = [\"127.0.0.1:8080\"]\n"),
+            "t.toml:2:1: unknown field `lsten`, expected one of `listen`, `tls`, `timeouts`, `limits`, `client_ip`"
+        );
+        assert_eq!(
+            parse_error("[upstreams.x]\nbackends = [{ addr = \"a:1\", wieght = 2 }]\n"),
+            "t.toml:2:29: unknown field `wieght`, expected `addr` or `weight`"
+        );
+        assert_eq!(
+            parse_error("\n\nx = 1\n"),
+            "t.toml:3:1: unknown field `x`, expected one of `server`, `admin`, `routes`, `upstreams`"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        assert_eq!(
+            parse_error("[server\nlisten = 1\n"),
+            "t.toml:1:8: unclosed table, expected `]`"
+        );
+        assert_eq!(
+            parse_error("[admin]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n"),
+            "t.toml:3:1: duplicate key"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_missing_keys_have_positions() {
+        assert_eq!(
+            parse_error("[server.limits]\nmax_connections = \"many\"\n"),
+            "t.toml:2:19: invalid type: string \"many\", expected i64"
+        );
+        assert_eq!(
+            parse_error("[admin]\n[upstreams.x]\n"),
+            "t.toml:2:1: missing field `backends`"
+        );
+    }
+
+    #[test]
+    fn numbers_may_be_integers_or_floats() {
+        let number = |text: &str| {
+            toml::from_str::<super::RawRateLimit>(text).map(|r| r.requests_per_second.into_inner())
+        };
+        assert_eq!(
+            number("requests_per_second = 100\nburst = 1").ok(),
+            Some(super::Number(100.0))
+        );
+        assert_eq!(
+            number("requests_per_second = 2.5\nburst = 1").ok(),
+            Some(super::Number(2.5))
+        );
+        assert_eq!(
+            parse_error("[[routes]]\nupstream = \"x\"\n[routes.rate_limit]\nrequests_per_second = \"fast\"\nburst = 1\n"),
+            "t.toml:4:23: invalid type: string \"fast\", expected a number"
+        );
+    }
 }
