@@ -58,9 +58,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         dns::resolve_all(resolver.as_ref(), &dns::names(&config), &Default::default()).await;
     let state = Arc::new(ProxyState::with_resolved(config, resolved));
     let sighup = tokio::spawn(reload_on_sighup(state.clone()));
+    // Dropping the watcher stops it, so it lives as long as the server.
+    let _watcher = match reload::watch_config_file(state.clone()) {
+        Ok(watcher) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
+            None
+        }
+    };
     let dns_task = tokio::spawn(dns::refresh_forever(state.clone(), resolver));
     let (admin_stop, admin_task) = spawn_admin(admin_listener, state.clone());
-    server::serve(listeners, state, shutdown_signal()).await;
+    server::serve_managed(listeners, state, shutdown_signal()).await;
     sighup.abort();
     dns_task.abort();
     let _ = admin_stop.send(());

@@ -1,7 +1,10 @@
 //! Reloading the configuration: read -> parse -> validate -> build -> swap, or keep the
-//! running one. SIGHUP, `POST /reload` (and the file watcher) all come through here.
+//! running one. SIGHUP, `POST /reload` and the file watcher all come through here.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{self, ConfigError};
 use crate::snapshot::ProxyState;
@@ -29,3 +32,71 @@ pub fn reload(state: &ProxyState) -> Result<u64, Vec<ConfigError>> {
         }
     }
 }
+
+/// Like [`reload`], but leaves the running config alone (no new generation) when the file
+/// parses to the same configuration: a save without changes, or a touch.
+pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigError>> {
+    let current = state.snapshot();
+    match config::load(&current.config.path) {
+        Ok(config) if config == *current.config => Ok(None),
+        Ok(_) => reload(state).map(Some),
+        Err(errors) => {
+            state.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            state.metrics.reload(false);
+            for e in &errors {
+                tracing::error!(error = %e, "reload rejected; the running configuration stays");
+            }
+            Err(errors)
+        }
+    }
+}
+
+/// Watches the config file and reloads when it changes. The parent directory is watched,
+/// since editors and `sed -i` replace the file by a rename; only create, modify and remove
+/// events for the file itself count (notify also reports plain opens, which a reload
+/// causes), and bursts are debounced. Keep the returned watcher alive to keep watching.
+pub fn watch_config_file(
+    state: Arc<ProxyState>,
+) -> notify::Result<
+    notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+> {
+    use notify::{EventKind, RecursiveMode};
+    use notify_debouncer_full::{new_debouncer, DebounceEventResult};
+
+    let path = state.snapshot().config.path.clone();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|n| n.to_os_string());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut debouncer = new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| {
+        let Ok(events) = result else { return };
+        let relevant = events.iter().any(|event| {
+            matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            ) && event
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+        });
+        if relevant {
+            let _ = tx.send(());
+        }
+    })?;
+    debouncer.watch(&dir, RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tracing::info!("config file changed: reloading");
+            let _ = reload_if_changed(&state);
+        }
+    });
+    Ok(debouncer)
+}
+
+/// How long the watcher waits for a burst of file events to settle.
+const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);

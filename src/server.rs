@@ -9,6 +9,7 @@
 //! idle keep-alive connections close) and `serve` returns once all are gone or
 //! `server.timeouts.shutdown` has passed.
 
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -25,6 +26,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::clock::{instant_at, nanos, now_ns};
 use crate::proxy::{self, ConnInfo};
@@ -50,25 +52,82 @@ pub async fn serve(
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_inner(listeners, state, shutdown, false).await;
+}
+
+/// Like [`serve`], and the listeners follow `server.listen`: a reload that adds an address
+/// opens it, one that removes an address closes it (its open connections carry on).
+pub async fn serve_managed(
+    listeners: Vec<TcpListener>,
+    state: Arc<ProxyState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_inner(listeners, state, shutdown, true).await;
+}
+
+async fn serve_inner(
+    listeners: Vec<TcpListener>,
+    state: Arc<ProxyState>,
+    shutdown: impl Future<Output = ()>,
+    managed: bool,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone of `done_tx`; when all are dropped, `recv`
     // returns None: all connections are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let mut accept_tasks = Vec::new();
+    let mut accept_tasks: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
     for listener in listeners {
-        accept_tasks.push(tokio::spawn(accept_loop(
+        let Ok(addr) = listener.local_addr() else {
+            continue;
+        };
+        let task = tokio::spawn(accept_loop(
             listener,
             state.clone(),
             stop_rx.clone(),
             done_tx.clone(),
-        )));
+        ));
+        accept_tasks.insert(addr, task);
+    }
+    let mut changes = state.subscribe();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            changed = changes.changed(), if managed => {
+                if changed.is_err() {
+                    continue;
+                }
+                let wanted: HashSet<SocketAddr> =
+                    state.snapshot().config.server.listen.iter().copied().collect();
+                accept_tasks.retain(|addr, task| {
+                    let keep = wanted.contains(addr);
+                    if !keep {
+                        tracing::info!(%addr, "listen address removed: closing the listener");
+                        task.abort();
+                    }
+                    keep
+                });
+                for addr in wanted {
+                    if accept_tasks.contains_key(&addr) {
+                        continue;
+                    }
+                    match bind(addr) {
+                        Ok(listener) => {
+                            tracing::info!(%addr, "listen address added: listening");
+                            let task = tokio::spawn(accept_loop(listener, state.clone(), stop_rx.clone(), done_tx.clone()));
+                            accept_tasks.insert(addr, task);
+                        }
+                        Err(e) => tracing::error!(%addr, error = %e, "cannot listen on the new address"),
+                    }
+                }
+            }
+        }
     }
     drop(done_tx);
 
-    shutdown.await;
     state.start_draining();
     let _ = stop_tx.send(true);
-    for task in accept_tasks {
+    for (_, task) in accept_tasks {
         task.abort();
         let _ = task.await;
     }

@@ -99,6 +99,8 @@ pub struct ProxyState {
     resolved: Mutex<Resolved>,
     /// This instance's metrics.
     pub metrics: Metrics,
+    /// Announces every new snapshot (its generation) to whoever follows config changes.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl ProxyState {
@@ -121,6 +123,7 @@ impl ProxyState {
             checkers: Mutex::new(Vec::new()),
             resolved: Mutex::new(resolved),
             metrics,
+            changes: tokio::sync::watch::Sender::new(1),
         };
         state.restart_checkers(&state.snapshot.load());
         state
@@ -156,7 +159,13 @@ impl ProxyState {
         let generation = next.generation;
         self.restart_checkers(&next);
         self.snapshot.store(Arc::new(next));
+        self.changes.send_replace(generation);
         generation
+    }
+
+    /// A receiver that sees every configuration change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The last good addresses of the backend names.

@@ -1,0 +1,231 @@
+//! Hot reload: file edits take effect (plain writes and editor-style renames), bad edits
+//! keep the running config, reloads under load drop nothing, live state survives, and
+//! listeners follow `server.listen`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn temp_config(tag: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("palisade.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+fn routes_to(backends: &[SocketAddr], prefix: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|a| format!("{{ addr = \"{a}\" }}"))
+        .collect();
+    format!(
+        "[[routes]]\nname = \"main\"\npath_prefix = \"{prefix}\"\nupstream = \"app\"\n\n[upstreams.app]\nbackends = [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// Replaces the file the way editors do: write a temporary file, rename it over.
+fn replace_by_rename(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.swp");
+    std::fs::write(&tmp, text).expect("write tmp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test]
+async fn editing_the_file_reloads_within_two_seconds_and_bad_edits_are_rejected() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let path = temp_config("watch", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let generation = || proxy.state.snapshot().generation;
+    assert_eq!(generation(), 1);
+
+    // Add a backend and move the route, with a plain write.
+    let edited = Instant::now();
+    std::fs::write(&path, routes_to(&[a.addr, b.addr], "/v2")).expect("write");
+    assert!(
+        eventually(Duration::from_secs(2), async || generation() == 2).await,
+        "no reload within 2 s"
+    );
+    eprintln!("reload took {:?}", edited.elapsed());
+    assert_eq!(
+        get(&proxy.url("/")).await.status,
+        404,
+        "the old route still matches"
+    );
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(
+            get(&proxy.url("/v2/x")).await.json()["backend"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    assert_eq!(seen.len(), 2);
+
+    // An editor-style replace.
+    replace_by_rename(&path, &routes_to(&[b.addr], "/"));
+    assert!(
+        eventually(Duration::from_secs(2), async || generation() == 3).await,
+        "rename not noticed"
+    );
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "b");
+
+    // A broken edit: the running config stays, the failure is counted.
+    std::fs::write(&path, "[[routes]]\nupstream = \n").expect("write");
+    let failed = eventually(Duration::from_secs(2), async || {
+        proxy.state.reloads_failed.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    assert!(failed, "the broken edit was not noticed");
+    assert_eq!(generation(), 3);
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "b");
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("palisade_config_reloads_total{result=\"failure\"}")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+
+    // Saving the same content again is not a new generation.
+    std::fs::write(&path, routes_to(&[b.addr], "/")).expect("write");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(generation(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_every_200ms_under_load_drops_no_request() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let path = temp_config("churn", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (url, ok, failed) = (proxy.url("/x"), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let client = client();
+            for _ in 0..5000 {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let req = http::Request::get(&url)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .expect("req");
+                match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                    Ok(Ok(resp)) if resp.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let mut reloads = 0;
+    while Instant::now() < deadline {
+        // Alternate between one and two backends.
+        let backends = if reloads % 2 == 0 {
+            vec![a.addr, b.addr]
+        } else {
+            vec![b.addr]
+        };
+        std::fs::write(&path, routes_to(&backends, "/")).expect("write");
+        let answer = send(
+            http::Request::post(proxy.admin_url("/reload"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        reloads += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for c in clients {
+        c.await.expect("client");
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{reloads} reloads, {ok} ok, {failed} failed");
+    assert!(reloads >= 15, "only {reloads} reloads");
+    assert!(ok >= 1000, "only {ok} requests");
+    assert_eq!(failed, 0);
+    assert_eq!(proxy.state.snapshot().generation, 1 + reloads as u64);
+}
+
+#[tokio::test]
+async fn an_unhealthy_backend_kept_by_a_reload_is_still_unhealthy_right_after() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let health = "[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 3\n";
+    let path = temp_config(
+        "keep",
+        &format!("{}{health}", routes_to(&[a.addr, b.addr], "/")),
+    );
+    let proxy = Proxy::start_file(&path).await;
+    post(&format!("http://{}/health/down", b.addr), vec![]).await;
+    let b_healthy = || {
+        let snapshot = proxy.state.snapshot();
+        let addr = b.addr.to_string();
+        snapshot.upstreams[0]
+            .backends
+            .iter()
+            .find(|x| *x.addr == addr)
+            .map(|x| x.is_healthy())
+    };
+    assert!(eventually(Duration::from_secs(3), async || b_healthy() == Some(false)).await);
+    // Change something else (the route prefix) and reload.
+    std::fs::write(
+        &path,
+        format!("{}{health}", routes_to(&[a.addr, b.addr], "/app")),
+    )
+    .expect("write");
+    let generation = palisade::reload::reload(&proxy.state).expect("reload");
+    assert_eq!(generation, 2);
+    assert_eq!(b_healthy(), Some(false), "the reload forgot that b is down");
+    for _ in 0..10 {
+        assert_eq!(get(&proxy.url("/app/x")).await.json()["backend"], "a");
+    }
+}
+
+#[tokio::test]
+async fn listeners_open_and_close_as_server_listen_changes() {
+    let a = Echo::start("a").await;
+    let (p1, p2, admin) = (free_port(), free_port(), free_port());
+    let config = |ports: &[u16]| {
+        let listen: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        format!(
+            "[server]\nlisten = [{}]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            listen.join(", "),
+            routes_to(&[a.addr], "/")
+        )
+    };
+    let path = temp_config("listen", &config(&[p1]));
+    let _child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("addr") };
+    wait_listening(addr(p1)).await;
+    assert_eq!(get(&format!("http://{}/", addr(p1))).await.status, 200);
+
+    std::fs::write(&path, config(&[p1, p2])).expect("write");
+    wait_listening(addr(p2)).await;
+    assert_eq!(get(&format!("http://{}/", addr(p2))).await.status, 200);
+
+    std::fs::write(&path, config(&[p2])).expect("write");
+    let closed = eventually(Duration::from_secs(3), async || {
+        tokio::net::TcpStream::connect(addr(p1)).await.is_err()
+    })
+    .await;
+    assert!(
+        closed,
+        "the removed listen address still accepts connections"
+    );
+    assert_eq!(get(&format!("http://{}/", addr(p2))).await.status, 200);
+}
