@@ -31,11 +31,12 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
         EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_writer(std::io::stderr);
+    // Timestamps are RFC 3339 in UTC. JSON lines carry their target, so access lines
+    // (`palisade::access`) can be told from the rest.
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.with_target(false).try_init(),
     };
     // Already installed (tests, or a second call): keep the first one.
     let _ = result;

@@ -149,3 +149,89 @@ fn stop_gracefully(mut child: ChildGuard) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Runs palisade with `config`, sends one request to `path`, stops it, and returns its
+/// stderr.
+async fn run_and_capture(config: &str, path: &str) -> String {
+    let file = write_config(&format!("access-{}.toml", common::free_port()), config);
+    let log = file.with_extension("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args([
+            "run",
+            "-c",
+            &file.to_string_lossy(),
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn");
+    let child = ChildGuard(child);
+    let port: u16 = config
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port in config");
+    let addr = format!("127.0.0.1:{port}");
+    wait_listening(addr.parse().expect("addr")).await;
+    let answer = get_with(
+        &format!("http://{addr}{path}"),
+        &[("x-request-id", "trace-me-1")],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    stop_gracefully(child);
+    std::fs::read_to_string(&log).expect("read log")
+}
+
+fn access_config(access_log: bool, echo: std::net::SocketAddr) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\naccess_log = {access_log}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[[routes]]\nname = \"web\"\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{echo}\" }}]\n",
+        common::free_port(),
+        common::free_port()
+    )
+}
+
+#[tokio::test]
+async fn the_access_log_writes_one_json_line_per_request_in_utc() {
+    let echo = Echo::start("a").await;
+    let log = run_and_capture(&access_config(true, echo.addr), "/shop?item=3").await;
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "palisade::access")
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    let line = &lines[0];
+    let time = line["timestamp"].as_str().unwrap_or_default();
+    assert!(
+        time.ends_with('Z') && time.contains('T'),
+        "not RFC 3339 UTC: {time}"
+    );
+    assert_eq!(line["request_id"], "trace-me-1");
+    assert_eq!(line["client_ip"], "127.0.0.1");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/shop?item=3");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "web");
+    assert_eq!(line["upstream"], "app");
+    assert_eq!(line["backend"], echo.addr.to_string());
+    assert_eq!(line["attempts"], 1);
+    assert!(line["host"]
+        .as_str()
+        .is_some_and(|h| h.starts_with("127.0.0.1:")));
+    assert!(line["bytes_out"].as_i64().is_some_and(|b| b > 0));
+    assert!(line["duration_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn access_log_false_writes_no_access_lines() {
+    let echo = Echo::start("a").await;
+    let log = run_and_capture(&access_config(false, echo.addr), "/").await;
+    assert!(!log.contains("palisade::access"), "{log}");
+}

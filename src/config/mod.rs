@@ -146,6 +146,8 @@ pub struct Server {
     pub limits: Limits,
     /// Client IP resolution.
     pub client_ip: ClientIp,
+    /// One log line per request (default true; an extension of the SPEC).
+    pub access_log: bool,
 }
 
 /// `[[server.tls]]`.

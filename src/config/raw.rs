@@ -65,6 +65,7 @@ pub struct RawServer {
     pub limits: RawLimits,
     #[serde(default)]
     pub client_ip: RawClientIp,
+    pub access_log: Option<bool>,
 }
 
 /// One `[[server.tls]]` entry.

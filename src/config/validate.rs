@@ -216,6 +216,7 @@ impl Validator<'_> {
             timeouts,
             limits,
             client_ip,
+            access_log: raw.access_log.unwrap_or(true),
         };
         (server, listen_spans)
     }

@@ -53,36 +53,125 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let snapshot = state.snapshot();
-    let mut routed = None;
-    let resp = match proxy(&snapshot, req, conn, &mut routed).await {
+    let mut trace = Trace::default();
+    // The access log needs the request line after the request has moved on: copy it only
+    // when there is an access log.
+    let line = snapshot
+        .config
+        .server
+        .access_log
+        .then(|| RequestLine::of(&req));
+    let resp = match proxy(&snapshot, req, conn, &mut trace).await {
         Ok(resp) => resp,
         Err(err) => {
             tracing::debug!(peer = %conn.peer, error = %err, "answered by palisade");
             err.into_response()
         }
     };
-    let metrics = routed.map_or(&snapshot.unrouted, |r: &Route| &r.metrics);
+    let elapsed = started.elapsed();
+    let metrics = trace.route.map_or(&snapshot.unrouted, |r| &r.metrics);
     metrics.by_code.inc(resp.status().as_u16());
-    metrics.duration.observe(started.elapsed().as_secs_f64());
+    metrics.duration.observe(elapsed.as_secs_f64());
+    if let Some(line) = line {
+        log_access(&line, &trace, conn, &resp, elapsed);
+    }
     resp
+}
+
+/// What the access log says about a request beyond its request line, filled in as the
+/// request moves along.
+#[derive(Default)]
+struct Trace<'s> {
+    route: Option<&'s Route>,
+    upstream: Option<&'s Upstream>,
+    backend: Option<&'s Backend>,
+    attempts: u32,
+    client_ip: Option<std::net::IpAddr>,
+    request_id: Option<http::HeaderValue>,
+}
+
+/// The parts of a request the access log prints, copied before the request moves on.
+struct RequestLine {
+    method: Method,
+    host: String,
+    path: String,
+    bytes_in: i64,
+}
+
+impl RequestLine {
+    fn of<B>(req: &Request<B>) -> Self {
+        RequestLine {
+            method: req.method().clone(),
+            host: request_host(req).unwrap_or("").to_owned(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
+            bytes_in: content_length(req.headers()),
+        }
+    }
+}
+
+/// The declared body length, or -1 when the body streams without one.
+fn content_length(headers: &HeaderMap) -> i64 {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(-1)
+}
+
+/// One access log line (target `palisade::access`; JSON with `--log-format json`, the
+/// timestamp in RFC 3339 UTC).
+fn log_access(
+    line: &RequestLine,
+    trace: &Trace<'_>,
+    conn: &ConnInfo,
+    resp: &Response<ProxyBody>,
+    elapsed: Duration,
+) {
+    let client_ip = trace.client_ip.unwrap_or_else(|| conn.peer.ip());
+    let request_id = trace
+        .request_id
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info!(
+        target: "palisade::access",
+        request_id,
+        client_ip = %client_ip,
+        method = %line.method,
+        host = %line.host,
+        path = %line.path,
+        status = resp.status().as_u16(),
+        route = trace.route.map_or("-", |r| &*r.name),
+        upstream = trace.upstream.map_or("-", |u| &*u.name),
+        backend = trace.backend.map_or("-", |b| &*b.addr),
+        attempts = trace.attempts,
+        bytes_in = line.bytes_in,
+        bytes_out = content_length(resp.headers()),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
 }
 
 async fn proxy<'s>(
     snapshot: &'s Snapshot,
     mut req: Request<Incoming>,
     conn: &ConnInfo,
-    routed: &mut Option<&'s Route>,
+    trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // 2. Route.
     let route = snapshot
         .routes
         .find(request_host(&req), req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
-    *routed = Some(route);
+    trace.route = Some(route);
     let upstream = snapshot
         .upstreams
         .get(route.upstream)
         .ok_or(ProxyError::NoRoute)?;
+    trace.upstream = Some(upstream);
 
     // 3. Client and limits.
     let config = &snapshot.config;
@@ -91,6 +180,7 @@ async fn proxy<'s>(
         req.headers(),
         &config.server.client_ip.trusted_proxies,
     );
+    trace.client_ip = Some(client_ip);
     let max_body = config.server.limits.max_body_bytes;
     let declared = declared_length(&req, max_body)?;
 
@@ -102,7 +192,7 @@ async fn proxy<'s>(
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, upgrade);
     let authority = parts.uri.authority().map(|a| a.as_str());
-    headers::add_forwarding(
+    trace.request_id = Some(headers::add_forwarding(
         &mut parts.headers,
         &ClientSide {
             ip: client_ip,
@@ -110,7 +200,7 @@ async fn proxy<'s>(
             version: client_version,
         },
         authority,
-    );
+    ));
     let path_and_query = upstream_path(&parts.uri, route)?;
     let retries = upstream.config.retry.attempts;
     let body = replayable_body(
@@ -129,7 +219,7 @@ async fn proxy<'s>(
     };
 
     // 5. Attempt, and retry where the rules allow.
-    let mut resp = attempt_until_done(upstream, &template, &body, key).await?;
+    let mut resp = attempt_until_done(upstream, &template, &body, key, trace).await?;
 
     // 6. Respond.
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -192,11 +282,12 @@ enum Outcome {
 /// after the request was sent, only idempotent requests with a buffered body are retried,
 /// and only after a reset, a timeout or a 502/503/504. Each retry needs a token from the
 /// upstream's retry budget and waits an exponential backoff with full jitter.
-async fn attempt_until_done(
-    upstream: &Upstream,
+async fn attempt_until_done<'s>(
+    upstream: &'s Upstream,
     template: &Template,
     body: &Replayable,
     key: u64,
+    trace: &mut Trace<'s>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let policy = &upstream.config.retry;
     let idempotent = is_idempotent(&template.method);
@@ -204,7 +295,7 @@ async fn attempt_until_done(
     upstream.budget.deposit();
     let mut attempt = 0u32;
     loop {
-        let outcome = attempt_once(upstream, template, body, key, &mut tried).await?;
+        let outcome = attempt_once(upstream, template, body, key, &mut tried, trace).await?;
         let (retryable, result) = match outcome {
             Outcome::Answer(resp) => {
                 let retry_status = matches!(resp.status().as_u16(), 502..=504);
@@ -235,12 +326,13 @@ async fn attempt_until_done(
 }
 
 /// One attempt: pick a backend, send, judge.
-async fn attempt_once(
-    upstream: &Upstream,
+async fn attempt_once<'s>(
+    upstream: &'s Upstream,
     template: &Template,
     body: &Replayable,
     key: u64,
     tried: &mut Tried,
+    trace: &mut Trace<'s>,
 ) -> Result<Outcome, ProxyError> {
     let (index, in_flight) = upstream.acquire(key, tried).await.map_err(|e| match e {
         PickError::NoBackends => ProxyError::ConnectionRefused,
@@ -248,6 +340,8 @@ async fn attempt_once(
     })?;
     tried.push(index);
     let backend = &upstream.backends[index];
+    trace.backend = Some(backend);
+    trace.attempts += 1;
     let req = template.request(backend, body.attempt())?;
     let started = Instant::now();
     let sent =
