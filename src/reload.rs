@@ -19,17 +19,32 @@ pub fn reload(state: &ProxyState) -> Result<u64, Vec<ConfigError>> {
             let generation = state.apply(config);
             state.reloads_ok.fetch_add(1, Ordering::Relaxed);
             state.metrics.reload(true);
+            remember(state, Ok(generation));
             tracing::info!(generation, path = %path.display(), "configuration reloaded");
             Ok(generation)
         }
         Err(errors) => {
-            state.reloads_failed.fetch_add(1, Ordering::Relaxed);
-            state.metrics.reload(false);
-            for e in &errors {
-                tracing::error!(error = %e, "reload rejected; the running configuration stays");
-            }
+            rejected(state, &errors);
             Err(errors)
         }
+    }
+}
+
+fn rejected(state: &ProxyState, errors: &[ConfigError]) {
+    state.reloads_failed.fetch_add(1, Ordering::Relaxed);
+    state.metrics.reload(false);
+    for e in errors {
+        tracing::error!(error = %e, "reload rejected; the running configuration stays");
+    }
+    remember(
+        state,
+        Err(errors.first().map(|e| e.to_string()).unwrap_or_default()),
+    );
+}
+
+fn remember(state: &ProxyState, outcome: Result<u64, String>) {
+    if let Ok(mut last) = state.last_reload.lock() {
+        *last = Some((std::time::Instant::now(), outcome));
     }
 }
 
@@ -41,11 +56,7 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
         Ok(config) if config == *current.config => Ok(None),
         Ok(_) => reload(state).map(Some),
         Err(errors) => {
-            state.reloads_failed.fetch_add(1, Ordering::Relaxed);
-            state.metrics.reload(false);
-            for e in &errors {
-                tracing::error!(error = %e, "reload rejected; the running configuration stays");
-            }
+            rejected(state, &errors);
             Err(errors)
         }
     }

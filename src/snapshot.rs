@@ -92,6 +92,8 @@ pub struct ProxyState {
     pub reloads_ok: AtomicU64,
     /// Rejected reloads.
     pub reloads_failed: AtomicU64,
+    /// The outcome of the last reload: when, and the generation or the first error.
+    pub last_reload: Mutex<Option<(Instant, Result<u64, String>)>>,
     started: Instant,
     /// The health checkers of the current snapshot (not on the request path).
     checkers: Mutex<Vec<JoinHandle<()>>>,
@@ -119,6 +121,7 @@ impl ProxyState {
             connections: AtomicUsize::new(0),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            last_reload: Mutex::new(None),
             started: Instant::now(),
             checkers: Mutex::new(Vec::new()),
             resolved: Mutex::new(resolved),

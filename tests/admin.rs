@@ -182,6 +182,9 @@ async fn post_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
         "{error}"
     );
     assert!(error.contains(":9:8: invalid duration"), "{error}");
+    let last = get(&proxy.admin_url("/status")).await.json()["reloads"]["last"].clone();
+    assert_eq!(last["ok"], false, "{last}");
+    assert_eq!(last["error"], error.as_str());
     assert_eq!(proxy.state.snapshot().generation, 2);
     assert_eq!(proxy.state.snapshot().upstreams[0].backends.len(), 2);
     assert_eq!(get(&proxy.url("/")).await.status, 200);

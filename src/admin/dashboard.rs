@@ -26,6 +26,7 @@ pub const HTML: &str = r##"<!doctype html>
 <body>
 <h1>palisade</h1>
 <div class="meta" id="meta">loading…</div>
+<div class="meta" id="reload"></div>
 <div id="error"></div>
 <div id="upstreams"></div>
 <script>
@@ -43,6 +44,10 @@ async function refresh() {
       `version ${s.version} · generation ${s.generation} · up ${Math.round(s.uptime_seconds)} s · ` +
       `${s.connections} connections · reloads ${s.reloads.success} ok / ${s.reloads.failure} failed` +
       (s.draining ? " · DRAINING" : "");
+    const reload = s.reloads.last;
+    document.getElementById("reload").textContent = !reload ? "no reload yet" :
+      `last reload ${Math.round(reload.seconds_ago)} s ago: ` +
+      (reload.ok ? `ok, generation ${reload.generation}` : `rejected: ${reload.error}`);
     let html = "";
     for (const [name, u] of Object.entries(s.upstreams)) {
       html += `<section data-upstream="${esc(name)}"><h2>${esc(name)} <small>(${esc(u.balance)})</small>` +

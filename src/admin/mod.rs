@@ -198,9 +198,28 @@ pub fn status(state: &ProxyState) -> Value {
         "reloads": {
             "success": state.reloads_ok.load(Ordering::Relaxed),
             "failure": state.reloads_failed.load(Ordering::Relaxed),
+            "last": last_reload(state),
         },
         "upstreams": upstreams,
     })
+}
+
+/// The last reload as JSON: how long ago, and its generation or its first error.
+fn last_reload(state: &ProxyState) -> Value {
+    let last = state.last_reload.lock().ok().and_then(|l| l.clone());
+    match last {
+        None => Value::Null,
+        Some((at, Ok(generation))) => json!({
+            "seconds_ago": at.elapsed().as_secs_f64(),
+            "ok": true,
+            "generation": generation,
+        }),
+        Some((at, Err(error))) => json!({
+            "seconds_ago": at.elapsed().as_secs_f64(),
+            "ok": false,
+            "error": error,
+        }),
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -236,7 +236,7 @@ mod tests {
     fn unknown_keys_are_errors_at_the_key() {
         assert_eq!(
             parse_error("[server]\nlsten = [\"127.0.0.1:8080\"]\n"),
-            "t.toml:2:1: unknown field `lsten`, expected one of `listen`, `tls`, `timeouts`, `limits`, `client_ip`"
+            "t.toml:2:1: unknown field `lsten`, expected one of `listen`, `tls`, `timeouts`, `limits`, `client_ip`, `access_log`"
         );
         assert_eq!(
             parse_error("[upstreams.x]\nbackends = [{ addr = \"a:1\", wieght = 2 }]\n"),
