@@ -39,6 +39,7 @@ fn route_matching(c: &mut Criterion) {
             &config.routes,
             |_| Some(0),
             &palisade::metrics::Metrics::new(),
+            |_| None,
         );
         let exact = format!("host{}.example.com", (n / 2) / 3 * 3);
         let wild = format!("api.zone{}.example.org", ((n / 2) / 3) * 3 + 1);

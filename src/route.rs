@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{self, HostMatch};
+use crate::limit::cidr::CidrSet;
+use crate::limit::rate::RateLimiter;
 use crate::metrics::{Metrics, RouteMetrics};
 
 /// One compiled route.
@@ -29,6 +31,13 @@ pub struct Route {
     pub config: config::Route,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
+    /// Only these client addresses (empty: everyone).
+    pub allow: CidrSet,
+    /// Never these client addresses.
+    pub deny: CidrSet,
+    /// The route's rate limiter, shared with the previous snapshot when its limit did not
+    /// change.
+    pub limiter: Option<Arc<RateLimiter>>,
 }
 
 /// All routes of a config, indexed for lookup.
@@ -53,6 +62,7 @@ impl RouteTable {
         routes: &[config::Route],
         upstream_index: impl Fn(&str) -> Option<usize>,
         metrics: &Metrics,
+        limiter_for: impl Fn(&config::Route) -> Option<Arc<RateLimiter>>,
     ) -> Self {
         let mut table = RouteTable::default();
         for cfg in routes {
@@ -81,6 +91,9 @@ impl RouteTable {
                 upstream,
                 config: cfg.clone(),
                 metrics: metrics.route(&cfg.name, &cfg.upstream),
+                allow: CidrSet::new(&cfg.allow),
+                deny: CidrSet::new(&cfg.deny),
+                limiter: limiter_for(cfg),
             });
         }
         table
@@ -149,6 +162,15 @@ impl Route {
         })
     }
 
+    /// Whether a client at `ip` may use this route: not denied, and allowed when there is
+    /// an allow list (deny wins).
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        if !self.deny.is_empty() && self.deny.contains(ip) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.contains(ip)
+    }
+
     /// Position in the config file (0-based).
     pub fn order(&self) -> u32 {
         self.order
@@ -204,7 +226,7 @@ mod tests {
     }
 
     fn table(routes: &[config::Route]) -> RouteTable {
-        RouteTable::build(routes, |_| Some(0), &Metrics::new())
+        RouteTable::build(routes, |_| Some(0), &Metrics::new(), |_| None)
     }
 
     fn name<'a>(t: &'a RouteTable, host: Option<&str>, path: &str) -> Option<&'a str> {

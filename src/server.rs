@@ -32,6 +32,29 @@ use crate::clock::{instant_at, nanos, now_ns};
 use crate::proxy::{self, ConnInfo};
 use crate::snapshot::ProxyState;
 
+/// The open connections of one server, for evicting idle ones at `max_connections`.
+type Registry = Arc<std::sync::Mutex<HashMap<u64, Arc<Activity>>>>;
+
+/// Asks the connection with no request in flight that has been quiet longest to close.
+/// Returns false when every connection is busy.
+fn evict_oldest_idle(registry: &Registry) -> bool {
+    let Ok(conns) = registry.lock() else {
+        return false;
+    };
+    let oldest = conns
+        .values()
+        .filter(|a| a.in_flight.load(Ordering::Relaxed) == 0 && !a.evicted.load(Ordering::Relaxed))
+        .min_by_key(|a| a.last_io.load(Ordering::Relaxed));
+    match oldest {
+        Some(activity) => {
+            activity.evicted.store(true, Ordering::Relaxed);
+            activity.evict.notify_one();
+            true
+        }
+        None => false,
+    }
+}
+
 /// Binds a listener with SO_REUSEADDR and SO_REUSEPORT, so a new palisade process can start
 /// on the same port while the old one drains.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -76,6 +99,7 @@ async fn serve_inner(
     // returns None: all connections are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut accept_tasks: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    let registry: Registry = Arc::default();
     for listener in listeners {
         let Ok(addr) = listener.local_addr() else {
             continue;
@@ -85,6 +109,7 @@ async fn serve_inner(
             state.clone(),
             stop_rx.clone(),
             done_tx.clone(),
+            registry.clone(),
         ));
         accept_tasks.insert(addr, task);
     }
@@ -114,7 +139,13 @@ async fn serve_inner(
                     match bind(addr) {
                         Ok(listener) => {
                             tracing::info!(%addr, "listen address added: listening");
-                            let task = tokio::spawn(accept_loop(listener, state.clone(), stop_rx.clone(), done_tx.clone()));
+                            let task = tokio::spawn(accept_loop(
+                                listener,
+                                state.clone(),
+                                stop_rx.clone(),
+                                done_tx.clone(),
+                                registry.clone(),
+                            ));
                             accept_tasks.insert(addr, task);
                         }
                         Err(e) => tracing::error!(%addr, error = %e, "cannot listen on the new address"),
@@ -147,7 +178,9 @@ async fn accept_loop(
     state: Arc<ProxyState>,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    registry: Registry,
 ) {
+    let mut next_id: u64 = 0;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     configure(&mut builder, &state);
     let builder = Arc::new(builder);
@@ -163,21 +196,28 @@ async fn accept_loop(
         };
         let limits = ConnLimits::from_state(&state);
         let open = state.connections.fetch_add(1, Ordering::Relaxed);
-        if open >= limits.max_connections {
+        // At the cap, the longest-idle connection makes room; with none idle, the new
+        // connection is refused.
+        if open >= limits.max_connections && !evict_oldest_idle(&registry) {
             state.connections.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(%peer, open, "max_connections reached; closing new connection");
+            tracing::warn!(%peer, open, "max_connections reached and none idle; closing the new connection");
             drop(stream);
             continue;
         }
+        next_id += 1;
         let _ = stream.set_nodelay(true);
         tokio::spawn(serve_connection(
             stream,
             peer,
-            state.clone(),
-            builder.clone(),
             limits,
-            stop.clone(),
-            done.clone(),
+            Shared {
+                state: state.clone(),
+                builder: builder.clone(),
+                stop: stop.clone(),
+                done: done.clone(),
+                registry: registry.clone(),
+            },
+            next_id,
         ));
     }
 }
@@ -220,19 +260,38 @@ impl ConnLimits {
     }
 }
 
+/// What every connection of one server shares.
+struct Shared {
+    state: Arc<ProxyState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stop: watch::Receiver<bool>,
+    /// Held until the connection ends (drain waits for all of them).
+    done: mpsc::Sender<()>,
+    registry: Registry,
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    state: Arc<ProxyState>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     limits: ConnLimits,
-    mut stop: watch::Receiver<bool>,
-    _done: mpsc::Sender<()>,
+    shared: Shared,
+    id: u64,
 ) {
+    let Shared {
+        state,
+        builder,
+        mut stop,
+        done: _done,
+        registry,
+    } = shared;
     let activity = Arc::new(Activity::new());
+    if let Ok(mut conns) = registry.lock() {
+        conns.insert(id, activity.clone());
+    }
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         activity: activity.clone(),
+        heads: HeadScanner::default(),
     });
     let info = ConnInfo {
         peer,
@@ -245,6 +304,10 @@ async fn serve_connection(
             let state = state.clone();
             let activity = activity.clone();
             async move {
+                let mut req = req;
+                if activity.conflicting_framing.swap(false, Ordering::Relaxed) {
+                    req.extensions_mut().insert(proxy::ConflictingFraming);
+                }
                 let _request = activity.request_started();
                 Ok::<_, Infallible>(proxy::handle(&state, req, &info).await)
             }
@@ -273,6 +336,10 @@ async fn serve_connection(
                     conn.as_mut().graceful_shutdown();
                 }
             }
+            () = activity.evict.notified() => {
+                tracing::debug!(%peer, "closing an idle connection to make room under max_connections");
+                break;
+            }
             () = &mut watchdog => {
                 match activity.check(limits) {
                     Verdict::Fine(next) => watchdog.as_mut().reset(next.into()),
@@ -294,6 +361,9 @@ async fn serve_connection(
             }
         }
     }
+    if let Ok(mut conns) = registry.lock() {
+        conns.remove(&id);
+    }
     state.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -307,6 +377,15 @@ struct Activity {
     /// When the first byte of a request head arrived on an otherwise quiet connection
     /// (0: not reading a head).
     head_started: AtomicU64,
+    /// Requests handed to the service so far.
+    requests: AtomicU64,
+    /// The last request head carried both Content-Length and Transfer-Encoding (hyper
+    /// silently drops the length; we refuse the request).
+    conflicting_framing: std::sync::atomic::AtomicBool,
+    /// Asked to close to make room under `max_connections`.
+    evict: tokio::sync::Notify,
+    /// Already asked (so it is not picked twice).
+    evicted: std::sync::atomic::AtomicBool,
 }
 
 enum Verdict {
@@ -326,11 +405,16 @@ impl Activity {
             last_io: AtomicU64::new(now),
             // A new connection owes us a request head right away.
             head_started: AtomicU64::new(now),
+            requests: AtomicU64::new(0),
+            conflicting_framing: std::sync::atomic::AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
+            evicted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         RequestGuard {
             activity: self.clone(),
@@ -390,6 +474,73 @@ impl Drop for RequestGuard {
 struct TrackedIo {
     inner: TcpStream,
     activity: Arc<Activity>,
+    heads: HeadScanner,
+}
+
+/// Watches request heads for Content-Length and Transfer-Encoding together, which hyper
+/// accepts (dropping the length, as RFC 9112 lets an intermediary do) but the SPEC
+/// refuses. It reads the header names at the start of each line of a head, never bodies:
+/// it arms when the connection is between requests (and the head it saw last has been
+/// handed to the service), and disarms at the blank line that ends the head.
+#[derive(Default)]
+struct HeadScanner {
+    armed: bool,
+    /// `Activity::requests` when the last scanned head ended (None: no head yet).
+    ended_at: Option<u64>,
+    /// The start of the current line, lowercased (long enough for both names).
+    line: [u8; 20],
+    line_len: usize,
+    /// Bytes on the current line, and non-blank lines in this head so far.
+    line_seen: usize,
+    lines: usize,
+    saw_length: bool,
+    saw_encoding: bool,
+}
+
+impl HeadScanner {
+    fn scan(&mut self, bytes: &[u8], activity: &Activity) {
+        if !self.armed {
+            let between_requests = activity.in_flight.load(Ordering::Relaxed) == 0;
+            let last_head_served = self
+                .ended_at
+                .is_none_or(|n| activity.requests.load(Ordering::Relaxed) > n);
+            if !(between_requests && last_head_served) {
+                return;
+            }
+            *self = HeadScanner {
+                armed: true,
+                ended_at: self.ended_at,
+                ..HeadScanner::default()
+            };
+        }
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line_len < self.line.len() {
+                    self.line[self.line_len] = b.to_ascii_lowercase();
+                    self.line_len += 1;
+                }
+                self.line_seen += 1;
+                continue;
+            }
+            let line = &self.line[..self.line_len];
+            let blank = self.line_seen == 0 || (self.line_seen == 1 && line == b"\r");
+            if blank && self.lines > 0 {
+                if self.saw_length && self.saw_encoding {
+                    activity.conflicting_framing.store(true, Ordering::Relaxed);
+                }
+                self.armed = false;
+                self.ended_at = Some(activity.requests.load(Ordering::Relaxed));
+                return;
+            }
+            if !blank {
+                self.lines += 1;
+                self.saw_length |= line.starts_with(b"content-length:");
+                self.saw_encoding |= line.starts_with(b"transfer-encoding:");
+            }
+            self.line_len = 0;
+            self.line_seen = 0;
+        }
+    }
 }
 
 impl AsyncRead for TrackedIo {
@@ -402,6 +553,8 @@ impl AsyncRead for TrackedIo {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.on_read();
+            let this = &mut *self;
+            this.heads.scan(&buf.filled()[before..], &this.activity);
         }
         result
     }
@@ -442,5 +595,66 @@ impl AsyncWrite for TrackedIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(scanner: &mut HeadScanner, activity: &Activity, bytes: &[u8]) {
+        scanner.scan(bytes, activity);
+    }
+
+    /// Plays hyper: the service is called for a head, then the request finishes.
+    fn serve_one(activity: &Arc<Activity>) {
+        drop(activity.request_started());
+    }
+
+    #[test]
+    fn a_head_with_both_framing_headers_is_flagged_even_split_across_reads() {
+        let activity = Arc::new(Activity::new());
+        let mut s = HeadScanner::default();
+        scan(
+            &mut s,
+            &activity,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Len",
+        );
+        scan(
+            &mut s,
+            &activity,
+            b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        );
+        assert!(activity.conflicting_framing.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn bodies_are_not_scanned_and_each_keep_alive_head_is() {
+        let activity = Arc::new(Activity::new());
+        let mut s = HeadScanner::default();
+        // A body that mentions both names, on a request with a plain length.
+        scan(
+            &mut s,
+            &activity,
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 60\r\n\r\ntransfer-encoding: x\r\ncontent-length: 1\r\n\r\n",
+        );
+        assert!(!activity.conflicting_framing.load(Ordering::Relaxed));
+        // While the request is in flight, later reads (its body) are not scanned.
+        let guard = activity.request_started();
+        scan(
+            &mut s,
+            &activity,
+            b"\r\ntransfer-encoding: chunked\r\ncontent-length: 1\r\n\r\n",
+        );
+        assert!(!activity.conflicting_framing.load(Ordering::Relaxed));
+        drop(guard);
+        // The next head on the connection is scanned.
+        scan(
+            &mut s,
+            &activity,
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+        );
+        assert!(activity.conflicting_framing.load(Ordering::Relaxed));
+        serve_one(&activity);
     }
 }

@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::dns::Resolved;
+use crate::limit::cidr::CidrSet;
+use crate::limit::rate::{self, RateLimiter};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
@@ -31,6 +33,8 @@ pub struct Snapshot {
     pub upstreams: Vec<Upstream>,
     /// Metric handles for requests no route matched.
     pub unrouted: RouteMetrics,
+    /// `server.client_ip.trusted_proxies`, compiled.
+    pub trusted_proxies: CidrSet,
 }
 
 impl Snapshot {
@@ -65,13 +69,32 @@ impl Snapshot {
             &config.routes,
             |name| upstreams.iter().position(|u| &*u.name == name),
             metrics,
+            |route| {
+                let limit = route.rate_limit.as_ref()?;
+                // Keep the running limiter (its buckets) when the route's limit is unchanged.
+                let kept = previous.and_then(|p| {
+                    p.routes
+                        .iter()
+                        .find(|r| *r.name == *route.name)
+                        .and_then(|r| r.limiter.clone())
+                        .filter(|l| l.config == *limit)
+                });
+                Some(kept.unwrap_or_else(|| {
+                    if matches!(limit.store, crate::config::LimitStore::Redis { .. }) {
+                        tracing::warn!(route = %route.name, "store = \"redis\" is not implemented yet; this route is limited per instance");
+                    }
+                    Arc::new(RateLimiter::new(limit, rate::MAX_KEYS))
+                }))
+            },
         );
+        let trusted_proxies = CidrSet::new(&config.server.client_ip.trusted_proxies);
         Snapshot {
             generation,
             config: Arc::new(config),
             routes,
             upstreams,
             unrouted: metrics.route("", ""),
+            trusted_proxies,
         }
     }
 
@@ -80,6 +103,9 @@ impl Snapshot {
         self.upstreams.iter().find(|u| &*u.name == name)
     }
 }
+
+/// How often rate limiters drop the keys whose buckets are full again.
+const LIMITER_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What every connection and request of one palisade instance shares.
 #[derive(Debug)]
@@ -146,6 +172,21 @@ impl ProxyState {
         }
         for upstream in &snapshot.upstreams {
             checkers.extend(crate::health::active::spawn_checks(upstream, &self.metrics));
+        }
+        let limiters: Vec<Arc<RateLimiter>> = snapshot
+            .routes
+            .iter()
+            .filter_map(|r| r.limiter.clone())
+            .collect();
+        if !limiters.is_empty() {
+            checkers.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LIMITER_PRUNE_EVERY).await;
+                    for limiter in &limiters {
+                        limiter.prune();
+                    }
+                }
+            }));
         }
     }
 

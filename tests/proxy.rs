@@ -487,45 +487,77 @@ async fn shutdown_lets_in_flight_requests_finish() {
 }
 
 #[tokio::test]
-async fn max_connections_caps_open_connections() {
+async fn at_max_connections_the_oldest_idle_connection_makes_room() {
     let a = Echo::start("a").await;
     let cfg = format!(
         "[server.limits]\nmax_connections = 2\n{}",
         single_upstream(&[(a.addr, 1)], "")
     );
     let proxy = Proxy::start(&cfg).await;
-    let _c1 = tokio::net::TcpStream::connect(proxy.addr)
-        .await
-        .expect("c1");
-    let _c2 = tokio::net::TcpStream::connect(proxy.addr)
-        .await
-        .expect("c2");
-    let counted = eventually(Duration::from_secs(5), async || {
+    let count = || {
         proxy
             .state
             .connections
             .load(std::sync::atomic::Ordering::Relaxed)
-            == 2
-    })
+    };
+    let mut oldest = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("c1");
+    assert!(eventually(Duration::from_secs(5), async || count() == 1).await);
+    let _younger = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("c2");
+    assert!(eventually(Duration::from_secs(5), async || count() == 2).await);
+    // A third connection is served; the oldest idle one is closed for it.
+    let (text, _) = raw_exchange(
+        proxy.addr,
+        b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
     .await;
-    assert!(counted);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read(&mut oldest, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the oldest idle connection was not closed"
+    );
+}
+
+#[tokio::test]
+async fn at_max_connections_with_none_idle_a_new_connection_is_refused() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.limits]\nmax_connections = 2\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let url = proxy.url("/delay/1500");
+            tokio::spawn(async move { get(&url).await.status })
+        })
+        .collect();
+    let count = || {
+        proxy
+            .state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(eventually(Duration::from_secs(5), async || count() == 2).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let (text, closed) = raw_exchange(
         proxy.addr,
         b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
         Duration::from_secs(3),
     )
     .await;
-    assert!(closed && text.is_empty(), "third connection served: {text}");
-    drop(_c1);
-    let served = eventually(Duration::from_secs(5), async || {
-        let (text, _) = raw_exchange(
-            proxy.addr,
-            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-            Duration::from_secs(2),
-        )
-        .await;
-        text.starts_with("HTTP/1.1 200")
-    })
-    .await;
-    assert!(served, "a slot freed by a closed connection was not reused");
+    assert!(closed && text.is_empty(), "served over the cap: {text}");
+    for b in busy {
+        assert_eq!(b.await.expect("busy"), 200, "a busy connection was evicted");
+    }
 }

@@ -7,10 +7,11 @@
 use std::net::IpAddr;
 
 use http::HeaderMap;
-use ipnet::IpNet;
+
+use super::cidr::CidrSet;
 
 /// Resolves the client address of a request that arrived from `peer`.
-pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &CidrSet) -> IpAddr {
     let peer = normalise(peer);
     if !is_trusted(peer, trusted) {
         return peer;
@@ -43,8 +44,8 @@ pub fn normalise(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
-    trusted.iter().any(|net| net.contains(&ip))
+fn is_trusted(ip: IpAddr, trusted: &CidrSet) -> bool {
+    !trusted.is_empty() && trusted.contains(ip)
 }
 
 /// An X-Forwarded-For entry: an address, optionally with a port ("1.2.3.4:5678",
@@ -71,8 +72,9 @@ mod tests {
         h
     }
 
-    fn nets(list: &[&str]) -> Vec<IpNet> {
-        list.iter().filter_map(|n| n.parse().ok()).collect()
+    fn nets(list: &[&str]) -> CidrSet {
+        let nets: Vec<ipnet::IpNet> = list.iter().filter_map(|n| n.parse().ok()).collect();
+        CidrSet::new(&nets)
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -83,7 +85,10 @@ mod tests {
     #[test]
     fn untrusted_peers_cannot_spoof() {
         let h = headers(&["6.6.6.6"]);
-        assert_eq!(resolve(ip("10.0.0.1"), &h, &[]), ip("10.0.0.1"));
+        assert_eq!(
+            resolve(ip("10.0.0.1"), &h, &CidrSet::default()),
+            ip("10.0.0.1")
+        );
         assert_eq!(
             resolve(ip("10.0.0.1"), &h, &nets(&["192.168.0.0/16"])),
             ip("10.0.0.1")
@@ -118,7 +123,11 @@ mod tests {
     #[test]
     fn mapped_ipv6_is_normalised() {
         assert_eq!(
-            resolve(ip("::ffff:127.0.0.1"), &HeaderMap::new(), &[]),
+            resolve(
+                ip("::ffff:127.0.0.1"),
+                &HeaderMap::new(),
+                &CidrSet::default()
+            ),
             ip("127.0.0.1")
         );
     }

@@ -25,6 +25,10 @@ pub enum ProxyError {
     RateLimited {
         /// Whole seconds, at least 1.
         retry_after_secs: u64,
+        /// The policy's quota (the burst)...
+        quota: u32,
+        /// ...per this many seconds (the time the burst takes to refill).
+        window_secs: u64,
     },
     /// The backend refused the connection (or none could be reached).
     #[error("backend refused the connection")]
@@ -145,8 +149,21 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert("proxy-status", self.proxy_status_header());
-        if let ProxyError::RateLimited { retry_after_secs } = self {
-            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+        if let ProxyError::RateLimited {
+            retry_after_secs,
+            quota,
+            window_secs,
+        } = self
+        {
+            let wait = retry_after_secs.max(1);
+            headers.insert(RETRY_AFTER, HeaderValue::from(wait));
+            // IETF draft-ietf-httpapi-ratelimit-headers (structured fields).
+            if let Ok(v) = HeaderValue::from_str(&format!("\"route\";q={quota};w={window_secs}")) {
+                headers.insert("ratelimit-policy", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&format!("\"route\";r=0;t={wait}")) {
+                headers.insert("ratelimit", v);
+            }
         }
         if self.closes_connection() {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -188,6 +205,8 @@ mod tests {
             (
                 ProxyError::RateLimited {
                     retry_after_secs: 3,
+                    quota: 10,
+                    window_secs: 5,
                 },
                 429,
                 "http_request_denied",
@@ -217,8 +236,12 @@ mod tests {
     fn rate_limited_carries_retry_after_of_at_least_one_second() {
         let resp = ProxyError::RateLimited {
             retry_after_secs: 0,
+            quota: 10,
+            window_secs: 5,
         }
         .into_response();
         assert_eq!(resp.headers()[RETRY_AFTER], "1");
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"route\";q=10;w=5");
+        assert_eq!(resp.headers()["ratelimit"], "\"route\";r=0;t=1");
     }
 }

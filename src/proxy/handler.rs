@@ -36,6 +36,11 @@ use crate::upstream::{Backend, PickError, Tried, Upstream};
 /// retried only when the failed attempt never started sending them.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
+/// Marks a request whose head carried both Content-Length and Transfer-Encoding (seen by
+/// the connection, since hyper drops the length before the handler could see it).
+#[derive(Debug, Clone, Copy)]
+pub struct ConflictingFraming;
+
 /// What the handler knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -161,6 +166,9 @@ async fn proxy<'s>(
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // 1b. Refuse what hyper lets through but a backend could read differently.
+    check_framing(&mut req)?;
+
     // 2. Route.
     let route = snapshot
         .routes
@@ -175,12 +183,23 @@ async fn proxy<'s>(
 
     // 3. Client and limits.
     let config = &snapshot.config;
-    let client_ip = client_ip::resolve(
-        conn.peer.ip(),
-        req.headers(),
-        &config.server.client_ip.trusted_proxies,
-    );
+    let client_ip = client_ip::resolve(conn.peer.ip(), req.headers(), &snapshot.trusted_proxies);
     trace.client_ip = Some(client_ip);
+    if !route.admits(client_ip) {
+        route.metrics.denied.inc();
+        return Err(ProxyError::Denied);
+    }
+    if let Some(limiter) = &route.limiter {
+        if let Err(limited) = limiter.check(&limiter.key(client_ip, req.headers())) {
+            route.metrics.rate_limited.inc();
+            let (quota, window_secs) = limiter.policy();
+            return Err(ProxyError::RateLimited {
+                retry_after_secs: limited.retry_after_secs,
+                quota,
+                window_secs,
+            });
+        }
+    }
     let max_body = config.server.limits.max_body_bytes;
     let declared = declared_length(&req, max_body)?;
 
@@ -436,6 +455,49 @@ async fn replayable_body(
         }
         _ => Ok(Replayable::park(body, max_body)),
     }
+}
+
+/// Refuses requests whose framing or target a backend might read differently than we do
+/// (request smuggling), closing gaps hyper leaves open; hyper itself already refuses
+/// differing Content-Lengths, obs-fold, invalid header names and values and bare CRs.
+/// Identical duplicate Content-Lengths are folded into one.
+fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    if req.extensions().get::<ConflictingFraming>().is_some() {
+        return Err(ProxyError::BadRequest(
+            "both content-length and transfer-encoding",
+        ));
+    }
+    let headers = req.headers_mut();
+    let te = headers.get_all(http::header::TRANSFER_ENCODING);
+    let mut te_values = te.iter();
+    if let Some(first) = te_values.next() {
+        if headers.contains_key(CONTENT_LENGTH) {
+            return Err(ProxyError::BadRequest(
+                "both content-length and transfer-encoding",
+            ));
+        }
+        // Exactly one coding, chunked: other codings would reach the backend undone once
+        // the hop-by-hop header is dropped, and chunked twice is invalid.
+        if te_values.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(ProxyError::BadRequest(
+                "transfer-encoding other than chunked",
+            ));
+        }
+    }
+    let lengths = headers.get_all(CONTENT_LENGTH);
+    let mut iter = lengths.iter();
+    if let (Some(first), Some(_)) = (iter.next(), iter.next()) {
+        // hyper has checked that they agree.
+        let first = first.clone();
+        headers.insert(CONTENT_LENGTH, first);
+    }
+    if req.version() == Version::HTTP_11 {
+        let hosts = req.headers().get_all(http::header::HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && req.uri().authority().is_none()) {
+            return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
+        }
+    }
+    Ok(())
 }
 
 /// The host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header.
