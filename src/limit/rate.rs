@@ -40,6 +40,32 @@ pub enum Key {
 pub struct CappedStore {
     inner: DashMapStateStore<Key>,
     cap: usize,
+    /// Whether the store was at its cap when last counted. Counting locks every shard, so
+    /// each thread recounts every [`RECOUNT_EVERY`] checks (every check for small caps):
+    /// a flood overshoots the cap by at most that many keys per thread.
+    full: std::sync::atomic::AtomicBool,
+}
+
+/// How many checks a thread makes between two counts of a large store.
+const RECOUNT_EVERY: u32 = 256;
+
+impl CappedStore {
+    fn is_full(&self) -> bool {
+        thread_local! {
+            static CHECKS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let n = CHECKS.with(|c| {
+            let n = c.get().wrapping_add(1);
+            c.set(n);
+            n
+        });
+        if self.cap < 65_536 || n % RECOUNT_EVERY == 0 {
+            let full = self.inner.len() >= self.cap;
+            self.full.store(full, std::sync::atomic::Ordering::Relaxed);
+            return full;
+        }
+        self.full.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl StateStore for CappedStore {
@@ -49,7 +75,7 @@ impl StateStore for CappedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let key = if self.inner.len() >= self.cap && !self.inner.contains_key(key) {
+        let key = if self.is_full() && !self.inner.contains_key(key) {
             &Key::Overflow
         } else {
             key
@@ -104,6 +130,7 @@ impl RateLimiter {
         let store = CappedStore {
             inner: DashMapStateStore::default(),
             cap: cap.max(1),
+            full: std::sync::atomic::AtomicBool::new(false),
         };
         RateLimiter {
             limiter: governor::RateLimiter::new(quota, store, DefaultClock::default()),
