@@ -44,13 +44,38 @@ pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, StartError> {
         .collect()
 }
 
+/// Binds every plain and every TLS listen address of `config`.
+pub fn bind_listeners(config: &Config) -> Result<Vec<server::Listener>, StartError> {
+    let mut listeners: Vec<server::Listener> = bind_all(config)?
+        .into_iter()
+        .map(server::Listener::plain)
+        .collect();
+    let mut tls_addrs: Vec<std::net::SocketAddr> =
+        config.server.tls.iter().map(|t| t.listen).collect();
+    tls_addrs.sort();
+    tls_addrs.dedup();
+    for addr in tls_addrs {
+        let socket = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        listeners.push(server::Listener {
+            socket,
+            tls: Some(addr),
+        });
+    }
+    Ok(listeners)
+}
+
 /// Serves `config` until SIGTERM or SIGINT, reloading it from its file on SIGHUP or
 /// `POST /reload`. Returns once drained.
 pub async fn run(config: Config) -> Result<(), StartError> {
-    let listeners = bind_all(&config)?;
+    // Certificates must load before anything listens.
+    crate::tls::build(&config).map_err(StartError::Config)?;
+    let listeners = bind_listeners(&config)?;
     let admin_listener = bind_admin(&config)?;
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening");
+    }
+    for tls in &config.server.tls {
+        tracing::info!(addr = %tls.listen, cert = %tls.cert.display(), "listening with TLS");
     }
     tracing::info!(addr = %config.admin.listen, "admin API listening");
     let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);

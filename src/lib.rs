@@ -27,4 +27,5 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;

@@ -96,7 +96,8 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match config::load(path) {
+    // Certificates and keys are read too: a missing or mismatched PEM file is a config error.
+    match config::load(path).and_then(|c| palisade::tls::build(&c).map(|_| c)) {
         Ok(config) => {
             for warning in config::warnings(&config) {
                 eprintln!("warning: {warning}");

@@ -14,8 +14,11 @@ use crate::snapshot::ProxyState;
 /// stays untouched and the errors are returned (and logged).
 pub fn reload(state: &ProxyState) -> Result<u64, Vec<ConfigError>> {
     let path = state.snapshot().config.path.clone();
-    match config::load(&path) {
-        Ok(config) => {
+    // Certificates are re-read on every reload; a broken one rejects the reload.
+    let loaded = config::load(&path).and_then(|config| Ok((crate::tls::build(&config)?, config)));
+    match loaded {
+        Ok((tls, config)) => {
+            state.set_tls(tls);
             let generation = state.apply(config);
             state.reloads_ok.fetch_add(1, Ordering::Relaxed);
             state.metrics.reload(true);

@@ -69,19 +69,47 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// A bound listener, plain or TLS.
+#[derive(Debug)]
+pub struct Listener {
+    /// The socket.
+    pub socket: TcpListener,
+    /// For a TLS listener: the `[[server.tls]]` listen address its certificates are
+    /// configured under (the socket may be bound elsewhere, e.g. port 0 in tests).
+    pub tls: Option<SocketAddr>,
+}
+
+impl Listener {
+    /// A plain HTTP listener.
+    pub fn plain(socket: TcpListener) -> Self {
+        Listener { socket, tls: None }
+    }
+}
+
 /// Serves proxy traffic on `listeners` until `shutdown` resolves, then drains.
 pub async fn serve(
     listeners: Vec<TcpListener>,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let listeners = listeners.into_iter().map(Listener::plain).collect();
     serve_inner(listeners, state, shutdown, false).await;
 }
 
-/// Like [`serve`], and the listeners follow `server.listen`: a reload that adds an address
-/// opens it, one that removes an address closes it (its open connections carry on).
+/// Serves plain and TLS listeners until `shutdown` resolves, then drains.
+pub async fn serve_listeners(
+    listeners: Vec<Listener>,
+    state: Arc<ProxyState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_inner(listeners, state, shutdown, false).await;
+}
+
+/// Like [`serve_listeners`], and the plain listeners follow `server.listen`: a reload that
+/// adds an address opens it, one that removes an address closes it (its open connections
+/// carry on). TLS listeners stay as started; their certificates follow reloads.
 pub async fn serve_managed(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -89,7 +117,7 @@ pub async fn serve_managed(
 }
 
 async fn serve_inner(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
     managed: bool,
@@ -100,18 +128,24 @@ async fn serve_inner(
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut accept_tasks: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
     let registry: Registry = Arc::default();
+    let mut tls_tasks = Vec::new();
     for listener in listeners {
-        let Ok(addr) = listener.local_addr() else {
+        let Ok(addr) = listener.socket.local_addr() else {
             continue;
         };
         let task = tokio::spawn(accept_loop(
-            listener,
+            listener.socket,
             state.clone(),
             stop_rx.clone(),
             done_tx.clone(),
             registry.clone(),
+            listener.tls,
         ));
-        accept_tasks.insert(addr, task);
+        if listener.tls.is_some() {
+            tls_tasks.push(task);
+        } else {
+            accept_tasks.insert(addr, task);
+        }
     }
     let mut changes = state.subscribe();
     tokio::pin!(shutdown);
@@ -145,6 +179,7 @@ async fn serve_inner(
                                 stop_rx.clone(),
                                 done_tx.clone(),
                                 registry.clone(),
+                                None,
                             ));
                             accept_tasks.insert(addr, task);
                         }
@@ -158,7 +193,7 @@ async fn serve_inner(
 
     state.start_draining();
     let _ = stop_tx.send(true);
-    for (_, task) in accept_tasks {
+    for task in accept_tasks.into_values().chain(tls_tasks) {
         task.abort();
         let _ = task.await;
     }
@@ -179,6 +214,7 @@ async fn accept_loop(
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
     registry: Registry,
+    tls: Option<SocketAddr>,
 ) {
     let mut next_id: u64 = 0;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -218,6 +254,7 @@ async fn accept_loop(
                 registry: registry.clone(),
             },
             next_id,
+            tls,
         ));
     }
 }
@@ -270,13 +307,60 @@ struct Shared {
     registry: Registry,
 }
 
+/// Ends a connection's bookkeeping however the connection ends.
+struct Registered {
+    state: Arc<ProxyState>,
+    registry: Registry,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut conns) = self.registry.lock() {
+            conns.remove(&self.id);
+        }
+        self.state.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     limits: ConnLimits,
     shared: Shared,
     id: u64,
+    tls: Option<SocketAddr>,
 ) {
+    let registered = Registered {
+        state: shared.state.clone(),
+        registry: shared.registry.clone(),
+        id,
+    };
+    let Some(tls_addr) = tls else {
+        return serve_io(stream, peer, "http", limits, shared, registered).await;
+    };
+    let Some(config) = shared.state.tls_config(tls_addr) else {
+        tracing::warn!(%peer, addr = %tls_addr, "no TLS configuration for this listener; closing");
+        return;
+    };
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(limits.header_read, handshake).await {
+        Ok(Ok(tls_stream)) => serve_io(tls_stream, peer, "https", limits, shared, registered).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake not finished within header_read"),
+    }
+}
+
+async fn serve_io<S>(
+    stream: S,
+    peer: SocketAddr,
+    proto: &'static str,
+    limits: ConnLimits,
+    shared: Shared,
+    registered: Registered,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Shared {
         state,
         builder,
@@ -286,17 +370,14 @@ async fn serve_connection(
     } = shared;
     let activity = Arc::new(Activity::new());
     if let Ok(mut conns) = registry.lock() {
-        conns.insert(id, activity.clone());
+        conns.insert(registered.id, activity.clone());
     }
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         activity: activity.clone(),
         heads: HeadScanner::default(),
     });
-    let info = ConnInfo {
-        peer,
-        proto: "http",
-    };
+    let info = ConnInfo { peer, proto };
     let service = {
         let state = state.clone();
         let activity = activity.clone();
@@ -361,10 +442,7 @@ async fn serve_connection(
             }
         }
     }
-    if let Ok(mut conns) = registry.lock() {
-        conns.remove(&id);
-    }
-    state.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(registered);
 }
 
 /// What a connection has been doing, updated by its IO and its requests.
@@ -471,8 +549,8 @@ impl Drop for RequestGuard {
 }
 
 /// A TCP stream that reports its reads and writes to the connection's [`Activity`].
-struct TrackedIo {
-    inner: TcpStream,
+struct TrackedIo<S> {
+    inner: S,
     activity: Arc<Activity>,
     heads: HeadScanner,
 }
@@ -543,7 +621,7 @@ impl HeadScanner {
     }
 }
 
-impl AsyncRead for TrackedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -560,7 +638,7 @@ impl AsyncRead for TrackedIo {
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

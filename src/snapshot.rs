@@ -5,6 +5,7 @@
 //! reload (backends with their counters and health, connection pools) is carried over from
 //! the previous snapshot by identity, not rebuilt.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -129,6 +130,8 @@ pub struct ProxyState {
     pub metrics: Metrics,
     /// Announces every new snapshot (its generation) to whoever follows config changes.
     changes: tokio::sync::watch::Sender<u64>,
+    /// TLS server configs by `[[server.tls]]` listen address (re-read on every reload).
+    tls: ArcSwap<crate::tls::TlsConfigs>,
 }
 
 impl ProxyState {
@@ -153,7 +156,16 @@ impl ProxyState {
             resolved: Mutex::new(resolved),
             metrics,
             changes: tokio::sync::watch::Sender::new(1),
+            tls: ArcSwap::from_pointee(crate::tls::TlsConfigs::new()),
         };
+        match crate::tls::build(&state.snapshot.load().config) {
+            Ok(tls) => state.set_tls(tls),
+            Err(errors) => {
+                for e in errors {
+                    tracing::error!(error = %e, "TLS configuration failed; those listeners refuse connections");
+                }
+            }
+        }
         state.restart_checkers(&state.snapshot.load());
         state
     }
@@ -210,6 +222,16 @@ impl ProxyState {
     /// A receiver that sees every configuration change.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// The TLS server config for connections on the `[[server.tls]]` address `addr`.
+    pub fn tls_config(&self, addr: SocketAddr) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.load().get(&addr).cloned()
+    }
+
+    /// Installs new TLS server configs (certificates re-read by a reload).
+    pub fn set_tls(&self, tls: crate::tls::TlsConfigs) {
+        self.tls.store(Arc::new(tls));
     }
 
     /// The last good addresses of the backend names.

@@ -69,6 +69,7 @@ pub struct Proxy {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
+    extra: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Proxy {
@@ -85,6 +86,38 @@ impl Proxy {
         let config =
             palisade::config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e:?}"));
         Self::serve(config)
+    }
+
+    /// Starts palisade with the config file at `path`, serving its TLS listen addresses on
+    /// ephemeral ports too; returns the proxy and, per configured TLS address, where it
+    /// really listens.
+    pub async fn start_with_tls(
+        path: &Path,
+    ) -> (Proxy, std::collections::HashMap<SocketAddr, SocketAddr>) {
+        let config =
+            palisade::config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e:?}"));
+        let mut map = std::collections::HashMap::new();
+        let mut listeners = Vec::new();
+        for tls in &config.server.tls {
+            if map.contains_key(&tls.listen) {
+                continue;
+            }
+            let socket =
+                palisade::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind tls");
+            map.insert(tls.listen, socket.local_addr().expect("tls addr"));
+            listeners.push(palisade::server::Listener {
+                socket,
+                tls: Some(tls.listen),
+            });
+        }
+        let mut proxy = Self::serve(config);
+        let state = proxy.state.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let tls_task = tokio::spawn(palisade::server::serve_listeners(listeners, state, async {
+            let _ = rx.await;
+        }));
+        proxy.extra.push((tx, tls_task));
+        (proxy, map)
     }
 
     fn serve(config: palisade::config::Config) -> Proxy {
@@ -114,6 +147,7 @@ impl Proxy {
             stop: Some(tx),
             task: Some(task),
             admin_task,
+            extra: Vec::new(),
         }
     }
 

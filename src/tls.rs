@@ -1,0 +1,150 @@
+//! TLS termination: rustls server configs built from `[[server.tls]]`.
+//!
+//! One config per listen address; the entries sharing an address are picked by SNI (exact
+//! name, then a `*.` wildcard entry), and the entry without `sni` (or the first one) is the
+//! default for clients that send no name or an unknown one. TLS 1.2 and 1.3 only, ALPN
+//! `h2` and `http/1.1`, the ring provider passed explicitly (a process with two providers
+//! compiled in would otherwise panic). Certificates and keys are read on every (re)load: a
+//! missing or malformed PEM file or a key that does not match its certificate is an
+//! error, and a reload with such an error keeps the running certificates.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{Config, ConfigError};
+
+/// The server configs of every TLS listen address.
+pub type TlsConfigs = HashMap<SocketAddr, Arc<ServerConfig>>;
+
+/// The crypto provider palisade uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a certificate chain and its private key, checking that they belong together.
+pub fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("malformed certificate {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("no certificate in {}", cert.display()));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
+    CertifiedKey::from_der(chain, private, provider).map_err(|e| {
+        format!(
+            "private key {} does not fit certificate {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })
+}
+
+/// Picks a certificate by SNI.
+#[derive(Debug)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// ".example.com" -> key, from "*.example.com".
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            return self.default.clone();
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(key) = self.exact.get(&name) {
+            return Some(key.clone());
+        }
+        if let Some(dot) = name.find('.') {
+            if let Some(key) = self.wildcard.get(&name[dot..]) {
+                return Some(key.clone());
+            }
+        }
+        self.default.clone()
+    }
+}
+
+/// Builds the server config of every TLS listen address of `config`, reading the PEM
+/// files; every problem is reported (as `CONFIG: server.tls[N]: ...`).
+pub fn build(config: &Config) -> Result<TlsConfigs, Vec<ConfigError>> {
+    let provider = provider();
+    let mut errors = Vec::new();
+    let mut by_listen: HashMap<SocketAddr, SniResolver> = HashMap::new();
+    for (i, entry) in config.server.tls.iter().enumerate() {
+        let key = match load_certified_key(&entry.cert, &entry.key, &provider) {
+            Ok(key) => Arc::new(key),
+            Err(message) => {
+                errors.push(ConfigError {
+                    path: config.path.clone(),
+                    line: 0,
+                    col: 0,
+                    message: format!("server.tls[{i}]: {message}"),
+                });
+                continue;
+            }
+        };
+        let resolver = by_listen
+            .entry(entry.listen)
+            .or_insert_with(|| SniResolver {
+                exact: HashMap::new(),
+                wildcard: HashMap::new(),
+                default: None,
+            });
+        // The entry without `sni` is the default; until one appears, the first entry is.
+        if entry.sni.is_empty() || resolver.default.is_none() {
+            resolver.default = Some(key.clone());
+        }
+        for name in &entry.sni {
+            match name.strip_prefix('*') {
+                Some(suffix) => resolver.wildcard.insert(suffix.to_owned(), key.clone()),
+                None => resolver.exact.insert(name.clone(), key.clone()),
+            };
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut configs = TlsConfigs::new();
+    for (listen, resolver) in by_listen {
+        let built = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map(|b| {
+                b.with_no_client_auth()
+                    .with_cert_resolver(Arc::new(resolver))
+            });
+        match built {
+            Ok(mut server) => {
+                server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                configs.insert(listen, Arc::new(server));
+            }
+            Err(e) => errors.push(ConfigError {
+                path: config.path.clone(),
+                line: 0,
+                col: 0,
+                message: format!("TLS on {listen}: {e}"),
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(configs)
+    } else {
+        Err(errors)
+    }
+}

@@ -1,0 +1,230 @@
+//! TLS termination with certificates generated at test time: HTTP/1.1 and h2 over TLS,
+//! SNI picking one of two certificates, ALPN, certificate reload (and a broken one
+//! keeping the old), and `check` catching bad PEM files.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Cert {
+    der: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn make_cert(names: &[&str]) -> Cert {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let certified = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    Cert {
+        der: certified.cert.der().clone(),
+        cert_pem: certified.cert.pem(),
+        key_pem: certified.signing_key.serialize_pem(),
+    }
+}
+
+fn write_pair(dir: &Path, stem: &str, cert: &Cert) {
+    std::fs::write(dir.join(format!("{stem}.pem")), &cert.cert_pem).expect("cert");
+    std::fs::write(dir.join(format!("{stem}-key.pem")), &cert.key_pem).expect("key");
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+/// A config with two certificates on one TLS address: a.test (the default) and b.test.
+fn tls_config(dir: &Path, backend: SocketAddr) -> PathBuf {
+    let path = dir.join("palisade.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[server.tls]]
+listen = "127.0.0.1:8443"
+cert = "a.pem"
+key = "a-key.pem"
+
+[[server.tls]]
+listen = "127.0.0.1:8443"
+cert = "b.pem"
+key = "b-key.pem"
+sni = ["b.test"]
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+backends = [{{ addr = "{backend}" }}]
+"#
+        ),
+    )
+    .expect("config");
+    path
+}
+
+fn client_config(roots: &[&Cert], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in roots {
+        store.add(cert.der.clone()).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+async fn handshake(
+    addr: SocketAddr,
+    name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let server_name = ServerName::try_from(name.to_owned()).expect("name");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(config).connect(server_name, tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake")
+}
+
+fn served_cert(
+    stream: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().expect("peer certs")[0]
+        .clone()
+        .into_owned()
+}
+
+#[tokio::test]
+async fn https_with_sni_alpn_http1_and_h2() {
+    let (a, b) = (make_cert(&["a.test"]), make_cert(&["b.test"]));
+    let dir = temp_dir("main");
+    write_pair(&dir, "a", &a);
+    write_pair(&dir, "b", &b);
+    let echo = Echo::start("e").await;
+    let (proxy, tls) = Proxy::start_with_tls(&tls_config(&dir, echo.addr)).await;
+    let addr = tls[&"127.0.0.1:8443".parse().expect("addr")];
+
+    // SNI picks the certificate.
+    let stream = handshake(addr, "b.test", client_config(&[&a, &b], &[])).await;
+    assert_eq!(served_cert(&stream), b.der);
+    let mut stream = handshake(addr, "a.test", client_config(&[&a, &b], &[b"http/1.1"])).await;
+    assert_eq!(served_cert(&stream), a.der);
+
+    // HTTP/1.1 over TLS, X-Forwarded-Proto https.
+    stream
+        .write_all(b"GET /over-tls HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"x-forwarded-proto\":\"https\""), "{text}");
+
+    // ALPN negotiates h2; a request over it works.
+    let stream = handshake(
+        addr,
+        "a.test",
+        client_config(&[&a, &b], &[b"h2", b"http/1.1"]),
+    )
+    .await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("https://a.test/h2-over-tls")
+        .body(Empty::<Bytes>::new())
+        .expect("req");
+    let resp = sender.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["path"], "/h2-over-tls");
+    assert_eq!(json["headers"]["x-forwarded-proto"], "https");
+    drop(proxy);
+}
+
+#[tokio::test]
+async fn a_reload_serves_new_certificates_and_a_broken_one_keeps_the_old() {
+    let (a, b) = (make_cert(&["a.test"]), make_cert(&["b.test"]));
+    let dir = temp_dir("reload");
+    write_pair(&dir, "a", &a);
+    write_pair(&dir, "b", &b);
+    let echo = Echo::start("e").await;
+    let (proxy, tls) = Proxy::start_with_tls(&tls_config(&dir, echo.addr)).await;
+    let addr = tls[&"127.0.0.1:8443".parse().expect("addr")];
+
+    let renewed = make_cert(&["a.test"]);
+    write_pair(&dir, "a", &renewed);
+    palisade::reload::reload(&proxy.state).expect("reload with the renewed certificate");
+    let stream = handshake(addr, "a.test", client_config(&[&renewed, &b], &[])).await;
+    assert_eq!(served_cert(&stream), renewed.der);
+
+    // A key that does not match: the reload is refused, the renewed certificate stays.
+    std::fs::write(dir.join("a-key.pem"), make_cert(&["x.test"]).key_pem).expect("key");
+    let errors = palisade::reload::reload(&proxy.state).expect_err("mismatched key accepted");
+    let text = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        text.contains("a-key.pem") && text.contains("does not fit"),
+        "{text}"
+    );
+    let stream = handshake(addr, "a.test", client_config(&[&renewed, &b], &[])).await;
+    assert_eq!(served_cert(&stream), renewed.der);
+}
+
+#[test]
+fn check_reports_missing_and_mismatched_pem_files() {
+    let dir = temp_dir("check");
+    let a = make_cert(&["a.test"]);
+    write_pair(&dir, "a", &a);
+    // b's key belongs to another certificate; c does not exist.
+    std::fs::write(dir.join("b.pem"), make_cert(&["b.test"]).cert_pem).expect("cert");
+    std::fs::write(dir.join("b-key.pem"), make_cert(&["z.test"]).key_pem).expect("key");
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n[[server.tls]]\nlisten = \"127.0.0.1:8444\"\ncert = \"b.pem\"\nkey = \"b-key.pem\"\n\n[[server.tls]]\nlisten = \"127.0.0.1:8445\"\ncert = \"c.pem\"\nkey = \"c-key.pem\"\n",
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["check", "-c", &path.to_string_lossy()])
+        .output()
+        .expect("run check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("server.tls[1]") && err.contains("does not fit"),
+        "{err}"
+    );
+    assert!(
+        err.contains("server.tls[2]") && err.contains("c.pem"),
+        "{err}"
+    );
+    assert!(!err.contains("server.tls[0]"), "{err}");
+}
