@@ -65,10 +65,12 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
     }
 }
 
-/// Watches the config file and reloads when it changes. The parent directory is watched,
-/// since editors and `sed -i` replace the file by a rename; only create, modify and remove
-/// events for the file itself count (notify also reports plain opens, which a reload
-/// causes), and bursts are debounced. Keep the returned watcher alive to keep watching.
+/// Watches the config file, and the certificate and key files it names, and reloads when
+/// one changes. Directories are watched, since editors, `sed -i` and certificate renewers
+/// replace files by a rename; only create, modify and remove events for those files count
+/// (notify also reports plain opens, which a reload causes), and bursts are debounced. A
+/// change of the config file reloads only when its content differs; a change of a
+/// certificate always reloads. Keep the returned watcher alive to keep watching.
 pub fn watch_config_file(
     state: Arc<ProxyState>,
 ) -> notify::Result<
@@ -80,36 +82,76 @@ pub fn watch_config_file(
     use notify::{EventKind, RecursiveMode};
     use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 
-    let path = state.snapshot().config.path.clone();
+    let snapshot = state.snapshot();
+    let config_file = watched(&snapshot.config.path);
+    let cert_files: Vec<(PathBuf, std::ffi::OsString)> = snapshot
+        .config
+        .server
+        .tls
+        .iter()
+        .flat_map(|t| [watched(&t.cert), watched(&t.key)])
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let (config_match, certs_match) = (config_file.clone(), cert_files.clone());
+    let mut debouncer = new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| {
+        let Ok(events) = result else { return };
+        let mut config_changed = false;
+        let mut cert_changed = false;
+        for event in &events {
+            if !matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            ) {
+                continue;
+            }
+            for path in &event.paths {
+                let key = watched(path);
+                config_changed |= key == config_match;
+                cert_changed |= certs_match.contains(&key);
+            }
+        }
+        if cert_changed {
+            let _ = tx.send(true);
+        } else if config_changed {
+            let _ = tx.send(false);
+        }
+    })?;
+    let mut dirs: Vec<&PathBuf> = std::iter::once(&config_file.0)
+        .chain(cert_files.iter().map(|c| &c.0))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        debouncer.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    tokio::spawn(async move {
+        while let Some(certificates) = rx.recv().await {
+            if certificates {
+                tracing::info!("certificate files changed: reloading");
+                let _ = reload(&state);
+            } else {
+                tracing::info!("config file changed: reloading");
+                let _ = reload_if_changed(&state);
+            }
+        }
+    });
+    Ok(debouncer)
+}
+
+/// A file as (its directory, made absolute where possible, and its name), so the paths
+/// in events (absolute) compare with the configured ones (often relative).
+fn watched(path: &std::path::Path) -> (PathBuf, std::ffi::OsString) {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().map(|n| n.to_os_string());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut debouncer = new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| {
-        let Ok(events) = result else { return };
-        let relevant = events.iter().any(|event| {
-            matches!(
-                event.kind,
-                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-            ) && event
-                .paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-        });
-        if relevant {
-            let _ = tx.send(());
-        }
-    })?;
-    debouncer.watch(&dir, RecursiveMode::NonRecursive)?;
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            tracing::info!("config file changed: reloading");
-            let _ = reload_if_changed(&state);
-        }
-    });
-    Ok(debouncer)
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    (
+        dir,
+        path.file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default(),
+    )
 }
 
 /// How long the watcher waits for a burst of file events to settle.

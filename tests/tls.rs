@@ -228,3 +228,39 @@ fn check_reports_missing_and_mismatched_pem_files() {
     );
     assert!(!err.contains("server.tls[0]"), "{err}");
 }
+
+#[tokio::test]
+async fn replacing_the_certificate_files_is_noticed_without_a_reload_command() {
+    let (a, b) = (make_cert(&["a.test"]), make_cert(&["b.test"]));
+    let dir = temp_dir("watch");
+    write_pair(&dir, "a", &a);
+    write_pair(&dir, "b", &b);
+    let echo = Echo::start("e").await;
+    let (proxy, tls) = Proxy::start_with_tls(&tls_config(&dir, echo.addr)).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let addr = tls[&"127.0.0.1:8443".parse().expect("addr")];
+    let renewed = make_cert(&["b.test"]);
+    // Written the way renewers do it: new files renamed over the old ones.
+    for (name, text) in [
+        ("b.pem", &renewed.cert_pem),
+        ("b-key.pem", &renewed.key_pem),
+    ] {
+        let tmp = dir.join(format!("{name}.new"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+    let config = client_config(&[&a, &renewed], &[]);
+    let served = eventually(Duration::from_secs(3), async || {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("b.test".to_owned()).expect("name");
+        match tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+        {
+            Ok(stream) => served_cert(&stream) == renewed.der,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(served, "the renewed certificate was not picked up");
+}

@@ -1,0 +1,92 @@
+//! HTTP/2 end to end: an h2c upstream (`protocol = "h2c"`) with trailers passed through,
+//! as gRPC needs.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// An HTTP/2-only backend answering like a gRPC server: a body, then `grpc-status` in the
+/// trailers. Headers say what it saw: the HTTP version, `te`, and the request body size.
+async fn grpc_like_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|req: http::Request<Incoming>| async move {
+                    let te = req.headers().get("te").cloned();
+                    let version = format!("{:?}", req.version());
+                    let received = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .unwrap_or(0);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    trailers.insert("grpc-message", http::HeaderValue::from_static("fine"));
+                    let body = Full::new(Bytes::from_static(b"\x00\x00\x00\x00\x02hi"))
+                        .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) });
+                    let mut resp = http::Response::new(body);
+                    let h = resp.headers_mut();
+                    h.insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    h.insert(
+                        "x-saw-version",
+                        http::HeaderValue::from_str(&version).expect("version"),
+                    );
+                    h.insert("x-saw-request-bytes", http::HeaderValue::from(received));
+                    if let Some(te) = te {
+                        h.insert("x-saw-te", te);
+                    }
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_h2c_upstream_passes_trailers_end_to_end() {
+    let backend = grpc_like_backend().await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nupstream = \"grpc\"\n[upstreams.grpc]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{backend}\" }}]\n"
+    ))
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(proxy.url("/helloworld.Greeter/SayHello"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\x00\x00\x00\x00\x05hello")))
+        .expect("request");
+    let resp = client.request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-saw-version"], "HTTP/2.0");
+    assert_eq!(resp.headers()["x-saw-te"], "trailers");
+    assert_eq!(resp.headers()["x-saw-request-bytes"], "10");
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reached the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "fine");
+    assert_eq!(&collected.to_bytes()[..], b"\x00\x00\x00\x00\x02hi");
+}
