@@ -118,6 +118,18 @@ pub fn build(config: &Config) -> Result<TlsConfigs, Vec<ConfigError>> {
             };
         }
     }
+    for upstream in &config.upstreams {
+        if let Some(path) = upstream.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
+            if let Err(message) = crate::upstream::client::load_roots(path) {
+                errors.push(ConfigError {
+                    path: config.path.clone(),
+                    line: 0,
+                    col: 0,
+                    message: format!("upstreams.{}: {message}", upstream.name),
+                });
+            }
+        }
+    }
     if !errors.is_empty() {
         return Err(errors);
     }

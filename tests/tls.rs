@@ -264,3 +264,91 @@ async fn replacing_the_certificate_files_is_noticed_without_a_reload_command() {
     .await;
     assert!(served, "the renewed certificate was not picked up");
 }
+
+/// An HTTPS-only backend with `cert`, answering `tls-ok PATH`.
+async fn https_backend(cert: &Cert) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der.clone()], key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!("tls-ok {}", req.uri().path());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn upstream_tls_config(dir: &Path, backend: SocketAddr, tls_lines: &str) -> PathBuf {
+    let path = dir.join(format!("up-{}.toml", free_port()));
+    std::fs::write(
+        &path,
+        format!("[[routes]]\nupstream = \"secure\"\n[upstreams.secure]\ntls = true\n{tls_lines}\nbackends = [{{ addr = \"{backend}\" }}]\n"),
+    )
+    .expect("config");
+    path
+}
+
+#[tokio::test]
+async fn https_backends_are_verified_against_ca_file_and_server_name() {
+    let cert = make_cert(&["backend.test"]);
+    let dir = temp_dir("upstream");
+    std::fs::write(dir.join("backend-ca.pem"), &cert.cert_pem).expect("ca");
+    let backend = https_backend(&cert).await;
+
+    let good = Proxy::start_file(&upstream_tls_config(
+        &dir,
+        backend,
+        "ca_file = \"backend-ca.pem\"\nserver_name = \"backend.test\"",
+    ))
+    .await;
+    let answer = get(&good.url("/secure-path")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "tls-ok /secure-path");
+
+    // The certificate does not name other.test: refused.
+    let wrong_name = Proxy::start_file(&upstream_tls_config(
+        &dir,
+        backend,
+        "ca_file = \"backend-ca.pem\"\nserver_name = \"other.test\"",
+    ))
+    .await;
+    assert_eq!(get(&wrong_name.url("/")).await.status, 502);
+
+    // The system roots do not trust a self-signed certificate: refused.
+    let untrusted = Proxy::start_file(&upstream_tls_config(
+        &dir,
+        backend,
+        "server_name = \"backend.test\"",
+    ))
+    .await;
+    assert_eq!(get(&untrusted.url("/")).await.status, 502);
+}

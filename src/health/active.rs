@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, HOST, USER_AGENT};
 use http::{Request, Uri};
 use http_body_util::Empty;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::JoinHandle;
@@ -24,20 +23,21 @@ use crate::metrics::Metrics;
 use crate::upstream::{Backend, Upstream};
 use prometheus::IntCounter;
 
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+type ProbeClient = Client<crate::upstream::client::Connector, Empty<Bytes>>;
 
 /// Starts the checkers of every backend of `upstream` (none when it has no `health`).
 pub fn spawn_checks(upstream: &Upstream, metrics: &Metrics) -> Vec<JoinHandle<()>> {
     let Some(cfg) = upstream.config.health.clone() else {
         return Vec::new();
     };
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.timeout));
     let client: ProbeClient = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(0)
-        .build(connector);
+        .http2_only(upstream.config.protocol == crate::config::Protocol::H2c)
+        .build(crate::upstream::client::connector(
+            &upstream.config,
+            cfg.timeout,
+        ));
     upstream
         .backends
         .iter()
@@ -47,6 +47,7 @@ pub fn spawn_checks(upstream: &Upstream, metrics: &Metrics) -> Vec<JoinHandle<()
                 backend.clone(),
                 cfg.clone(),
                 client.clone(),
+                upstream.scheme.clone(),
                 metrics.health_checks(&upstream.name, &backend.addr),
             ))
         })
@@ -58,6 +59,7 @@ async fn check_loop(
     backend: Arc<Backend>,
     cfg: Health,
     client: ProbeClient,
+    scheme: http::uri::Scheme,
     (passes, failures): (IntCounter, IntCounter),
 ) {
     let jitter = Duration::from_nanos(fastrand::u64(..=crate::clock::nanos(cfg.interval)));
@@ -66,7 +68,7 @@ async fn check_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let (passed, detail) = probe(&client, &backend, &cfg).await;
+        let (passed, detail) = probe(&client, &backend, &cfg, &scheme).await;
         if passed {
             passes.inc()
         } else {
@@ -89,9 +91,14 @@ async fn check_loop(
 }
 
 /// One probe: whether it passed, and why not.
-async fn probe(client: &ProbeClient, backend: &Backend, cfg: &Health) -> (bool, String) {
+async fn probe(
+    client: &ProbeClient,
+    backend: &Backend,
+    cfg: &Health,
+    scheme: &http::uri::Scheme,
+) -> (bool, String) {
     let uri = match Uri::builder()
-        .scheme("http")
+        .scheme(scheme.clone())
         .authority(backend.authority.clone())
         .path_and_query(cfg.path.as_str())
         .build()

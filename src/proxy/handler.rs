@@ -231,6 +231,7 @@ async fn proxy<'s>(
     )
     .await?;
     let template = Template {
+        scheme: upstream.scheme.clone(),
         method: parts.method,
         path_and_query,
         headers: parts.headers,
@@ -261,6 +262,7 @@ async fn proxy<'s>(
 
 /// The parts of the upstream request that stay the same on every attempt.
 struct Template {
+    scheme: Scheme,
     method: Method,
     path_and_query: PathAndQuery,
     headers: HeaderMap,
@@ -274,7 +276,7 @@ impl Template {
         body: ProxyBody,
     ) -> Result<Request<ProxyBody>, ProxyError> {
         let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(self.scheme.clone())
             .authority(backend.authority.clone())
             .path_and_query(self.path_and_query.clone())
             .build()

@@ -37,6 +37,8 @@ pub struct Upstream {
     pub client: HttpClient,
     /// The HTTP version of upstream requests (1.1, or 2 for h2c).
     pub version: Version,
+    /// `https` with `tls = true`, else `http`.
+    pub scheme: http::uri::Scheme,
     /// The upstream's configuration, as validated.
     pub config: config::Upstream,
     /// Limits retries to a share of the request rate (carried over reloads).
@@ -123,11 +125,12 @@ impl Upstream {
         let client = match previous {
             Some(p)
                 if p.config.protocol == cfg.protocol
-                    && p.config.timeouts.connect == cfg.timeouts.connect =>
+                    && p.config.timeouts.connect == cfg.timeouts.connect
+                    && p.config.tls == cfg.tls =>
             {
                 p.client.clone()
             }
-            _ => client::build(cfg.protocol, cfg.timeouts.connect),
+            _ => client::build(cfg),
         };
         let balancer = balance::build(algorithm(cfg.balance), &backends);
         let budget = match previous {
@@ -140,6 +143,11 @@ impl Upstream {
             name: cfg.name.as_str().into(),
             balancer,
             client,
+            scheme: if cfg.tls.is_some() {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
             version: match cfg.protocol {
                 config::Protocol::Http1 => Version::HTTP_11,
                 config::Protocol::H2c => Version::HTTP_2,
