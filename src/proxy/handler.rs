@@ -230,7 +230,7 @@ async fn proxy<'s>(
         config.server.timeouts.idle,
     )
     .await?;
-    let template = Template {
+    let mut template = Template {
         scheme: upstream.scheme.clone(),
         method: parts.method,
         path_and_query,
@@ -239,7 +239,7 @@ async fn proxy<'s>(
     };
 
     // 5. Attempt, and retry where the rules allow.
-    let mut resp = attempt_until_done(upstream, &template, &body, key, trace).await?;
+    let mut resp = attempt_until_done(upstream, &mut template, &body, key, trace).await?;
 
     // 6. Respond.
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -270,10 +270,13 @@ struct Template {
 }
 
 impl Template {
+    /// The request for one attempt. On the last attempt that can happen the headers are
+    /// moved instead of cloned (with retries off, every request is such an attempt).
     fn request(
-        &self,
+        &mut self,
         backend: &Backend,
         body: ProxyBody,
+        last: bool,
     ) -> Result<Request<ProxyBody>, ProxyError> {
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
@@ -285,7 +288,11 @@ impl Template {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
+        *req.headers_mut() = if last {
+            std::mem::take(&mut self.headers)
+        } else {
+            self.headers.clone()
+        };
         Ok(req)
     }
 }
@@ -305,7 +312,7 @@ enum Outcome {
 /// upstream's retry budget and waits an exponential backoff with full jitter.
 async fn attempt_until_done<'s>(
     upstream: &'s Upstream,
-    template: &Template,
+    template: &mut Template,
     body: &Replayable,
     key: u64,
     trace: &mut Trace<'s>,
@@ -316,7 +323,8 @@ async fn attempt_until_done<'s>(
     upstream.budget.deposit();
     let mut attempt = 0u32;
     loop {
-        let outcome = attempt_once(upstream, template, body, key, &mut tried, trace).await?;
+        let last = attempt >= policy.attempts;
+        let outcome = attempt_once(upstream, template, body, key, &mut tried, trace, last).await?;
         let (retryable, result) = match outcome {
             Outcome::Answer(resp) => {
                 let retry_status = matches!(resp.status().as_u16(), 502..=504);
@@ -349,11 +357,12 @@ async fn attempt_until_done<'s>(
 /// One attempt: pick a backend, send, judge.
 async fn attempt_once<'s>(
     upstream: &'s Upstream,
-    template: &Template,
+    template: &mut Template,
     body: &Replayable,
     key: u64,
     tried: &mut Tried,
     trace: &mut Trace<'s>,
+    last: bool,
 ) -> Result<Outcome, ProxyError> {
     let (index, in_flight) = upstream.acquire(key, tried).await.map_err(|e| match e {
         PickError::NoBackends => ProxyError::ConnectionRefused,
@@ -363,7 +372,7 @@ async fn attempt_once<'s>(
     let backend = &upstream.backends[index];
     trace.backend = Some(backend);
     trace.attempts += 1;
-    let req = template.request(backend, body.attempt())?;
+    let req = template.request(backend, body.attempt(), last)?;
     let started = Instant::now();
     let sent =
         tokio::time::timeout(upstream.response_timeout(), upstream.client.request(req)).await;
