@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -34,43 +33,18 @@ async fn killing_a_backend_under_load_costs_the_clients_nothing() {
         "[upstreams.app.health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\n[upstreams.app.passive]\nconsecutive_failures = 3\nejection = \"5s\"\n[upstreams.app.retry]\nbackoff = \"5ms\"\nbackoff_max = \"50ms\"",
     );
     let proxy = Proxy::start(&cfg).await;
-    let url = proxy.url("/load");
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..6 {
-        let (url, ok, failed) = (url.clone(), ok.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            let client = client();
-            // Bounded by time and by count.
-            for _ in 0..5000 {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let req = http::Request::get(&url)
-                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    .expect("req");
-                let status =
-                    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-                        Ok(Ok(resp)) => resp.status().as_u16(),
-                        _ => 0,
-                    };
-                if status == 200 {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    // 6 clients for 8 s, bounded at 5,000 requests each.
+    let load = Load::start(
+        &proxy.url("/load"),
+        6,
+        Duration::from_secs(8),
+        5000,
+        Duration::from_millis(2),
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let before_kill = ok.load(Ordering::Relaxed);
+    let before_kill = load.ok();
     b.stop().await;
-    for client in clients {
-        client.await.expect("client task");
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.finish().await;
     eprintln!("kill test: {ok} ok, {failed} failed, {before_kill} before the kill");
     assert_eq!(
         failed,

@@ -6,8 +6,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -111,26 +110,13 @@ async fn a_reload_every_200ms_under_load_drops_no_request() {
     let path = temp_config("churn", &routes_to(&[a.addr], "/"));
     let proxy = Proxy::start_file(&path).await;
     let deadline = Instant::now() + Duration::from_secs(4);
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (url, ok, failed) = (proxy.url("/x"), ok.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            let client = client();
-            for _ in 0..5000 {
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let req = http::Request::get(&url)
-                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    .expect("req");
-                match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-                    Ok(Ok(resp)) if resp.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
+    let load = Load::start(
+        &proxy.url("/x"),
+        4,
+        Duration::from_secs(4),
+        5000,
+        Duration::ZERO,
+    );
     let mut reloads = 0;
     while Instant::now() < deadline {
         // Alternate between one and two backends.
@@ -150,10 +136,7 @@ async fn a_reload_every_200ms_under_load_drops_no_request() {
         reloads += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for c in clients {
-        c.await.expect("client");
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.finish().await;
     eprintln!("{reloads} reloads, {ok} ok, {failed} failed");
     assert!(reloads >= 15, "only {reloads} reloads");
     assert!(ok >= 1000, "only {ok} requests");

@@ -461,3 +461,69 @@ pub async fn post(url: &str, body: Vec<u8>) -> Answer {
     )
     .await
 }
+
+/// A steady load: `clients` tasks each GET `url` in a loop until `duration` has passed
+/// (at most `per_client` requests each, pausing `pause` between them). `counts` gets
+/// (answered 200, anything else) and may be read while the load runs.
+pub struct Load {
+    pub ok: Arc<std::sync::atomic::AtomicUsize>,
+    pub failed: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(
+        url: &str,
+        clients: usize,
+        duration: Duration,
+        per_client: usize,
+        pause: Duration,
+    ) -> Load {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let deadline = Instant::now() + duration;
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (url, ok, failed) = (url.to_owned(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    for _ in 0..per_client {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        let req = http::Request::get(&url)
+                            .body(Full::new(Bytes::new()))
+                            .expect("req");
+                        match tokio::time::timeout(Duration::from_secs(5), client.request(req))
+                            .await
+                        {
+                            Ok(Ok(resp)) if resp.status() == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed)
+                            }
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { ok, failed, tasks }
+    }
+
+    pub fn ok(&self) -> usize {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits for every client to finish; returns (ok, failed).
+    pub async fn finish(self) -> (usize, usize) {
+        for task in self.tasks {
+            task.await.expect("load client");
+        }
+        (
+            self.ok.load(std::sync::atomic::Ordering::Relaxed),
+            self.failed.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
