@@ -44,12 +44,125 @@ pub struct Route {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
-    /// Exact host -> route indices in file order.
-    by_host: HashMap<Box<str>, Vec<u32>>,
-    /// Wildcard suffix (".example.com") -> route indices in file order.
-    by_suffix: HashMap<Box<str>, Vec<u32>>,
-    /// Routes without a host, in file order.
-    any_host: Vec<u32>,
+    /// Exact host -> its routes.
+    by_host: HashMap<Box<str>, PrefixList>,
+    /// Wildcard suffix (".example.com") -> its routes.
+    by_suffix: HashMap<Box<str>, PrefixList>,
+    /// Routes without a host.
+    any_host: PrefixList,
+}
+
+/// Lists longer than this become a trie.
+const SCAN_LIMIT: usize = 8;
+
+/// Routes that share a host, matched by path prefix: a short list is scanned in file
+/// order; a long one is a byte trie over the prefixes, walked once along the path, so a
+/// lookup costs the path's length, not the number of routes.
+#[derive(Debug)]
+enum PrefixList {
+    /// Route indices in file order, with their prefixes.
+    Scan(Vec<(u32, Box<[u8]>)>),
+    /// The same, compiled.
+    Trie(PrefixTrie),
+}
+
+impl Default for PrefixList {
+    fn default() -> Self {
+        PrefixList::Scan(Vec::new())
+    }
+}
+
+impl PrefixList {
+    fn push(&mut self, order: u32, prefix: &str) {
+        if let PrefixList::Scan(list) = self {
+            list.push((order, prefix.as_bytes().into()));
+        }
+    }
+
+    fn compile(&mut self) {
+        if let PrefixList::Scan(list) = self {
+            if list.len() > SCAN_LIMIT {
+                let mut trie = PrefixTrie::default();
+                for (order, prefix) in list.iter() {
+                    trie.insert(prefix, *order);
+                }
+                *self = PrefixList::Trie(trie);
+            }
+        }
+    }
+
+    /// The lowest route index (first in file order) whose prefix starts `path`.
+    fn first_match(&self, path: &str) -> Option<u32> {
+        match self {
+            PrefixList::Scan(list) => list
+                .iter()
+                .find(|(_, prefix)| path.as_bytes().starts_with(prefix))
+                .map(|(order, _)| *order),
+            PrefixList::Trie(trie) => trie.first_match(path.as_bytes()),
+        }
+    }
+}
+
+/// A byte trie of path prefixes; each node keeps the lowest route index whose prefix ends
+/// there.
+#[derive(Debug)]
+struct PrefixTrie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Default)]
+struct TrieNode {
+    /// (byte, child node), sorted by byte.
+    children: Vec<(u8, u32)>,
+    /// Lowest route index ending here (u32::MAX: none).
+    first: u32,
+}
+
+impl Default for PrefixTrie {
+    fn default() -> Self {
+        PrefixTrie {
+            nodes: vec![TrieNode {
+                children: Vec::new(),
+                first: u32::MAX,
+            }],
+        }
+    }
+}
+
+impl PrefixTrie {
+    fn insert(&mut self, prefix: &[u8], order: u32) {
+        let mut node = 0usize;
+        for &b in prefix {
+            node = match self.nodes[node].children.binary_search_by_key(&b, |c| c.0) {
+                Ok(i) => self.nodes[node].children[i].1 as usize,
+                Err(i) => {
+                    let child = self.nodes.len() as u32;
+                    self.nodes.push(TrieNode {
+                        children: Vec::new(),
+                        first: u32::MAX,
+                    });
+                    self.nodes[node].children.insert(i, (b, child));
+                    child as usize
+                }
+            };
+        }
+        let first = &mut self.nodes[node].first;
+        *first = (*first).min(order);
+    }
+
+    fn first_match(&self, path: &[u8]) -> Option<u32> {
+        let mut node = 0usize;
+        let mut best = self.nodes[0].first;
+        for &b in path {
+            let children = &self.nodes[node].children;
+            match children.binary_search_by_key(&b, |c| c.0) {
+                Ok(i) => node = children[i].1 as usize,
+                Err(_) => break,
+            }
+            best = best.min(self.nodes[node].first);
+        }
+        (best != u32::MAX).then_some(best)
+    }
 }
 
 /// The longest host name we index (DNS names are at most 253 bytes).
@@ -70,18 +183,19 @@ impl RouteTable {
                 continue;
             };
             let order = table.routes.len() as u32;
+            let prefix = cfg.path_prefix.as_str();
             match &cfg.host {
-                None => table.any_host.push(order),
+                None => table.any_host.push(order, prefix),
                 Some(HostMatch::Exact(host)) => table
                     .by_host
                     .entry(host.as_str().into())
                     .or_default()
-                    .push(order),
+                    .push(order, prefix),
                 Some(HostMatch::Suffix(suffix)) => table
                     .by_suffix
                     .entry(suffix.as_str().into())
                     .or_default()
-                    .push(order),
+                    .push(order, prefix),
             }
             table.routes.push(Route {
                 name: cfg.name.as_str().into(),
@@ -96,6 +210,9 @@ impl RouteTable {
                 limiter: limiter_for(cfg),
             });
         }
+        table.any_host.compile();
+        table.by_host.values_mut().for_each(PrefixList::compile);
+        table.by_suffix.values_mut().for_each(PrefixList::compile);
         table
     }
 
@@ -112,33 +229,25 @@ impl RouteTable {
     /// The first route, in file order, that matches `host` (a Host header or URI authority,
     /// port allowed) and `path`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        let mut best: Option<u32> = self.first_match(&self.any_host, path);
+        let mut best: Option<u32> = self.any_host.first_match(path);
 
         let mut buf = [0u8; MAX_HOST];
         if let Some(host) = host.and_then(|h| normalise_host(h, &mut buf)) {
             if !self.by_host.is_empty() {
                 if let Some(list) = self.by_host.get(host) {
-                    best = min_some(best, self.first_match(list, path));
+                    best = min_some(best, list.first_match(path));
                 }
             }
             if !self.by_suffix.is_empty() {
                 // Every proper suffix starting at a dot: "a.b.c" -> ".b.c", ".c".
                 for (i, _) in host.match_indices('.') {
                     if let Some(list) = self.by_suffix.get(&host[i..]) {
-                        best = min_some(best, self.first_match(list, path));
+                        best = min_some(best, list.first_match(path));
                     }
                 }
             }
         }
         best.and_then(|i| self.routes.get(i as usize))
-    }
-
-    fn first_match(&self, list: &[u32], path: &str) -> Option<u32> {
-        list.iter().copied().find(|&i| {
-            self.routes
-                .get(i as usize)
-                .is_some_and(|r| path.starts_with(&*r.path_prefix))
-        })
     }
 
     /// All routes in file order.
@@ -277,6 +386,49 @@ mod tests {
             route("exact", Some(HostMatch::Exact("a.com".into())), "/", false),
         ]);
         assert_eq!(name(&t, Some("a.com"), "/"), Some("any"));
+    }
+
+    #[test]
+    fn the_trie_agrees_with_a_scan_in_file_order() {
+        // Many overlapping prefixes, so lists become tries; then random paths.
+        let mut routes = Vec::new();
+        // No bare "/": then every path would match route 0 and the comparison be trivial.
+        let prefixes = [
+            "/a", "/a/", "/ab", "/a/b", "/b", "/b/c/d", "/api", "/api/v1", "/api/v2", "/x", "/zz",
+        ];
+        for i in 0..200 {
+            let prefix = format!(
+                "{}{}",
+                prefixes[i % prefixes.len()],
+                if i % 3 == 0 { "" } else { "z" }.repeat(i % 4)
+            );
+            routes.push(route(&format!("r{i}"), None, &prefix, false));
+        }
+        let t = table(&routes);
+        assert!(matches!(t.any_host, PrefixList::Trie(_)));
+        let mut outcomes = std::collections::HashSet::new();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..5000 {
+            // A known prefix, cut or extended at random, or a random path.
+            let base = if rng.bool() {
+                prefixes[rng.usize(..prefixes.len())]
+            } else {
+                "/"
+            };
+            let cut = rng.usize(..=base.len());
+            let tail: String = (0..rng.usize(..5))
+                .map(|_| ['/', 'a', 'b', 'z', 'p', 'i', 'v', '1'][rng.usize(..8)])
+                .collect();
+            let path = format!("{}{tail}", &base[..cut.max(1)]);
+            let linear = routes.iter().position(|r| path.starts_with(&r.path_prefix));
+            let found = t.find(None, &path).map(|r| r.order() as usize);
+            assert_eq!(found, linear, "{path}");
+            outcomes.insert(found);
+        }
+        assert!(
+            outcomes.len() >= 5 && outcomes.contains(&None),
+            "too few distinct outcomes: {outcomes:?}"
+        );
     }
 
     #[test]
