@@ -217,9 +217,9 @@ async fn accept_loop(
     tls: Option<SocketAddr>,
 ) {
     let mut next_id: u64 = 0;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    configure(&mut builder, &state);
-    let builder = Arc::new(builder);
+    // The connection settings follow reloads: rebuilt when the generation changes.
+    let mut generation = 0;
+    let mut builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -230,7 +230,13 @@ async fn accept_loop(
                 continue;
             }
         };
-        let limits = ConnLimits::from_state(&state);
+        let snapshot = state.snapshot();
+        if snapshot.generation != generation {
+            generation = snapshot.generation;
+            builder = Arc::new(connection_builder(&snapshot.config));
+        }
+        let limits = ConnLimits::of(&snapshot.config);
+        drop(snapshot);
         let open = state.connections.fetch_add(1, Ordering::Relaxed);
         // At the cap, the longest-idle connection makes room; with none idle, the new
         // connection is refused.
@@ -259,9 +265,10 @@ async fn accept_loop(
     }
 }
 
-fn configure(builder: &mut auto::Builder<TokioExecutor>, state: &ProxyState) {
-    let snapshot = state.snapshot();
-    let limits = &snapshot.config.server.limits;
+/// hyper's connection settings for `config`.
+fn connection_builder(config: &crate::config::Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let limits = &config.server.limits;
     // hyper answers 431 itself when the head does not fit in its read buffer; the buffer
     // cannot be smaller than 8 KiB.
     let max_head = limits.max_header_bytes.max(8192);
@@ -275,6 +282,7 @@ fn configure(builder: &mut auto::Builder<TokioExecutor>, state: &ProxyState) {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
+    builder
 }
 
 /// The per-connection limits, read from the snapshot when the connection is accepted.
@@ -286,9 +294,8 @@ struct ConnLimits {
 }
 
 impl ConnLimits {
-    fn from_state(state: &ProxyState) -> Self {
-        let snapshot = state.snapshot();
-        let server = &snapshot.config.server;
+    fn of(config: &crate::config::Config) -> Self {
+        let server = &config.server;
         ConnLimits {
             max_connections: server.limits.max_connections,
             header_read: server.timeouts.header_read,

@@ -148,12 +148,7 @@ async fn post_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
     assert_eq!(reloaded.json()["generation"], 2);
     let mut seen = std::collections::HashSet::new();
     for _ in 0..4 {
-        seen.insert(
-            get(&proxy.url("/")).await.json()["backend"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-        );
+        seen.insert(get(&proxy.url("/")).await.backend());
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
 

@@ -114,14 +114,7 @@ async fn demo_serves_round_robin_over_three_echo_backends() {
     for _ in 0..6 {
         let answer = get("http://127.0.0.1:8080/").await;
         assert_eq!(answer.status, 200);
-        *seen
-            .entry(
-                answer.json()["backend"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-            .or_default() += 1;
+        *seen.entry(answer.backend()).or_default() += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(seen.values().all(|&n| n == 2), "{seen:?}");

@@ -37,14 +37,7 @@ async fn backends_seen(proxy: &Proxy, requests: usize) -> HashMap<String, usize>
     for _ in 0..requests {
         let answer = get(&proxy.url("/")).await;
         assert_eq!(answer.status, 200, "{}", answer.text());
-        *seen
-            .entry(
-                answer.json()["backend"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-            .or_default() += 1;
+        *seen.entry(answer.backend()).or_default() += 1;
     }
     seen
 }

@@ -27,10 +27,7 @@ async fn round_robin_spreads_six_requests_two_per_backend() {
     for _ in 0..6 {
         let answer = get(&proxy.url("/")).await;
         assert_eq!(answer.status, 200);
-        let backend = answer.json()["backend"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let backend = answer.backend();
         *seen.entry(backend).or_default() += 1;
     }
     assert_eq!(

@@ -62,12 +62,7 @@ async fn editing_the_file_reloads_within_two_seconds_and_bad_edits_are_rejected(
     );
     let mut seen = std::collections::HashSet::new();
     for _ in 0..4 {
-        seen.insert(
-            get(&proxy.url("/v2/x")).await.json()["backend"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-        );
+        seen.insert(get(&proxy.url("/v2/x")).await.backend());
     }
     assert_eq!(seen.len(), 2);
 
@@ -211,4 +206,32 @@ async fn listeners_open_and_close_as_server_listen_changes() {
         "the removed listen address still accepts connections"
     );
     assert_eq!(get(&format!("http://{}/", addr(p2))).await.status, 200);
+}
+
+#[tokio::test]
+async fn connection_settings_follow_a_reload() {
+    let a = Echo::start("a").await;
+    let path = temp_config("limits", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let big_head = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: {}\r\n\r\n",
+        "h".repeat(20_000)
+    );
+    let (text, _) = raw_exchange(proxy.addr, big_head.as_bytes(), Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "default limit: {text}");
+
+    std::fs::write(
+        &path,
+        format!(
+            "[server.limits]\nmax_header_bytes = 8192\n{}",
+            routes_to(&[a.addr], "/")
+        ),
+    )
+    .expect("write");
+    palisade::reload::reload(&proxy.state).expect("reload");
+    let (text, _) = raw_exchange(proxy.addr, big_head.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "the reloaded limit was not applied: {text}"
+    );
 }

@@ -348,3 +348,34 @@ async fn two_thousand_idle_connections_do_not_stop_a_real_request() {
     assert!(capped, "more than 100 connections stayed open");
     drop(idle);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408() {
+    let backend = Counter::start(200).await;
+    let cfg = format!(
+        "[server.timeouts]\nidle = \"300ms\"\n{}",
+        single_upstream(&[(backend.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let started = Instant::now();
+    // Promises 10 bytes, sends 3, then stalls.
+    let (text, closed) = raw_exchange(
+        proxy.addr,
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("proxy-status: palisade; error=http_request_error"),
+        "{text}"
+    );
+    assert!(closed, "the connection stayed open");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.hits(), 0, "a partial body reached the backend");
+}

@@ -95,11 +95,12 @@ struct Trace<'s> {
     request_id: Option<http::HeaderValue>,
 }
 
-/// The parts of a request the access log prints, copied before the request moves on.
+/// The parts of a request the access log prints, kept before the request moves on.
+/// `Uri` and `HeaderValue` share their bytes, so keeping them copies no text.
 struct RequestLine {
     method: Method,
-    host: String,
-    path: String,
+    uri: Uri,
+    host: Option<http::HeaderValue>,
     bytes_in: i64,
 }
 
@@ -107,13 +108,25 @@ impl RequestLine {
     fn of<B>(req: &Request<B>) -> Self {
         RequestLine {
             method: req.method().clone(),
-            host: request_host(req).unwrap_or("").to_owned(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
+            uri: req.uri().clone(),
+            host: req.headers().get(http::header::HOST).cloned(),
             bytes_in: content_length(req.headers()),
         }
+    }
+
+    /// The host the client asked for: the URI authority, else the Host header.
+    fn host(&self) -> &str {
+        self.uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+            .unwrap_or("")
+    }
+
+    fn path(&self) -> &str {
+        self.uri
+            .path_and_query()
+            .map_or_else(|| self.uri.path(), |pq| pq.as_str())
     }
 }
 
@@ -146,8 +159,8 @@ fn log_access(
         request_id,
         client_ip = %client_ip,
         method = %line.method,
-        host = %line.host,
-        path = %line.path,
+        host = line.host(),
+        path = line.path(),
         status = resp.status().as_u16(),
         route = trace.route.map_or("-", |r| &*r.name),
         upstream = trace.upstream.map_or("-", |u| &*u.name),
@@ -320,7 +333,9 @@ async fn attempt_until_done<'s>(
     let policy = &upstream.config.retry;
     let idempotent = is_idempotent(&template.method);
     let mut tried = Tried::default();
-    upstream.budget.deposit();
+    if policy.attempts > 0 {
+        upstream.budget.deposit();
+    }
     let mut attempt = 0u32;
     loop {
         let last = attempt >= policy.attempts;
@@ -470,8 +485,8 @@ async fn replayable_body(
 
 /// Refuses requests whose framing or target a backend might read differently than we do
 /// (request smuggling), closing gaps hyper leaves open; hyper itself already refuses
-/// differing Content-Lengths, obs-fold, invalid header names and values and bare CRs.
-/// Identical duplicate Content-Lengths are folded into one.
+/// differing Content-Lengths, obs-fold, invalid header names and values and bare CRs, and
+/// keeps a single Content-Length when identical ones are repeated.
 fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     if req.extensions().get::<ConflictingFraming>().is_some() {
         return Err(ProxyError::BadRequest(
@@ -494,13 +509,6 @@ fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
                 "transfer-encoding other than chunked",
             ));
         }
-    }
-    let lengths = headers.get_all(CONTENT_LENGTH);
-    let mut iter = lengths.iter();
-    if let (Some(first), Some(_)) = (iter.next(), iter.next()) {
-        // hyper has checked that they agree.
-        let first = first.clone();
-        headers.insert(CONTENT_LENGTH, first);
     }
     if req.version() == Version::HTTP_11 {
         let hosts = req.headers().get_all(http::header::HOST).iter().count();
