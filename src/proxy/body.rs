@@ -129,12 +129,6 @@ impl ProxyBody {
     }
 }
 
-impl From<Bytes> for ProxyBody {
-    fn from(bytes: Bytes) -> Self {
-        ProxyBody::Full(Some(bytes))
-    }
-}
-
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -138,11 +138,6 @@ impl Backend {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Ejections in close succession so far.
-    pub fn ejections(&self) -> u32 {
-        self.ejections.load(Ordering::Relaxed)
-    }
-
     /// Folds one response time into the EWMA (weight 1/8 for the new sample, like TCP's SRTT).
     /// Concurrent updates may overwrite each other; an EWMA tolerates the lost sample.
     pub fn record_latency(&self, elapsed: Duration) {
