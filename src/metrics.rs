@@ -44,6 +44,8 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     upstream_panic: IntGaugeVec,
     panic_picks: IntCounterVec,
+    limit_store_up: IntGaugeVec,
+    limit_fallbacks: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -184,6 +186,18 @@ impl Metrics {
                 "Backends picked in panic mode, by upstream.",
                 &["upstream"],
             ),
+            limit_store_up: gauge_vec(
+                &registry,
+                "palisade_rate_limit_store_up",
+                "Routes with store = \"redis\": 1 while Redis answers, 0 while the route falls back to its local limit.",
+                &["route"],
+            ),
+            limit_fallbacks: counter_vec(
+                &registry,
+                "palisade_rate_limit_fallbacks_total",
+                "Rate-limit checks decided by the local limiter because Redis was unreachable, by route.",
+                &["route"],
+            ),
             registry,
         };
         for result in ["success", "failure"] {
@@ -203,6 +217,14 @@ impl Metrics {
             rate_limited: self.rate_limited.with_label_values(&[route]),
             denied: self.denied.with_label_values(&[route]),
         }
+    }
+
+    /// The handles of a route's shared (Redis) rate-limit store: (up, fallbacks).
+    pub fn limit_store(&self, route: &str) -> (IntGauge, IntCounter) {
+        (
+            self.limit_store_up.with_label_values(&[route]),
+            self.limit_fallbacks.with_label_values(&[route]),
+        )
     }
 
     /// The handles one backend's attempts update.

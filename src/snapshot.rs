@@ -81,10 +81,12 @@ impl Snapshot {
                         .filter(|l| l.config == *limit)
                 });
                 Some(kept.unwrap_or_else(|| {
-                    if matches!(limit.store, crate::config::LimitStore::Redis { .. }) {
-                        tracing::warn!(route = %route.name, "store = \"redis\" is not implemented yet; this route is limited per instance");
-                    }
-                    Arc::new(RateLimiter::new(limit, rate::MAX_KEYS))
+                    Arc::new(RateLimiter::for_route(
+                        &route.name,
+                        limit,
+                        rate::MAX_KEYS,
+                        metrics,
+                    ))
                 }))
             },
         );
@@ -190,6 +192,9 @@ impl ProxyState {
             .iter()
             .filter_map(|r| r.limiter.clone())
             .collect();
+        for limiter in &limiters {
+            limiter.start();
+        }
         if !limiters.is_empty() {
             checkers.push(tokio::spawn(async move {
                 loop {

@@ -488,7 +488,7 @@ fn ser_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
 
 /// `redis://user:secret@host` -> `redis://user:<redacted>@host`; a lone userinfo
 /// (`redis://secret@host`) may be a password too, so it goes whole.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };

@@ -990,7 +990,7 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".to_owned();
     }
     for (size, unit) in UNITS {
-        if ns % size == 0 {
+        if ns.is_multiple_of(size) {
             return format!("{}{unit}", ns / size);
         }
     }

@@ -19,7 +19,9 @@ use governor::state::StateStore;
 use governor::Quota;
 use http::HeaderMap;
 
-use crate::config::{LimitKey, RateLimit};
+use crate::config::{LimitKey, LimitStore, RateLimit};
+
+use super::shared::SharedLimit;
 
 /// The most keys one route's limiter tracks.
 pub const MAX_KEYS: usize = 1_000_000;
@@ -59,7 +61,7 @@ impl CappedStore {
             c.set(n);
             n
         });
-        if self.cap < 65_536 || n % RECOUNT_EVERY == 0 {
+        if self.cap < 65_536 || n.is_multiple_of(RECOUNT_EVERY) {
             let full = self.inner.len() >= self.cap;
             self.full.store(full, std::sync::atomic::Ordering::Relaxed);
             return full;
@@ -117,6 +119,9 @@ pub struct RateLimiter {
     seed: std::collections::hash_map::RandomState,
     /// The configuration it was built from (a reload keeps the limiter when this is equal).
     pub config: RateLimit,
+    /// With `store = "redis"`: the limit every instance shares; the local limiter above
+    /// decides while Redis is unreachable.
+    shared: Option<std::sync::Arc<SharedLimit>>,
 }
 
 impl RateLimiter {
@@ -137,7 +142,54 @@ impl RateLimiter {
             key: config.key.clone(),
             seed: std::collections::hash_map::RandomState::new(),
             config: config.clone(),
+            shared: None,
         }
+    }
+
+    /// The limiter of route `route`: with `store = "redis"`, shared through Redis (its
+    /// connection opens in the background once [`RateLimiter::start`] runs), with this
+    /// instance's local limiter as the fallback.
+    pub fn for_route(
+        route: &str,
+        config: &RateLimit,
+        cap: usize,
+        metrics: &crate::metrics::Metrics,
+    ) -> Self {
+        let mut limiter = RateLimiter::new(config, cap);
+        if let LimitStore::Redis { url } = &config.store {
+            match SharedLimit::new(route, config, url, metrics.limit_store(route)) {
+                Ok(shared) => limiter.shared = Some(std::sync::Arc::new(shared)),
+                // Validation accepts only redis:// and rediss:// URLs; one the client
+                // still refuses leaves the route limited per instance, loudly.
+                Err(e) => {
+                    tracing::error!(route, error = %e, "rate limit store unusable; limiting per instance")
+                }
+            }
+        }
+        limiter
+    }
+
+    /// Starts the background work of a shared limit (connecting to Redis). Idempotent.
+    pub fn start(&self) {
+        if let Some(shared) = &self.shared {
+            shared.start();
+        }
+    }
+
+    /// The shared (Redis) part of this limiter, if it has one.
+    pub fn shared(&self) -> Option<&SharedLimit> {
+        self.shared.as_deref()
+    }
+
+    /// Counts one request of `client_ip` with `headers`: in Redis when the limit is
+    /// shared and Redis answers, else in this instance.
+    pub async fn admit(&self, client_ip: IpAddr, headers: &HeaderMap) -> Result<(), Limited> {
+        if let Some(shared) = &self.shared {
+            if let Some(verdict) = shared.check(&shared.key(client_ip, headers)).await {
+                return verdict;
+            }
+        }
+        self.check(&self.key(client_ip, headers))
     }
 
     /// The key of a request: its client IP, or its header value (the client IP when the

@@ -203,7 +203,7 @@ async fn proxy<'s>(
         return Err(ProxyError::Denied);
     }
     if let Some(limiter) = &route.limiter {
-        if let Err(limited) = limiter.check(&limiter.key(client_ip, req.headers())) {
+        if let Err(limited) = limiter.admit(client_ip, req.headers()).await {
             route.metrics.rate_limited.inc();
             let (quota, window_secs) = limiter.policy();
             return Err(ProxyError::RateLimited {
