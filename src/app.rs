@@ -93,7 +93,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let dns_task = tokio::spawn(dns::refresh_forever(state.clone(), resolver));
     let (admin_stop, admin_task) = spawn_admin(admin_listener, state.clone());
-    server::serve_managed(listeners, state, shutdown_signal()).await;
+    crate::sdnotify::ready();
+    let shutdown = async {
+        shutdown_signal().await;
+        crate::sdnotify::stopping();
+    };
+    server::serve_managed(listeners, state, shutdown).await;
     sighup.abort();
     dns_task.abort();
     let _ = admin_stop.send(());

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod route;
+pub mod sdnotify;
 pub mod server;
 pub mod snapshot;
 pub mod tls;

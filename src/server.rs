@@ -5,9 +5,11 @@
 //! own task with a watchdog that enforces two timeouts hyper does not give us as we want
 //! them: `header_read` (a request head must arrive within it once its first byte has) and
 //! `idle` (a connection with no request in flight and no bytes moving is closed). On
-//! shutdown every connection is asked to finish gracefully (in-flight requests complete,
-//! idle keep-alive connections close) and `serve` returns once all are gone or
-//! `server.timeouts.shutdown` has passed.
+//! shutdown the listeners close first, then every connection finishes gracefully:
+//! in-flight HTTP/1 requests complete with `Connection: close`, HTTP/2 connections get
+//! GOAWAY, and idle HTTP/1 keep-alive connections get [`DRAIN_GRACE`] to send one more
+//! request (answered with `Connection: close`) so that a client mid-send does not race the
+//! close. `serve` returns once all are gone or `server.timeouts.shutdown` has passed.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -31,6 +33,10 @@ use tokio::task::JoinHandle;
 use crate::clock::{instant_at, nanos, now_ns};
 use crate::proxy::{self, ConnInfo};
 use crate::snapshot::ProxyState;
+
+/// While draining, how long an idle HTTP/1 keep-alive connection stays open for the
+/// client's next request (answered with `Connection: close`) before it is closed.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// The open connections of one server, for evicting idle ones at `max_connections`.
 type Registry = Arc<std::sync::Mutex<HashMap<u64, Arc<Activity>>>>;
@@ -192,6 +198,7 @@ async fn serve_inner(
     drop(done_tx);
 
     state.start_draining();
+    warn_if_queued_connections_would_reset();
     let _ = stop_tx.send(true);
     for task in accept_tasks.into_values().chain(tls_tasks) {
         task.abort();
@@ -205,6 +212,22 @@ async fn serve_inner(
             open_connections = state.connections.load(Ordering::Relaxed),
             "shutdown timeout reached; closing the remaining connections"
         );
+    }
+}
+
+/// Linux resets the connections still waiting in a closing listener's accept queue unless
+/// `net.ipv4.tcp_migrate_req` = 1 hands them to another SO_REUSEPORT listener on the same
+/// port (the instance that replaces this one). Says so when it matters: at drain.
+fn warn_if_queued_connections_would_reset() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if let Ok(value) = std::fs::read_to_string(SYSCTL) {
+        if value.trim() == "0" {
+            tracing::warn!(
+                "net.ipv4.tcp_migrate_req = 0: connections queued on the closing listeners \
+                 are reset, not handed to a replacing instance; for zero-downtime restarts \
+                 set it to 1 (see README, Running several instances)"
+            );
+        }
     }
 }
 
@@ -396,20 +419,40 @@ async fn serve_io<S>(
                 if activity.conflicting_framing.swap(false, Ordering::Relaxed) {
                     req.extensions_mut().insert(proxy::ConflictingFraming);
                 }
+                let version = req.version();
+                if version == http::Version::HTTP_2 && !activity.h2.load(Ordering::Relaxed) {
+                    activity.h2.store(true, Ordering::Relaxed);
+                }
                 let _request = activity.request_started();
-                Ok::<_, Infallible>(proxy::handle(&state, req, &info).await)
+                let mut response = proxy::handle(&state, req, &info).await;
+                // Draining: an HTTP/1 client learns from this answer to take its next
+                // request elsewhere (the new instance), instead of racing our close.
+                if state.is_draining()
+                    && version < http::Version::HTTP_2
+                    && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
             }
         })
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
 
+    // `draining`: the server is stopping; `closing`: hyper was asked to close gracefully.
     let mut draining = *stop.borrow();
-    if draining {
-        conn.as_mut().graceful_shutdown();
-    }
+    let mut closing = false;
     let watchdog = tokio::time::sleep(limits.idle.min(limits.header_read));
     tokio::pin!(watchdog);
+    let grace = tokio::time::sleep(DRAIN_GRACE);
+    tokio::pin!(grace);
+    // Accepted just before the listener closed: its request is on its way (closing now
+    // would reset it), so it gets the grace an idle keep-alive connection gets.
+    let mut grace_armed = draining;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -420,7 +463,28 @@ async fn serve_io<S>(
             }
             changed = stop.changed(), if !draining => {
                 draining = true;
-                if changed.is_ok() {
+                if changed.is_err() {
+                    continue;
+                }
+                if activity.h2.load(Ordering::Relaxed)
+                    || activity.in_flight.load(Ordering::Relaxed) > 0
+                {
+                    // HTTP/2 says GOAWAY (race-free by design); an HTTP/1 request in
+                    // flight gets `Connection: close` on its answer.
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    // An idle HTTP/1 connection: closing it now races a client that is
+                    // sending its next request. Its next answer says `Connection: close`;
+                    // one that stays quiet is closed after DRAIN_GRACE.
+                    grace.as_mut().reset((Instant::now() + DRAIN_GRACE).into());
+                    grace_armed = true;
+                }
+            }
+            () = &mut grace, if grace_armed => {
+                grace_armed = false;
+                if !closing {
+                    closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
             }
@@ -437,10 +501,10 @@ async fn serve_io<S>(
                     }
                     Verdict::Idle => {
                         tracing::debug!(%peer, "idle timeout; closing");
-                        if draining {
+                        if closing {
                             break;
                         }
-                        draining = true;
+                        closing = true;
                         conn.as_mut().graceful_shutdown();
                         // A graceful close that does not finish within another `idle` is forced.
                         watchdog.as_mut().reset((Instant::now() + limits.idle).into());
@@ -467,6 +531,8 @@ struct Activity {
     /// The last request head carried both Content-Length and Transfer-Encoding (hyper
     /// silently drops the length; we refuse the request).
     conflicting_framing: std::sync::atomic::AtomicBool,
+    /// Has carried an HTTP/2 request.
+    h2: std::sync::atomic::AtomicBool,
     /// Asked to close to make room under `max_connections`.
     evict: tokio::sync::Notify,
     /// Already asked (so it is not picked twice).
@@ -492,6 +558,7 @@ impl Activity {
             head_started: AtomicU64::new(now),
             requests: AtomicU64::new(0),
             conflicting_framing: std::sync::atomic::AtomicBool::new(false),
+            h2: std::sync::atomic::AtomicBool::new(false),
             evict: tokio::sync::Notify::new(),
             evicted: std::sync::atomic::AtomicBool::new(false),
         }

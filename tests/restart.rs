@@ -1,0 +1,379 @@
+//! Zero-downtime restarts (SPEC section 7): a new palisade process starts on the same
+//! ports (SO_REUSEPORT), becomes ready, then the old one gets SIGTERM and drains; clients
+//! under steady load see no failed request. Also the drain behaviour that makes it so for
+//! keep-alive clients.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Linux resets the connections still queued on a listener that closes, unless
+/// `net.ipv4.tcp_migrate_req` = 1 moves them to another listener of the SO_REUSEPORT
+/// group (Linux 5.14+). The README's restart procedure sets it; so does this test, inside
+/// a network namespace of its own so the machine's setting is left alone.
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+const IN_NETNS: &str = "PALISADE_TEST_IN_NETNS";
+
+#[test]
+fn restart_under_load_loses_no_request() {
+    let migrating = std::fs::read_to_string(MIGRATE_REQ).is_ok_and(|v| v.trim() == "1");
+    if !migrating && std::env::var_os(IN_NETNS).is_none() {
+        // Run this very test again in a fresh network namespace (needs root, as CI is).
+        let exe = std::env::current_exe().expect("test binary path");
+        let status = Command::new("unshare")
+            .args(["--net", "--"])
+            .arg(exe)
+            .args([
+                "restart_under_load_loses_no_request",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(IN_NETNS, "1")
+            .status()
+            .expect("run unshare (util-linux)");
+        assert!(
+            status.success(),
+            "the restart test failed in its network namespace ({status}); it needs root to \
+             create one, or run it with {MIGRATE_REQ} = 1"
+        );
+        return;
+    }
+    if !migrating {
+        let lo = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run ip (iproute2)");
+        assert!(lo.success(), "cannot bring lo up in the test's namespace");
+        std::fs::write(MIGRATE_REQ, "1").expect("set tcp_migrate_req in the test's namespace");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(restart_scenario());
+}
+
+/// Two restarts (A -> B -> C) during a steady load of keep-alive clients and of clients
+/// that open a new connection per request.
+async fn restart_scenario() {
+    let backends = [
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    ];
+    let port = free_port();
+    let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
+    let dir = std::env::temp_dir().join(format!("palisade-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let instance = |name: &str| -> (PathBuf, SocketAddr) {
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let path = dir.join(format!("{name}.toml"));
+        let list: Vec<String> = backends
+            .iter()
+            .map(|b| format!("{{ addr = \"{}\" }}", b.addr))
+            .collect();
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = [\"{proxy}\"]\n[admin]\nlisten = \"{admin}\"\n\
+                 [[routes]]\nname = \"all\"\nupstream = \"app\"\n\
+                 [upstreams.app]\nbackends = [{}]\n",
+                list.join(", ")
+            ),
+        )
+        .expect("config");
+        (path, admin)
+    };
+
+    let (path_a, admin_a) = instance("a");
+    let mut old = start_ready(&path_a, admin_a).await;
+
+    let url = format!("http://{proxy}/");
+    let keep_alive = Load::start(
+        &url,
+        4,
+        Duration::from_secs(7),
+        20_000,
+        Duration::from_millis(1),
+    );
+    let fresh = FreshLoad::start(proxy, 4, Duration::from_secs(7), 5_000);
+
+    for name in ["b", "c"] {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (path, admin) = instance(name);
+        let new = start_ready(&path, admin).await;
+        let served_before = keep_alive.ok() + fresh.ok();
+        terminate_and_wait(old).await;
+        eprintln!("restart to {name}: old instance gone after {served_before} answers");
+        old = new;
+    }
+    let after_last = keep_alive.ok() + fresh.ok();
+    let (ka_ok, ka_failed) = keep_alive.finish().await;
+    let (fresh_ok, fresh_failed) = fresh.finish().await;
+    eprintln!(
+        "restart under load: keep-alive {ka_ok} ok / {ka_failed} failed, \
+         new connections {fresh_ok} ok / {fresh_failed} failed"
+    );
+    assert_eq!(
+        ka_failed, 0,
+        "keep-alive requests failed during the restarts"
+    );
+    assert_eq!(
+        fresh_failed, 0,
+        "new-connection requests failed during the restarts"
+    );
+    assert!(
+        ka_ok + fresh_ok > after_last + 100,
+        "the last instance served too little: {after_last} before, {} after",
+        ka_ok + fresh_ok
+    );
+    assert!(
+        fresh_ok >= 500 && ka_ok >= 500,
+        "too little load to prove anything"
+    );
+    terminate_and_wait(old).await;
+}
+
+/// Starts `palisade run -c path` and waits until its `/readyz` answers 200.
+async fn start_ready(path: &Path, admin: SocketAddr) -> ChildGuard {
+    let child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let ready = eventually(Duration::from_secs(20), async || {
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                try_get(&format!("http://{admin}/readyz"))
+            )
+            .await,
+            Ok(Some(200))
+        )
+    })
+    .await;
+    assert!(ready, "palisade with {} never became ready", path.display());
+    child
+}
+
+async fn try_get(url: &str) -> Option<u16> {
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .ok()?;
+    client()
+        .request(req)
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// SIGTERM, then expects exit code 0 within 15 s.
+async fn terminate_and_wait(mut child: ChildGuard) {
+    let pid = child.0.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -TERM {pid}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            assert_eq!(status.code(), Some(0), "palisade {pid} exit after SIGTERM");
+            return;
+        }
+        assert!(Instant::now() < deadline, "palisade {pid} still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Clients that open a new connection for every request (`Connection: close`): the ones
+/// that land in a listener's accept queue just as it closes.
+struct FreshLoad {
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl FreshLoad {
+    fn start(addr: SocketAddr, clients: usize, duration: Duration, per_client: usize) -> Self {
+        let deadline = Instant::now() + duration;
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (ok, failed) = (ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    for _ in 0..per_client {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        match tokio::time::timeout(Duration::from_secs(5), one_request(addr)).await
+                        {
+                            Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                            Ok(Err(e)) => {
+                                eprintln!("new-connection request failed: {e}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(_) => {
+                                eprintln!("new-connection request timed out");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+            })
+            .collect();
+        FreshLoad { ok, failed, tasks }
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    async fn finish(self) -> (usize, usize) {
+        for task in self.tasks {
+            task.await.expect("load client");
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+async fn one_request(addr: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: restart.test\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::with_capacity(1024);
+    stream.read_to_end(&mut answer).await?;
+    if answer.starts_with(b"HTTP/1.1 200 ") {
+        Ok(())
+    } else {
+        let head = String::from_utf8_lossy(&answer[..answer.len().min(80)]).into_owned();
+        Err(std::io::Error::other(format!("answer: {head:?}")))
+    }
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_idle_at_drain_gets_one_more_answer_then_close() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let addr = proxy.addr;
+    let mut conn = TcpStream::connect(addr).await.expect("connect");
+    let request = b"GET / HTTP/1.1\r\nHost: drain.test\r\n\r\n";
+    conn.write_all(request).await.expect("write");
+    let first = read_head(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(
+        !first.to_ascii_lowercase().contains("connection: close"),
+        "{first}"
+    );
+
+    // Drain starts while the connection is idle.
+    let draining = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The client's next request on it is still answered, with Connection: close...
+    conn.write_all(request)
+        .await
+        .expect("write during the drain");
+    let second = read_head(&mut conn).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(
+        second.to_ascii_lowercase().contains("connection: close"),
+        "{second}"
+    );
+    // ...and then the connection ends.
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut rest)).await;
+    assert!(eof.is_ok(), "connection not closed after Connection: close");
+    tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .expect("drain finished")
+        .expect("drain task");
+}
+
+/// Reads one response head and its Content-Length body; returns the head.
+async fn read_head(conn: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut byte))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(
+            n == 1,
+            "connection closed before a response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.expect("body");
+    head
+}
+
+#[tokio::test]
+async fn under_systemd_it_says_ready_once_serving_and_stopping_on_sigterm() {
+    let a = Echo::start("a").await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("palisade-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let socket_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let path = dir.join("palisade.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
+            free_port(),
+            single_upstream(&[(a.addr, 1)], "")
+        ),
+    )
+    .expect("config");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["run", "-c", &path.to_string_lossy(), "--log-level", "warn"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn palisade");
+    let child = ChildGuard(child);
+    let receive = |socket: std::os::unix::net::UnixDatagram| {
+        tokio::task::spawn_blocking(move || {
+            let mut buf = [0u8; 256];
+            let n = socket.recv(&mut buf).expect("a notification within 20 s");
+            (String::from_utf8_lossy(&buf[..n]).into_owned(), socket)
+        })
+    };
+    let (message, socket) = receive(socket).await.expect("recv task");
+    assert_eq!(message, "READY=1");
+    // Ready means serving: the very next request is answered.
+    let answer = get(&format!("http://127.0.0.1:{port}/")).await;
+    assert_eq!(answer.status, 200);
+    let stopping = receive(socket);
+    terminate_and_wait(child).await;
+    let (message, _) = stopping.await.expect("recv task");
+    assert_eq!(message, "STOPPING=1");
+}
