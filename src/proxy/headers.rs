@@ -49,6 +49,12 @@ pub struct ClientSide {
 /// reaches the backend. `TE: trailers` is kept (gRPC needs it; it is the only value a
 /// proxy may pass on).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the names (comparisons, no hashing) finds whether there is anything to
+    // do; most requests carry no hop-by-hop header, and seven removals would cost seven
+    // hash lookups each. An upgrade always has `Connection`, so it never returns here.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(&name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         // Names listed in Connection are hop-by-hop too; collect them first since we
         // cannot remove while borrowing. Typical values ("keep-alive", "close") are short.
@@ -94,6 +100,8 @@ pub fn add_forwarding(
     client: &ClientSide,
     authority: Option<&str>,
 ) -> HeaderValue {
+    // Up to five new names: grow the map once, not once per insert.
+    headers.reserve(5);
     set_forwarded_for(headers, client.ip);
     headers.insert(
         X_FORWARDED_PROTO.clone(),
@@ -131,11 +139,17 @@ fn via_value(version: Version) -> HeaderValue {
 fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
     // "255.255.255.255" / a full IPv6 address fits easily in 64 bytes.
     let mut buf = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    if write!(cursor, "{ip}").is_err() {
-        return;
-    }
-    let len = cursor.position() as usize;
+    let len = match ip {
+        // The common case by hand: core::fmt costs more than the rest of this function.
+        IpAddr::V4(v4) => write_ipv4(&mut buf, v4.octets()),
+        IpAddr::V6(_) => {
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            if write!(cursor, "{ip}").is_err() {
+                return;
+            }
+            cursor.position() as usize
+        }
+    };
     let ip_text = &buf[..len];
 
     let existing = headers.get_all(&X_FORWARDED_FOR);
@@ -165,6 +179,28 @@ fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
     }
 }
 
+/// Writes `a.b.c.d` into `buf` (at least 15 bytes); returns the length.
+fn write_ipv4(buf: &mut [u8; 64], octets: [u8; 4]) -> usize {
+    let mut len = 0;
+    for (i, octet) in octets.into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    len
+}
+
 /// A client-sent request id is kept when it is 1 to 128 characters of `[A-Za-z0-9._:+/=@-]`
 /// (covers UUIDs, ULIDs, trace ids and base64); anything else is replaced.
 pub fn is_valid_request_id(id: &[u8]) -> bool {
@@ -191,6 +227,24 @@ pub fn new_request_id() -> HeaderValue {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn ipv4_written_by_hand_matches_display() {
+        for octets in [
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [10, 1, 20, 103],
+            [127, 0, 0, 1],
+            [9, 99, 100, 200],
+        ] {
+            let mut buf = [0u8; 64];
+            let len = write_ipv4(&mut buf, octets);
+            assert_eq!(
+                std::str::from_utf8(&buf[..len]).expect("ascii"),
+                std::net::Ipv4Addr::from(octets).to_string()
+            );
+        }
+    }
 
     fn client() -> ClientSide {
         ClientSide {
