@@ -8,10 +8,6 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: the request path allocates small, short-lived objects (header values, boxed
-/// futures) from many threads, which it serves faster than the system allocator.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use palisade::app::{self, StartError};
 use palisade::config;
 use palisade::logging::{self, LogFormat};
@@ -63,13 +59,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = logging::init(
+    // Held to the end of main: dropping it flushes the log lines still queued.
+    let _log_guard = match logging::init(
         cli.log_format.unwrap_or_else(LogFormat::detect),
         &cli.log_level,
     ) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
         Command::Run => {

@@ -217,12 +217,13 @@ async fn serve_inner(
 
 /// Linux resets the connections still waiting in a closing listener's accept queue unless
 /// `net.ipv4.tcp_migrate_req` = 1 hands them to another SO_REUSEPORT listener on the same
-/// port (the instance that replaces this one). Says so when it matters: at drain.
+/// port (the instance that replaces this one). Says so (at info: a plain Ctrl-C needs no
+/// warning) when it matters: at drain.
 fn warn_if_queued_connections_would_reset() {
     const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
     if let Ok(value) = std::fs::read_to_string(SYSCTL) {
         if value.trim() == "0" {
-            tracing::warn!(
+            tracing::info!(
                 "net.ipv4.tcp_migrate_req = 0: connections queued on the closing listeners \
                  are reset, not handed to a replacing instance; for zero-downtime restarts \
                  set it to 1 (see README, Running several instances)"
