@@ -110,6 +110,9 @@ impl Snapshot {
 /// How often rate limiters drop the keys whose buckets are full again.
 const LIMITER_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often idle upstream connections are checked for age and closure.
+const POOL_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What every connection and request of one palisade instance shares.
 #[derive(Debug)]
 pub struct ProxyState {
@@ -186,6 +189,22 @@ impl ProxyState {
         }
         for upstream in &snapshot.upstreams {
             checkers.extend(crate::health::active::spawn_checks(upstream, &self.metrics));
+        }
+        let pooled: Vec<Arc<crate::upstream::Backend>> = snapshot
+            .upstreams
+            .iter()
+            .filter(|u| u.direct)
+            .flat_map(|u| u.backends.iter().cloned())
+            .collect();
+        if !pooled.is_empty() {
+            checkers.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(POOL_SWEEP_EVERY).await;
+                    for backend in &pooled {
+                        backend.pool.sweep();
+                    }
+                }
+            }));
         }
         let limiters: Vec<Arc<RateLimiter>> = snapshot
             .routes

@@ -13,6 +13,8 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::{Body, Incoming};
 
+use crate::upstream::pool::UpstreamBody;
+
 /// The error type of [`ProxyBody`]: whatever the inner stream failed with, or [`BodyTooLarge`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -33,6 +35,9 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A peer's body, streamed through as it arrives.
     Stream(Incoming),
+    /// A backend's response body, streamed through; gives its pooled connection back at
+    /// the end.
+    Upstream(UpstreamBody),
     /// A client's body, streamed through, failing once more than `remaining` bytes arrive.
     Limited {
         /// The client's body.
@@ -141,6 +146,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             ProxyBody::Limited {
                 inner,
                 remaining,
@@ -193,6 +199,7 @@ impl Body for ProxyBody {
             ProxyBody::Empty => true,
             ProxyBody::Full(chunk) => chunk.is_none(),
             ProxyBody::Stream(inner) | ProxyBody::Limited { inner, .. } => inner.is_end_stream(),
+            ProxyBody::Upstream(inner) => inner.is_end_stream(),
             ProxyBody::Deferred { .. } => false,
         }
     }
@@ -204,6 +211,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(chunk.as_ref().map_or(0, |b| b.len() as u64))
             }
             ProxyBody::Stream(inner) | ProxyBody::Limited { inner, .. } => inner.size_hint(),
+            ProxyBody::Upstream(inner) => inner.size_hint(),
             ProxyBody::Deferred { slot, .. } => slot
                 .lock()
                 .ok()

@@ -172,7 +172,7 @@ impl ProxyError {
     }
 
     /// Classifies a failed upstream exchange from the client's error.
-    pub fn from_upstream(err: &hyper_util::client::legacy::Error) -> ProxyError {
+    pub fn from_upstream(err: &crate::upstream::pool::SendError) -> ProxyError {
         let mut source = err.source();
         while let Some(cause) = source {
             if cause.is::<BodyTooLarge>() {

@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, CONNECTION, CONTENT_LENGTH, UPGRADE};
+use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -29,6 +29,7 @@ use crate::health::{self, Transition};
 use crate::limit::client_ip;
 use crate::route::Route;
 use crate::snapshot::{ProxyState, Snapshot};
+use crate::upstream::pool::UpstreamBody;
 use crate::upstream::{Backend, PickError, Tried, Upstream};
 
 /// Request bodies up to this size are read before forwarding, so that they can be sent
@@ -245,6 +246,7 @@ async fn proxy<'s>(
     .await?;
     let mut template = Template {
         scheme: upstream.scheme.clone(),
+        direct: upstream.direct,
         method: parts.method,
         path_and_query,
         headers: parts.headers,
@@ -260,6 +262,8 @@ async fn proxy<'s>(
             // A backend may not switch protocols the client did not ask for.
             return Err(ProxyError::ConnectionTerminated);
         };
+        // The connection now belongs to the tunnel, not to the pool.
+        resp.body_mut().forget_connection();
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
         let (mut parts, _body) = resp.into_parts();
@@ -270,12 +274,14 @@ async fn proxy<'s>(
     headers::remove_hop_by_hop(&mut parts.headers, false);
     // The client's connection keeps the version it speaks, whatever the backend spoke.
     parts.version = client_version;
-    Ok(Response::from_parts(parts, ProxyBody::Stream(body)))
+    Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
 }
 
 /// The parts of the upstream request that stay the same on every attempt.
 struct Template {
     scheme: Scheme,
+    /// Whether requests go through palisade's own pool (origin-form URIs).
+    direct: bool,
     method: Method,
     path_and_query: PathAndQuery,
     headers: HeaderMap,
@@ -291,12 +297,17 @@ impl Template {
         body: ProxyBody,
         last: bool,
     ) -> Result<Request<ProxyBody>, ProxyError> {
-        let uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(backend.authority.clone())
-            .path_and_query(self.path_and_query.clone())
-            .build()
-            .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        let uri = if self.direct {
+            // palisade's own pool writes the URI as it is: origin-form.
+            Uri::from(self.path_and_query.clone())
+        } else {
+            Uri::builder()
+                .scheme(self.scheme.clone())
+                .authority(backend.authority.clone())
+                .path_and_query(self.path_and_query.clone())
+                .build()
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?
+        };
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
@@ -306,6 +317,12 @@ impl Template {
         } else {
             self.headers.clone()
         };
+        if self.direct && !req.headers().contains_key(HOST) {
+            // An HTTP/1.0 client may send no Host at all; HTTP/1.1 backends need one.
+            if let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) {
+                req.headers_mut().insert(HOST, host);
+            }
+        }
         Ok(req)
     }
 }
@@ -313,7 +330,7 @@ impl Template {
 /// How one attempt ended.
 enum Outcome {
     /// An answer to pass on.
-    Answer(Response<Incoming>),
+    Answer(Response<UpstreamBody>),
     /// A failure, and whether the backend may have received the request.
     Failed { error: ProxyError, sent: bool },
 }
@@ -329,7 +346,7 @@ async fn attempt_until_done<'s>(
     body: &Replayable,
     key: u64,
     trace: &mut Trace<'s>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let policy = &upstream.config.retry;
     let idempotent = is_idempotent(&template.method);
     let mut tried = Tried::default();
@@ -389,8 +406,7 @@ async fn attempt_once<'s>(
     trace.attempts += 1;
     let req = template.request(backend, body.attempt(), last)?;
     let started = Instant::now();
-    let sent =
-        tokio::time::timeout(upstream.response_timeout(), upstream.client.request(req)).await;
+    let sent = tokio::time::timeout(upstream.response_timeout(), upstream.send(index, req)).await;
     drop(in_flight);
     let outcome = match sent {
         Ok(Ok(resp)) => {

@@ -43,6 +43,8 @@ pub struct Backend {
     /// When the backend last came back into rotation (0: never left); slow start runs
     /// from here.
     pub(crate) returned_at: AtomicU64,
+    /// Idle keep-alive connections (plain HTTP/1.1 upstreams).
+    pub pool: super::pool::Pool,
 }
 
 impl Backend {
@@ -67,6 +69,7 @@ impl Backend {
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             returned_at: AtomicU64::new(0),
+            pool: super::pool::Pool::default(),
         }
     }
 

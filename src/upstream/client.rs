@@ -1,4 +1,5 @@
-//! The pooled HTTP client palisade uses to talk to one upstream's backends.
+//! The pooled HTTP client palisade uses for TLS and h2c upstreams (plain HTTP/1.1
+//! upstreams use the backends' own pools, [`super::pool`]).
 //!
 //! One keep-alive pool per upstream (hyper-util's legacy client; the pool is keyed by
 //! backend address), TCP_NODELAY, a connect timeout, HTTP/1.1 or HTTP/2 prior knowledge as

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod budget;
 pub mod client;
+pub mod pool;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -33,8 +34,11 @@ pub struct Upstream {
     pub backends: Vec<Arc<Backend>>,
     /// The selection algorithm, built for `backends`.
     pub balancer: Box<dyn Balance>,
-    /// The pooled client that reaches the backends.
+    /// hyper-util's pooled client, for TLS and h2c upstreams.
     pub client: HttpClient,
+    /// Plain HTTP/1.1: requests go through the backends' own pools ([`pool`]) instead of
+    /// `client`, with origin-form URIs.
+    pub direct: bool,
     /// The HTTP version of upstream requests (1.1, or 2 for h2c).
     pub version: Version,
     /// `https` with `tls = true`, else `http`.
@@ -130,7 +134,13 @@ impl Upstream {
             {
                 p.client.clone()
             }
-            _ => client::build(cfg),
+            _ => {
+                // Connections opened under the old transport settings are not reused.
+                for b in &backends {
+                    b.pool.clear();
+                }
+                client::build(cfg)
+            }
         };
         let balancer = balance::build(algorithm(cfg.balance), &backends);
         let budget = match previous {
@@ -143,6 +153,7 @@ impl Upstream {
             name: cfg.name.as_str().into(),
             balancer,
             client,
+            direct: cfg.protocol == config::Protocol::Http1 && cfg.tls.is_none(),
             scheme: if cfg.tls.is_some() {
                 http::uri::Scheme::HTTPS
             } else {
@@ -257,6 +268,24 @@ impl Upstream {
     /// Whether the upstream is in panic mode (its last pick found no healthy backend).
     pub fn in_panic(&self) -> bool {
         self.in_panic.load(Ordering::Relaxed)
+    }
+
+    /// Sends one request to backend `index`: through its own pool for plain HTTP/1.1
+    /// upstreams, through hyper-util's client otherwise. `req` has an absolute URI for the
+    /// latter and an origin-form one for the former (see [`Upstream::direct`]).
+    pub async fn send(
+        &self,
+        index: usize,
+        req: http::Request<crate::proxy::body::ProxyBody>,
+    ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
+        if self.direct {
+            pool::send(&self.backends[index], req, self.config.timeouts.connect).await
+        } else {
+            match self.client.request(req).await {
+                Ok(resp) => Ok(resp.map(|b| pool::UpstreamBody::new(b, None))),
+                Err(e) => Err(pool::SendError::Client(e)),
+            }
+        }
     }
 
     /// The response timeout (until the response head has arrived).
