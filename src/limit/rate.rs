@@ -185,7 +185,9 @@ impl RateLimiter {
     /// shared and Redis answers, else in this instance.
     pub async fn admit(&self, client_ip: IpAddr, headers: &HeaderMap) -> Result<(), Limited> {
         if let Some(shared) = &self.shared {
-            if let Some(verdict) = shared.check(&shared.key(client_ip, headers)).await {
+            // Boxed: only Redis-backed routes pay for the Redis call's state.
+            let key = shared.key(client_ip, headers);
+            if let Some(verdict) = Box::pin(shared.check(&key)).await {
                 return verdict;
             }
         }

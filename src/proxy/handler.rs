@@ -382,7 +382,13 @@ async fn attempt_until_done<'s>(
         }
         attempt += 1;
         upstream.retries.inc();
-        tokio::time::sleep(backoff(policy.backoff, policy.backoff_max, attempt)).await;
+        // Boxed: retries are rare, and every request's future would carry the timer.
+        Box::pin(tokio::time::sleep(backoff(
+            policy.backoff,
+            policy.backoff_max,
+            attempt,
+        )))
+        .await;
     }
 }
 
@@ -489,7 +495,8 @@ async fn replayable_body(
     }
     match declared {
         Some(len) if retries && len <= REPLAY_LIMIT => {
-            let collected = tokio::time::timeout(read_timeout, body.collect())
+            // Boxed: a rare path that would otherwise make every request's future larger.
+            let collected = Box::pin(tokio::time::timeout(read_timeout, body.collect()))
                 .await
                 .map_err(|_| ProxyError::BodyTimeout)?
                 .map_err(|_| ProxyError::BadRequest("request body ended early"))?;

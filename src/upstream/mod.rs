@@ -216,7 +216,12 @@ impl Upstream {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
                 return Err(PickError::QueueFull);
             }
-            let woken = tokio::time::timeout_at(deadline, self.slot_freed.notified()).await;
+            // Boxed: queueing is rare, and every request's future would carry the timer.
+            let woken = Box::pin(tokio::time::timeout_at(
+                deadline,
+                self.slot_freed.notified(),
+            ))
+            .await;
             self.queued.fetch_sub(1, Ordering::Relaxed);
             if woken.is_err() {
                 return Err(PickError::QueueFull);

@@ -183,7 +183,12 @@ pub async fn send(
     loop {
         let (mut tx, pooled) = match backend.pool.take(now) {
             Some(tx) => (tx, true),
-            None => (connect(&backend.addr, connect_timeout).await?, false),
+            // Boxed: connecting is the rare path, and its state would otherwise sit in
+            // every request's future.
+            None => (
+                Box::pin(connect(&backend.addr, connect_timeout)).await?,
+                false,
+            ),
         };
         if tx.ready().await.is_err() {
             if pooled {
