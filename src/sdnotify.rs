@@ -57,5 +57,6 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..n], b"READY=1");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,7 +2,7 @@
 //! SNI picking one of two certificates, ALPN, certificate reload (and a broken one
 //! keeping the old), and `check` catching bad PEM files.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,10 +37,8 @@ fn write_pair(dir: &Path, stem: &str, cert: &Cert) {
     std::fs::write(dir.join(format!("{stem}-key.pem")), &cert.key_pem).expect("key");
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("palisade-tls-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
+fn temp_dir(tag: &str) -> TempDir {
+    TempDir::new(&format!("tls-{tag}"))
 }
 
 /// A config with two certificates on one TLS address: a.test (the default) and b.test.

@@ -2,7 +2,7 @@
 //! must agree with each other and with palisade: no Docker engine runs here, so this test
 //! reads them and checks every file, port, service and metric they name.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! peak RSS (VmHWM) under 64 MiB. palisade and the echo backend run as separate processes,
 //! so the number is the proxy's alone.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -73,8 +73,7 @@ async fn a_gibibyte_each_way_streams_in_bounded_memory() {
         "big",
     ]);
     let proxy_port = free_port();
-    let dir = std::env::temp_dir().join(format!("palisade-mem-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("mem");
     let config = dir.join("palisade.toml");
     std::fs::write(
         &config,

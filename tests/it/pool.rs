@@ -2,7 +2,7 @@
 //! reused across requests, given back only when a response was read to its end, and a
 //! connection the backend closed while idle costs no failed request.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

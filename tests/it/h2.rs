@@ -1,7 +1,7 @@
 //! HTTP/2 end to end: an h2c upstream (`protocol = "h2c"`) with trailers passed through,
 //! as gRPC needs.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! `.ci/run` installs Debian's chromium; without it the test fails in CI (CI=true) and is
 //! skipped, saying so, elsewhere.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! DNS backends: a name's addresses join and leave the pool as lookups change, a failed
 //! lookup keeps the last good set, and real names (localhost) resolve through the system.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

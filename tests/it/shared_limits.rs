@@ -2,7 +2,7 @@
 //! `redis-server` started on an ephemeral port; and the fallback to the local limit while
 //! Redis is gone.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

@@ -3,7 +3,7 @@
 //! under steady load see no failed request. Also the drain behaviour that makes it so for
 //! keep-alive clients.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -72,8 +72,7 @@ async fn restart_scenario() {
     ];
     let port = free_port();
     let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
-    let dir = std::env::temp_dir().join(format!("palisade-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("restart");
     let instance = |name: &str| -> (PathBuf, SocketAddr) {
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let path = dir.join(format!("{name}.toml"));
@@ -334,24 +333,17 @@ async fn read_head(conn: &mut TcpStream) -> String {
 async fn under_systemd_it_says_ready_once_serving_and_stopping_on_sigterm() {
     let a = Echo::start("a").await;
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("palisade-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("notify");
     let socket_path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&socket_path);
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    let path = dir.join("palisade.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
-            free_port(),
-            single_upstream(&[(a.addr, 1)], "")
-        ),
-    )
-    .expect("config");
+    let path = dir.write(
+        "palisade.toml",
+        &listening_on(port, &single_upstream(&[(a.addr, 1)], "")),
+    );
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
         .args(["run", "-c", &path.to_string_lossy(), "--log-level", "warn"])
         .env("NOTIFY_SOCKET", &socket_path)

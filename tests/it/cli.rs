@@ -1,7 +1,7 @@
 //! The command line: `check` output and exit codes, usage errors, `run` with a bad config,
 //! and `demo` answering on its documented ports.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -22,12 +22,11 @@ fn palisade(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn write_config(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("palisade-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write config");
-    path
+/// Writes `text` to `name` in a directory of its own; hold the directory while using it.
+fn write_config(name: &str, text: &str) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new("cli");
+    let path = dir.write(name, text);
+    (dir, path)
 }
 
 #[test]
@@ -43,7 +42,7 @@ fn check_accepts_the_example_config() {
 
 #[test]
 fn check_reports_every_mistake_with_its_position() {
-    let path = write_config(
+    let (_dir, path) = write_config(
         "three-mistakes.toml",
         r#"[server.timeouts]
 idle = "5 sec"
@@ -71,7 +70,7 @@ backends = [{ addr = "127.0.0.1:9001", weight = 0 }]
 
 #[test]
 fn check_rejects_unknown_keys() {
-    let path = write_config(
+    let (_dir, path) = write_config(
         "typo.toml",
         "[server]\nlisten = [\"127.0.0.1:8080\"]\nlsten = 1\n",
     );
@@ -98,7 +97,7 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn run_with_an_invalid_config_exits_1_without_serving() {
-    let path = write_config("bad-run.toml", "[[routes]]\nupstream = \"nowhere\"\n");
+    let (_dir, path) = write_config("bad-run.toml", "[[routes]]\nupstream = \"nowhere\"\n");
     let p = path.to_string_lossy().into_owned();
     let (code, _, err) = palisade(&["run", "-c", &p]);
     assert_eq!(code, 1, "{err}");
@@ -146,7 +145,7 @@ fn stop_gracefully(mut child: ChildGuard) {
 /// Runs palisade with `config`, sends one request to `path`, stops it, and returns its
 /// stderr.
 async fn run_and_capture(config: &str, path: &str) -> String {
-    let file = write_config(&format!("access-{}.toml", common::free_port()), config);
+    let (_dir, file) = write_config(&format!("access-{}.toml", common::free_port()), config);
     let log = file.with_extension("log");
     let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
         .args([

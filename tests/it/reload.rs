@@ -2,7 +2,7 @@
 //! keep the running config, reloads under load drop nothing, live state survives, and
 //! listeners follow `server.listen`.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn temp_config(tag: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("palisade-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("palisade.toml");
-    std::fs::write(&path, text).expect("write");
-    path
+/// Writes `text` as `palisade.toml` in a directory of its own; hold the directory while
+/// using it.
+fn temp_config(tag: &str, text: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(tag);
+    let path = dir.write("palisade.toml", text);
+    (dir, path)
 }
 
 fn routes_to(backends: &[SocketAddr], prefix: &str) -> String {
@@ -41,7 +41,7 @@ fn replace_by_rename(path: &Path, text: &str) {
 async fn editing_the_file_reloads_within_two_seconds_and_bad_edits_are_rejected() {
     let a = Echo::start("a").await;
     let b = Echo::start("b").await;
-    let path = temp_config("watch", &routes_to(&[a.addr], "/"));
+    let (_dir, path) = temp_config("watch", &routes_to(&[a.addr], "/"));
     let proxy = Proxy::start_file(&path).await;
     let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
     let generation = || proxy.state.snapshot().generation;
@@ -102,7 +102,7 @@ async fn editing_the_file_reloads_within_two_seconds_and_bad_edits_are_rejected(
 async fn a_reload_every_200ms_under_load_drops_no_request() {
     let a = Echo::start("a").await;
     let b = Echo::start("b").await;
-    let path = temp_config("churn", &routes_to(&[a.addr], "/"));
+    let (_dir, path) = temp_config("churn", &routes_to(&[a.addr], "/"));
     let proxy = Proxy::start_file(&path).await;
     let deadline = Instant::now() + Duration::from_secs(4);
     let load = Load::start(
@@ -144,7 +144,7 @@ async fn an_unhealthy_backend_kept_by_a_reload_is_still_unhealthy_right_after() 
     let a = Echo::start("a").await;
     let b = Echo::start("b").await;
     let health = "[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 3\n";
-    let path = temp_config(
+    let (_dir, path) = temp_config(
         "keep",
         &format!("{}{health}", routes_to(&[a.addr, b.addr], "/")),
     );
@@ -186,7 +186,7 @@ async fn listeners_open_and_close_as_server_listen_changes() {
             routes_to(&[a.addr], "/")
         )
     };
-    let path = temp_config("listen", &config(&[p1]));
+    let (_dir, path) = temp_config("listen", &config(&[p1]));
     let _child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
     let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("addr") };
     wait_listening(addr(p1)).await;
@@ -211,7 +211,7 @@ async fn listeners_open_and_close_as_server_listen_changes() {
 #[tokio::test]
 async fn connection_settings_follow_a_reload() {
     let a = Echo::start("a").await;
-    let path = temp_config("limits", &routes_to(&[a.addr], "/"));
+    let (_dir, path) = temp_config("limits", &routes_to(&[a.addr], "/"));
     let proxy = Proxy::start_file(&path).await;
     let big_head = format!(
         "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: {}\r\n\r\n",

@@ -1,7 +1,7 @@
 //! The admin API: liveness and readiness (also while draining), status, config with
 //! secrets redacted, token protection, and reloads through `POST /reload`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -129,8 +129,7 @@ async fn a_token_guards_everything_but_liveness_and_readiness() {
 async fn post_reload_applies_a_valid_file_and_rejects_an_invalid_one() {
     let a = Echo::start("a").await;
     let b = Echo::start("b").await;
-    let dir = std::env::temp_dir().join(format!("palisade-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("reload");
     let path = dir.join("palisade.toml");
     std::fs::write(&path, upstream_toml(&[a.addr])).expect("write");
     let proxy = Proxy::start_file(&path).await;

@@ -1,7 +1,7 @@
 //! The core proxy over real sockets: routing, balancing, forwarding headers, streaming,
 //! WebSocket tunnelling, HTTP/2 and palisade's own error answers.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! are told apart per client address (127.0.0.1 and 127.0.0.2, by binding the client
 //! socket); idle connections cannot crowd out real requests.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -280,8 +280,7 @@ async fn rate_limits_keyed_by_header_follow_the_key_not_the_address() {
 async fn limiter_state_survives_a_reload_that_keeps_the_limit() {
     let a = Echo::start("a").await;
     let limit = "[routes.rate_limit]\nrequests_per_second = 0.1\nburst = 2";
-    let dir = std::env::temp_dir().join(format!("palisade-limit-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = TempDir::new("limit-reload");
     let path = dir.join("palisade.toml");
     std::fs::write(&path, acl_config(a.addr, limit, "")).expect("write");
     let proxy = Proxy::start_file(&path).await;

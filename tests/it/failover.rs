@@ -1,7 +1,7 @@
 //! Failover that users never see: health checks, outlier ejection, panic mode, retries
 //! with their rules and budget, the request queue, and draining on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -296,18 +296,8 @@ async fn waiting_in_the_queue_longer_than_its_timeout_answers_503() {
 async fn sigterm_lets_slow_requests_finish_and_exits_0() {
     let a = Echo::start("a").await;
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("palisade-drain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("palisade.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
-            free_port(),
-            config(&[a.addr], "")
-        ),
-    )
-    .expect("config");
+    let dir = TempDir::new("drain");
+    let path = dir.write("palisade.toml", &listening_on(port, &config(&[a.addr], "")));
     let mut child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(addr).await;
