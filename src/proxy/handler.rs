@@ -149,26 +149,46 @@ fn log_access(
     resp: &Response<ProxyBody>,
     elapsed: Duration,
 ) {
-    let client_ip = trace.client_ip.unwrap_or_else(|| conn.peer.ip());
+    if !tracing::enabled!(target: "palisade::access", tracing::Level::INFO) {
+        return;
+    }
     let request_id = trace
         .request_id
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    let access = crate::logging::access::Line {
+        request_id,
+        client_ip: trace.client_ip.unwrap_or_else(|| conn.peer.ip()),
+        method: line.method.as_str(),
+        host: line.host(),
+        path: line.path(),
+        status: resp.status().as_u16(),
+        route: trace.route.map_or("-", |r| &*r.name),
+        upstream: trace.upstream.map_or("-", |u| &*u.name),
+        backend: trace.backend.map_or("-", |b| &*b.addr),
+        attempts: trace.attempts,
+        bytes_in: line.bytes_in,
+        bytes_out: content_length(resp.headers()),
+        duration: elapsed,
+    };
+    if crate::logging::access::write(&access) {
+        return;
+    }
     tracing::info!(
         target: "palisade::access",
-        request_id,
-        client_ip = %client_ip,
-        method = %line.method,
-        host = line.host(),
-        path = line.path(),
-        status = resp.status().as_u16(),
-        route = trace.route.map_or("-", |r| &*r.name),
-        upstream = trace.upstream.map_or("-", |u| &*u.name),
-        backend = trace.backend.map_or("-", |b| &*b.addr),
-        attempts = trace.attempts,
-        bytes_in = line.bytes_in,
-        bytes_out = content_length(resp.headers()),
+        request_id = access.request_id,
+        client_ip = %access.client_ip,
+        method = %access.method,
+        host = access.host,
+        path = access.path,
+        status = access.status,
+        route = access.route,
+        upstream = access.upstream,
+        backend = access.backend,
+        attempts = access.attempts,
+        bytes_in = access.bytes_in,
+        bytes_out = access.bytes_out,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );

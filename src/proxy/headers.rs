@@ -136,21 +136,26 @@ fn via_value(version: Version) -> HeaderValue {
     })
 }
 
-fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    // "255.255.255.255" / a full IPv6 address fits easily in 64 bytes.
-    let mut buf = [0u8; 64];
+/// `ip` as text in `buf`: IPv4 by hand (core::fmt costs more than the rest of
+/// `set_forwarded_for`), IPv6 through `Display`.
+pub(crate) fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
+    // "255.255.255.255" / a full IPv6 address (at most 45 bytes) fits in 64 bytes.
     let len = match ip {
-        // The common case by hand: core::fmt costs more than the rest of this function.
-        IpAddr::V4(v4) => write_ipv4(&mut buf, v4.octets()),
+        IpAddr::V4(v4) => write_ipv4(buf, v4.octets()),
         IpAddr::V6(_) => {
             let mut cursor = std::io::Cursor::new(&mut buf[..]);
-            if write!(cursor, "{ip}").is_err() {
-                return;
-            }
+            // Cannot fail: the text fits.
+            let _ = write!(cursor, "{ip}");
             cursor.position() as usize
         }
     };
-    let ip_text = &buf[..len];
+    &buf[..len]
+}
+
+fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let mut buf = [0u8; 64];
+    let ip_text = ip_text(ip, &mut buf);
+    let len = ip_text.len();
 
     let existing = headers.get_all(&X_FORWARDED_FOR);
     let mut values = existing.iter();

@@ -1,5 +1,7 @@
 //! Log output: text for people at a terminal, JSON lines for machines.
 
+pub mod access;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
@@ -45,6 +47,7 @@ pub fn init(
             64 * 1024,
             std::io::stderr(),
         ));
+    let access_writer = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -55,5 +58,13 @@ pub fn init(
         LogFormat::Text => builder.with_target(false).try_init(),
     };
     // Already installed (tests, or a second call): keep the first one.
-    Ok(result.is_ok().then_some(guard))
+    if result.is_err() {
+        return Ok(None);
+    }
+    // JSON access lines skip tracing's formatter (see `access`); text ones, for people,
+    // keep it.
+    if format == LogFormat::Json {
+        access::install(access_writer);
+    }
+    Ok(Some(guard))
 }
