@@ -89,7 +89,10 @@ if [ "$features" = full ]; then
   # The route gains an allow list and a limit no client reaches; the access log (JSON,
   # one line per request) goes to a file.
   sed -i 's/^upstream = "bench"\$/upstream = "bench"\nallow = ["127.0.0.0\/8"]\n[routes.rate_limit]\nrequests_per_second = 10000000.0\nburst = 10000000/; s/^access_log = false\$/access_log = true/' "\$cfg"
-  exec "$bin" run -c "\$cfg" --log-level info --log-format json 2>"\$PEERS_WORKDIR/palisade-access.log"
+  # Not beside the config: palisade watches the config's directory, and a file written
+  # there on every request would wake the watcher on every request.
+  mkdir -p "\$PEERS_WORKDIR/log"
+  exec "$bin" run -c "\$cfg" --log-level info --log-format json 2>"\$PEERS_WORKDIR/log/palisade-access.log"
 fi
 exec "$bin" run -c "\$cfg" --log-level warn
 CMD

@@ -130,30 +130,61 @@ fn push_padded(buf: &mut Vec<u8>, mut n: u32, width: usize) {
 /// `s` as a JSON string: quotes, and escapes only for `"`, `\` and control characters.
 fn string(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
-    let bytes = s.as_bytes();
-    let mut run = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b >= 0x20 && b != b'"' && b != b'\\' {
-            continue;
-        }
-        buf.extend_from_slice(&bytes[run..i]);
-        match b {
+    let mut rest = s.as_bytes();
+    while let Some(at) = first_to_escape(rest) {
+        buf.extend_from_slice(&rest[..at]);
+        match rest[at] {
             b'"' => buf.extend_from_slice(b"\\\""),
             b'\\' => buf.extend_from_slice(b"\\\\"),
             b'\n' => buf.extend_from_slice(b"\\n"),
             b'\r' => buf.extend_from_slice(b"\\r"),
             b'\t' => buf.extend_from_slice(b"\\t"),
-            _ => {
+            b => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
                 buf.extend_from_slice(b"\\u00");
                 buf.push(HEX[usize::from(b >> 4)]);
                 buf.push(HEX[usize::from(b & 0xf)]);
             }
         }
-        run = i + 1;
+        rest = &rest[at + 1..];
     }
-    buf.extend_from_slice(&bytes[run..]);
+    buf.extend_from_slice(rest);
     buf.push(b'"');
+}
+
+fn must_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// The index of the first byte JSON must escape, eight bytes at a time: a path or host
+/// almost never has one.
+fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // Bytes of `v` that are zero / below `n` (n <= 0x80) set their high bit here; a
+    // byte above a flagged one may be flagged falsely, which only costs a byte scan.
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v & HIGHS;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_le_bytes(word);
+        if below(v, 0x20) | zero(v ^ (ONES * u64::from(b'"'))) | zero(v ^ (ONES * u64::from(b'\\')))
+            != 0
+        {
+            if let Some(i) = chunk.iter().position(|&b| must_escape(b)) {
+                return Some(offset + i);
+            }
+        }
+        offset += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| must_escape(b))
+        .map(|i| offset + i)
 }
 
 /// RFC 3339 UTC timestamps with microseconds; `YYYY-MM-DDTHH:MM:SS` is formatted once per
@@ -275,6 +306,23 @@ mod tests {
         assert_eq!(value["client_ip"], "2001:db8::1");
         assert_eq!(value["timestamp"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(value["duration_ms"], 78.655435);
+    }
+
+    #[test]
+    fn every_byte_that_needs_escaping_is_found_wherever_it_is() {
+        for len in 0..20 {
+            for at in 0..len {
+                for special in [b'"', b'\\', b'\n', 0x00, 0x1f] {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = special;
+                    assert_eq!(first_to_escape(&bytes), Some(at), "{bytes:?}");
+                }
+                // High bytes (UTF-8) and DEL are left alone.
+                let mut bytes = vec![0xc3; len];
+                bytes[at] = 0x7f;
+                assert_eq!(first_to_escape(&bytes), None);
+            }
+        }
     }
 
     #[test]
