@@ -62,18 +62,21 @@ pub fn write(line: &Line<'_>) -> bool {
     let Some(shared) = WRITER.get() else {
         return false;
     };
-    LOCAL.with(|local| {
-        let Ok(mut local) = local.try_borrow_mut() else {
-            return false;
-        };
-        let Local { buf, writer, clock } = &mut *local;
-        buf.clear();
-        format(buf, clock, SystemTime::now(), line);
-        let writer = writer.get_or_insert_with(|| shared.clone());
-        // The writer only fails once its thread is gone (the process is exiting).
-        let _ = writer.write_all(buf);
-        true
-    })
+    // `try_with`: a thread being torn down has no buffer left; tracing then takes the line.
+    LOCAL
+        .try_with(|local| {
+            let Ok(mut local) = local.try_borrow_mut() else {
+                return false;
+            };
+            let Local { buf, writer, clock } = &mut *local;
+            buf.clear();
+            format(buf, clock, SystemTime::now(), line);
+            let writer = writer.get_or_insert_with(|| shared.clone());
+            // The writer only fails once its thread is gone (the process is exiting).
+            let _ = writer.write_all(buf);
+            true
+        })
+        .unwrap_or(false)
 }
 
 fn format(buf: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, line: &Line<'_>) {
