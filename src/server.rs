@@ -296,9 +296,14 @@ fn connection_builder(config: &crate::config::Config) -> auto::Builder<TokioExec
     // hyper answers 431 itself when the head does not fit in its read buffer; the buffer
     // cannot be smaller than 8 KiB.
     let max_head = limits.max_header_bytes.max(8192);
+    // hyper's own header-read timer (30 s by default once a timer is set) also runs while a
+    // keep-alive connection waits for its next request, so it closed idle connections at
+    // 30 s whatever `idle` said, and capped `header_read` at 30 s. The connection watchdog
+    // (`serve_io`) owns both; turning hyper's off also saves a timer per request.
     builder
         .http1()
         .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .keep_alive(true)
         .max_buf_size(max_head);
     builder

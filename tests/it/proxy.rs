@@ -451,6 +451,35 @@ async fn idle_keep_alive_connections_close_after_idle_but_not_before() {
     assert!(lived < Duration::from_secs(4), "closed after {lived:?}");
 }
 
+/// hyper's own header-read timer (30 s unless told otherwise) also ran on idle
+/// keep-alive connections and closed them at 30 s, whatever `idle` said (60 s by default).
+#[tokio::test]
+async fn idle_keep_alive_lasts_as_configured_past_hypers_own_30_s_timer() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.timeouts]\nidle = \"45s\"\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let req = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut conn, req)
+        .await
+        .expect("write");
+    assert!(read_head(&mut conn).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    tokio::io::AsyncWriteExt::write_all(&mut conn, req)
+        .await
+        .expect("write after 32 s idle");
+    let again = read_head(&mut conn).await;
+    assert!(
+        again.starts_with("HTTP/1.1 200"),
+        "after 32 s idle: {again}"
+    );
+}
+
 #[tokio::test]
 async fn oversized_request_heads_get_431() {
     let a = Echo::start("a").await;

@@ -299,36 +299,6 @@ async fn a_keep_alive_connection_idle_at_drain_gets_one_more_answer_then_close()
         .expect("drain task");
 }
 
-/// Reads one response head and its Content-Length body; returns the head.
-async fn read_head(conn: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut byte))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert!(
-            n == 1,
-            "connection closed before a response: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    conn.read_exact(&mut body).await.expect("body");
-    head
-}
-
 #[tokio::test]
 async fn under_systemd_it_says_ready_once_serving_and_stopping_on_sigterm() {
     let a = Echo::start("a").await;

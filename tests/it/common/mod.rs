@@ -313,6 +313,36 @@ pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Answer {
     send(req.body(Full::new(Bytes::new())).expect("request")).await
 }
 
+/// Reads one response head and its Content-Length body; returns the head.
+pub async fn read_head(conn: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut byte))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(
+            n == 1,
+            "connection closed before a response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.expect("body");
+    head
+}
+
 /// Writes `raw` to a new connection and reads until the peer closes or `limit` passes.
 /// Returns what was read and whether the peer closed the connection.
 pub async fn raw_exchange(addr: SocketAddr, raw: &[u8], limit: Duration) -> (String, bool) {
