@@ -18,7 +18,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -35,7 +35,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -45,8 +44,17 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
+                // A request head must arrive within `header_read`, or the connection
+                // closes (hyper's timer, which also closes keep-alive connections idle
+                // that long: fine for the admin API). Without it a client that never
+                // finishes a head held its connection, and a file descriptor of the
+                // proxy's process, for ever.
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(state.snapshot().config.server.timeouts.header_read);
                 let state = state.clone();
-                let builder = builder.clone();
                 let mut stop = stop_rx.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {

@@ -336,3 +336,28 @@ async fn metrics_carry_every_spec_name_and_count_the_traffic() {
         Some(4.0)
     );
 }
+
+#[tokio::test]
+async fn an_admin_request_head_that_never_finishes_is_cut_off_by_header_read() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&format!(
+        "[server.timeouts]\nheader_read = \"300ms\"\n{}",
+        upstream_toml(&[a.addr])
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let (_, closed) = raw_exchange(
+        proxy.admin,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "a half-sent head held an admin connection open");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A whole request still gets its answer.
+    assert_eq!(get(&proxy.admin_url("/healthz")).await.status, 200);
+}
