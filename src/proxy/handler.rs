@@ -283,9 +283,11 @@ async fn proxy<'s>(
             return Err(ProxyError::ConnectionTerminated);
         };
         // The connection now belongs to the tunnel, not to the pool.
-        resp.body_mut().forget_connection();
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        let upstream_side = match resp.body_mut().take_upgrade() {
+            Some((socket, early)) => BackendSide::Socket(socket, early),
+            None => BackendSide::Hyper(hyper::upgrade::on(&mut resp)),
+        };
+        tokio::spawn(tunnel(client_upgrade, upstream_side));
         let (mut parts, _body) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, true);
         return Ok(Response::from_parts(parts, ProxyBody::Empty));
@@ -612,19 +614,46 @@ fn upstream_path(uri: &Uri, route: &Route) -> Result<PathAndQuery, ProxyError> {
     }
 }
 
+/// The backend's end of a tunnel.
+enum BackendSide {
+    /// palisade's own codec: the socket, and what the backend sent past its 101 head.
+    Socket(tokio::net::TcpStream, bytes::Bytes),
+    /// hyper's client (TLS upstreams).
+    Hyper(hyper::upgrade::OnUpgrade),
+}
+
 /// Copies bytes both ways between an upgraded client connection and an upgraded backend
 /// connection until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
-    let (client, backend) = match tokio::join!(client, backend) {
-        (Ok(c), Ok(b)) => (c, b),
-        (Err(e), _) | (_, Err(e)) => {
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: BackendSide) {
+    let client = match client.await {
+        Ok(c) => c,
+        Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut backend = TokioIo::new(backend);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+    let result = match backend {
+        BackendSide::Socket(mut socket, early) => {
+            if !early.is_empty() {
+                if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &early).await {
+                    tracing::debug!(error = %e, "tunnel closed");
+                    return;
+                }
+            }
+            tokio::io::copy_bidirectional(&mut client, &mut socket).await
+        }
+        BackendSide::Hyper(upgrade) => match upgrade.await {
+            Ok(backend) => {
+                tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(backend)).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        },
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel closed");
     }
 }

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod budget;
 pub mod client;
+pub mod h1;
 pub mod pool;
 
 use std::net::IpAddr;
@@ -287,7 +288,7 @@ impl Upstream {
             pool::send(&self.backends[index], req, self.config.timeouts.connect).await
         } else {
             match self.client.request(req).await {
-                Ok(resp) => Ok(resp.map(|b| pool::UpstreamBody::new(b, None))),
+                Ok(resp) => Ok(resp.map(pool::UpstreamBody::hyper)),
                 Err(e) => Err(pool::SendError::Client(e)),
             }
         }

@@ -1,7 +1,7 @@
 //! palisade's own keep-alive pool for plain HTTP/1.1 backends.
 //!
-//! Each [`Backend`] keeps a stack of idle connections (`hyper::client::conn::http1`
-//! senders). A request takes the newest idle connection (LIFO: the warm ones stay in use
+//! Each [`Backend`] keeps a stack of idle connections, spoken to with palisade's own
+//! HTTP/1.1 client codec ([`super::h1`]). A request takes the newest idle connection (LIFO: the warm ones stay in use
 //! and the cold ones age out), or opens a new one; the response body gives the connection
 //! back when it has been read to the end ([`Checkin`]). Compared with hyper-util's generic
 //! client this skips hashing a `(scheme, authority)` key twice per request, the global pool
@@ -23,12 +23,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::h1::{self, Conn};
 use super::Backend;
-use crate::proxy::body::ProxyBody;
+use crate::proxy::body::{BoxError, ProxyBody};
 
 /// How long an unused connection stays open (nginx's `keepalive_timeout` is 60 s; backends
 /// usually close sooner, which the pool notices).
@@ -41,10 +40,8 @@ pub const MAX_IDLE: usize = 1024;
 /// TCP keep-alive probes on backend connections start after this long without traffic.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
-type Sender = http1::SendRequest<ProxyBody>;
-
 struct Idle {
-    tx: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -69,21 +66,18 @@ impl Pool {
     }
 
     /// The newest idle connection that is still open and not too old.
-    fn take(&self, now: Instant) -> Option<Sender> {
+    fn take(&self, now: Instant) -> Option<Conn> {
         loop {
             let idle = self.idle.lock().ok()?.pop()?;
-            if !idle.tx.is_closed() && now.saturating_duration_since(idle.since) < IDLE_TIMEOUT {
-                return Some(idle.tx);
+            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT && idle.conn.is_open() {
+                return Some(idle.conn);
             }
-            // Closed by the backend, or idle too long: dropping the sender closes it.
+            // Closed by the backend, or idle too long: dropping it closes it.
         }
     }
 
     /// Gives a connection back for the next request (closing it when the pool is full).
-    fn put(&self, tx: Sender) {
-        if tx.is_closed() {
-            return;
-        }
+    pub(super) fn put(&self, conn: Conn) {
         let now = Instant::now();
         let Ok(mut idle) = self.idle.lock() else {
             return;
@@ -96,7 +90,7 @@ impl Pool {
             idle.remove(0);
         }
         if idle.len() < MAX_IDLE {
-            idle.push(Idle { tx, since: now });
+            idle.push(Idle { conn, since: now });
         }
     }
 
@@ -107,7 +101,7 @@ impl Pool {
         let stale: Vec<Idle> = match self.idle.lock() {
             Ok(mut idle) => {
                 let (keep, stale) = std::mem::take(&mut *idle).into_iter().partition(|i| {
-                    !i.tx.is_closed() && now.saturating_duration_since(i.since) < IDLE_TIMEOUT
+                    now.saturating_duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_open()
                 });
                 *idle = keep;
                 stale
@@ -131,7 +125,7 @@ pub enum SendError {
     /// No connection could be opened (refused, unreachable, or timed out).
     Connect(io::Error),
     /// The HTTP exchange failed on an open connection.
-    Http(hyper::Error),
+    Exchange(h1::ProtoError),
     /// hyper-util's client failed (TLS and h2c upstreams).
     Client(hyper_util::client::legacy::Error),
 }
@@ -141,7 +135,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) => false,
+            SendError::Exchange(_) => false,
             SendError::Client(e) => e.is_connect(),
         }
     }
@@ -151,7 +145,7 @@ impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SendError::Connect(e) => write!(f, "connect: {e}"),
-            SendError::Http(e) => write!(f, "{e}"),
+            SendError::Exchange(e) => write!(f, "{e}"),
             SendError::Client(e) => match e.source() {
                 Some(cause) => write!(f, "{e}: {cause}"),
                 None => write!(f, "{e}"),
@@ -164,7 +158,7 @@ impl StdError for SendError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
             SendError::Connect(e) => Some(e),
-            SendError::Http(e) => Some(e),
+            SendError::Exchange(e) => Some(e),
             SendError::Client(e) => Some(e),
         }
     }
@@ -181,8 +175,8 @@ pub async fn send(
 ) -> Result<Response<UpstreamBody>, SendError> {
     let now = Instant::now();
     loop {
-        let (mut tx, pooled) = match backend.pool.take(now) {
-            Some(tx) => (tx, true),
+        let (conn, pooled) = match backend.pool.take(now) {
+            Some(conn) => (conn, true),
             // Boxed: connecting is the rare path, and its state would otherwise sit in
             // every request's future.
             None => (
@@ -190,34 +184,18 @@ pub async fn send(
                 false,
             ),
         };
-        if tx.ready().await.is_err() {
-            if pooled {
-                continue;
-            }
-            return Err(SendError::Connect(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "connection closed before the first request",
-            )));
-        }
-        match tx.try_send_request(req).await {
-            Ok(resp) => {
-                let checkin = Checkin {
-                    tx,
-                    backend: backend.clone(),
-                };
-                return Ok(resp.map(|inner| UpstreamBody::new(inner, Some(checkin))));
-            }
-            Err(mut e) => match e.take_message() {
-                // Not written: the connection was gone already. Try the next one.
-                Some(back) if pooled => req = back,
-                _ => return Err(SendError::Http(e.into_error())),
-            },
+        match h1::exchange(conn, req, backend).await {
+            Ok(resp) => return Ok(resp.map(UpstreamBody::own)),
+            // Not written: the connection was gone already. Try the next one.
+            Err(h1::Failure::NotSent(back, _)) if pooled => req = *back,
+            Err(h1::Failure::NotSent(_, e)) => return Err(SendError::Connect(e)),
+            Err(h1::Failure::Failed(e)) => return Err(SendError::Exchange(e)),
         }
     }
 }
 
-/// Opens a connection to `addr` (`host:port`) and starts its HTTP/1.1 driver task.
-async fn connect(addr: &str, timeout: Duration) -> Result<Sender, SendError> {
+/// Opens a connection to `addr` (`host:port`).
+async fn connect(addr: &str, timeout: Duration) -> Result<Conn, SendError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(SendError::Connect(e)),
@@ -232,91 +210,72 @@ async fn connect(addr: &str, timeout: Duration) -> Result<Sender, SendError> {
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(&stream)
         .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
-    let (tx, conn) = http1::Builder::new()
-        .handshake::<_, ProxyBody>(TokioIo::new(stream))
-        .await
-        .map_err(SendError::Http)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "backend connection ended with an error");
-        }
-    });
-    Ok(tx)
+    Ok(Conn::new(stream))
 }
 
-/// A connection lent to one request, given back when its response body was read to the end.
-pub struct Checkin {
-    tx: Sender,
-    backend: Arc<Backend>,
-}
-
-impl fmt::Debug for Checkin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Checkin")
-            .field("backend", &self.backend.addr)
-            .finish()
-    }
-}
-
-/// A backend's response body; gives its connection back to the pool once read to the end.
-/// A body dropped before its end takes the connection with it (hyper closes it: the rest
-/// of the response is still on the wire).
+/// A backend's response body: read by palisade's own codec straight off a pooled
+/// connection (plain HTTP/1.1), or hyper's (TLS and h2c upstreams).
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Incoming,
-    checkin: Option<Checkin>,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Own(h1::ResponseBody),
+    Hyper(Incoming),
 }
 
 impl UpstreamBody {
-    /// Wraps a response body; `checkin` is the connection it came on, if pooled.
-    pub fn new(inner: Incoming, checkin: Option<Checkin>) -> Self {
-        UpstreamBody { inner, checkin }
-    }
-
-    fn give_back(&mut self) {
-        if let Some(c) = self.checkin.take() {
-            c.backend.pool.put(c.tx);
+    /// A body read by palisade's own codec.
+    pub fn own(body: h1::ResponseBody) -> Self {
+        UpstreamBody {
+            inner: Inner::Own(body),
         }
     }
 
-    /// Drops the connection instead of giving it back (after a protocol switch, the
-    /// connection belongs to the tunnel).
-    pub fn forget_connection(&mut self) {
-        self.checkin = None;
+    /// A body from hyper-util's client.
+    pub fn hyper(body: Incoming) -> Self {
+        UpstreamBody {
+            inner: Inner::Hyper(body),
+        }
+    }
+
+    /// After a 101 on a plain HTTP/1.1 connection: the backend's socket, and the bytes it
+    /// already sent past the head. `None` for hyper's bodies (use `hyper::upgrade::on`).
+    pub fn take_upgrade(&mut self) -> Option<(TcpStream, Bytes)> {
+        match &mut self.inner {
+            Inner::Own(body) => body.take_upgrade(),
+            Inner::Hyper(_) => None,
+        }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.checkin = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            Inner::Own(body) => Pin::new(body).poll_frame(cx),
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Own(body) => body.is_end_stream(),
+            Inner::Hyper(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // A body with nothing left (e.g. Content-Length: 0, 304, HEAD) is never polled.
-        if self.inner.is_end_stream() {
-            self.give_back();
+        match &self.inner {
+            Inner::Own(body) => body.size_hint(),
+            Inner::Hyper(body) => body.size_hint(),
         }
     }
 }

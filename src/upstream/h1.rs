@@ -1,0 +1,987 @@
+//! palisade's own HTTP/1.1 client codec for plain backends.
+//!
+//! hyper's client connection runs in a task of its own and talks to the request through
+//! channels: every proxied request woke that task twice and crossed three channels (the
+//! request, the response, the body). Here the request's own task does the whole exchange
+//! on the socket it borrowed from the pool: it writes the head (and a small body in the
+//! same write), reads and parses the response head with `httparse`, and the response body
+//! reads the socket directly as the client connection polls it. When the body has been
+//! read to its end on a connection that may be kept, the connection goes back to the pool
+//! ([`super::pool`]).
+//!
+//! Framing follows RFC 9112: no body for HEAD, 1xx, 204 and 304; chunked when
+//! Transfer-Encoding ends in chunked; else Content-Length; else until the backend closes.
+//! A response with both Content-Length and Transfer-Encoding, differing Content-Lengths, or
+//! malformed chunking is an error (502), never guessed at, and such a connection is never
+//! reused. Interim 1xx responses are skipped; a 101 hands the socket to the tunnel.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::Backend;
+use crate::proxy::body::{BoxError, ProxyBody};
+
+/// The largest response head accepted (hyper's client allows about 400 KiB; nginx's
+/// `proxy_buffer_size` default is one page, and answers 502 beyond it).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Header lines in one response head or trailer section.
+const MAX_HEADERS: usize = 128;
+
+/// Read buffer for a response head (a small response's body usually arrives with it).
+const HEAD_BUF: usize = 8 * 1024;
+
+/// The most one read of a response body asks for.
+const MAX_READ: usize = 64 * 1024;
+
+/// A request body up to this size with a known length goes in the head's write.
+const INLINE_BODY: u64 = 16 * 1024;
+
+/// One open connection to a backend.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+}
+
+impl Conn {
+    /// Wraps a connected socket.
+    pub fn new(io: TcpStream) -> Self {
+        Conn { io }
+    }
+
+    /// Whether an idle connection can carry a request: the backend has not closed it and
+    /// sent nothing unasked. Costs no system call unless the socket became readable.
+    pub fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: closed (a read gives 0), unasked bytes, or only a stale readiness
+            // from the last read having filled its buffer exactly (WouldBlock).
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// Why an exchange failed once the request could have reached the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The connection ended before a response head arrived.
+    #[error("the backend closed the connection without answering")]
+    ClosedBeforeResponse,
+    /// The response head is not valid HTTP/1.x.
+    #[error("invalid response head from the backend: {0}")]
+    InvalidHead(&'static str),
+    /// The response head did not end within [`MAX_HEAD`] bytes.
+    #[error("the backend's response head exceeds {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// The chunked response body is malformed.
+    #[error("invalid chunked encoding in the backend's response body")]
+    InvalidChunk,
+    /// The connection ended before the response body did.
+    #[error("the backend closed the connection before the end of its response body")]
+    Truncated,
+    /// The request body's length differs from the one its head declared.
+    #[error("the request body's length differs from its declared length")]
+    RequestBodyLength,
+    /// Reading the client's request body failed (or it grew past the limit).
+    #[error("request body: {0}")]
+    RequestBody(#[source] BoxError),
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// How an exchange failed.
+pub enum Failure {
+    /// The request head could not be written, so nothing reached the backend: the request
+    /// comes back for another connection.
+    NotSent(Box<Request<ProxyBody>>, io::Error),
+    /// The request may have reached the backend.
+    Failed(ProtoError),
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::NotSent(_, e) => f.debug_tuple("NotSent").field(e).finish(),
+            Failure::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
+}
+
+/// How a request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqFraming {
+    /// No body.
+    None,
+    /// Content-Length.
+    Length(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked,
+}
+
+/// Sends `req` (origin-form URI, Host set, hop-by-hop headers already removed) on `conn`
+/// and reads the response head. The response body keeps the connection and gives it back
+/// to `backend`'s pool once read to its end.
+pub async fn exchange(
+    mut conn: Conn,
+    req: Request<ProxyBody>,
+    backend: &Arc<Backend>,
+) -> Result<Response<ResponseBody>, Failure> {
+    let (parts, mut body) = req.into_parts();
+    let framing = if body.is_end_stream() {
+        ReqFraming::None
+    } else {
+        match body.size_hint().exact() {
+            Some(n) => ReqFraming::Length(n),
+            None => ReqFraming::Chunked,
+        }
+    };
+    let mut head = encode_head(&parts, framing);
+    // A small body whose length is known goes out with the head, in one write.
+    let mut inlined = None;
+    if let (ReqFraming::Length(n), ProxyBody::Full(chunk)) = (framing, &mut body) {
+        if n <= INLINE_BODY {
+            if let Some(bytes) = chunk.take() {
+                head.extend_from_slice(&bytes);
+                inlined = Some(bytes);
+            }
+        }
+    }
+    if let Err(e) = conn.io.write_all(&head).await {
+        // A head cut short is never acted on: the request can go elsewhere.
+        if let (Some(bytes), ProxyBody::Full(chunk)) = (inlined, &mut body) {
+            *chunk = Some(bytes);
+        }
+        return Err(Failure::NotSent(
+            Box::new(Request::from_parts(parts, body)),
+            e,
+        ));
+    }
+    drop(head);
+
+    let head_request = parts.method == Method::HEAD;
+    let mut writer = BodyWriter {
+        body,
+        framing,
+        queue: VecDeque::new(),
+        written: 0,
+        ended: framing == ReqFraming::None || inlined.is_some(),
+        done: framing == ReqFraming::None || inlined.is_some(),
+    };
+    let mut buf = BytesMut::with_capacity(HEAD_BUF);
+    let parsed = poll_fn(|cx| {
+        // The body is written while the response is awaited: a backend may answer early
+        // (413, 401, a redirect) without reading the whole body.
+        if !writer.done {
+            if let Poll::Ready(Err(e)) = writer.poll_write(cx, &mut conn.io) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        loop {
+            if let Some(head) = parse_head(&mut buf, head_request)? {
+                return Poll::Ready(Ok(head));
+            }
+            if buf.len() >= MAX_HEAD {
+                return Poll::Ready(Err(ProtoError::HeadTooLarge));
+            }
+            buf.reserve(HEAD_BUF);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.io),
+                cx,
+                &mut buf
+            ))?;
+            if n == 0 {
+                return Poll::Ready(Err(if buf.is_empty() {
+                    ProtoError::ClosedBeforeResponse
+                } else {
+                    ProtoError::InvalidHead("connection closed inside the head")
+                }));
+            }
+        }
+    })
+    .await
+    .map_err(Failure::Failed)?;
+
+    // A body not written to its end leaves the connection unusable.
+    let reuse = parsed.keep_alive && writer.done;
+    drop(writer);
+    let mut body = ResponseBody {
+        state: parsed.framing,
+        lent: Some(Lent {
+            conn,
+            backend: backend.clone(),
+        }),
+        buf,
+        reuse,
+    };
+    if body.state == State::Length(0) || body.state == State::Done {
+        body.finish();
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = parsed.status;
+    *resp.version_mut() = parsed.version;
+    *resp.headers_mut() = parsed.headers;
+    Ok(resp)
+}
+
+/// The request head, ready to write.
+fn encode_head(parts: &http::request::Parts, framing: ReqFraming) -> Vec<u8> {
+    let mut head = Vec::with_capacity(64 + parts.headers.len() * 48);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(if parts.version == Version::HTTP_10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    let mut declared_length = false;
+    for (name, value) in &parts.headers {
+        // The framing headers are this codec's to write, from the body it really sends.
+        if name == CONTENT_LENGTH {
+            declared_length = true;
+            continue;
+        }
+        if name == TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::None => {
+            // RFC 9110 8.6: a request whose method defines a body says it has none.
+            let wants_length = declared_length
+                || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+            if wants_length {
+                head.extend_from_slice(b"content-length: 0\r\n");
+            }
+        }
+        ReqFraming::Length(n) => {
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Writes a streamed request body.
+struct BodyWriter {
+    body: ProxyBody,
+    framing: ReqFraming,
+    /// Bytes of the current frame still to write, in order.
+    queue: VecDeque<Bytes>,
+    /// Body bytes taken from the body so far.
+    written: u64,
+    /// The body has ended (its last bytes may still be queued).
+    ended: bool,
+    /// Everything is written.
+    done: bool,
+}
+
+impl BodyWriter {
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut TcpStream,
+    ) -> Poll<Result<(), ProtoError>> {
+        loop {
+            while let Some(front) = self.queue.front_mut() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, front))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+                }
+                front.advance(n);
+                if front.is_empty() {
+                    self.queue.pop_front();
+                }
+            }
+            if self.ended {
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.ended = true;
+                    match self.framing {
+                        ReqFraming::Chunked => {
+                            self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                        }
+                        ReqFraming::Length(n) if n != self.written => {
+                            return Poll::Ready(Err(ProtoError::RequestBodyLength));
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(ProtoError::RequestBody(e))),
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    self.written += data.len() as u64;
+                    match self.framing {
+                        ReqFraming::Length(n) if self.written <= n => self.queue.push_back(data),
+                        ReqFraming::Chunked => {
+                            let mut size = format!("{:x}\r\n", data.len()).into_bytes();
+                            size.shrink_to_fit();
+                            self.queue.push_back(Bytes::from(size));
+                            self.queue.push_back(data);
+                            self.queue.push_back(Bytes::from_static(b"\r\n"));
+                        }
+                        _ => return Poll::Ready(Err(ProtoError::RequestBodyLength)),
+                    }
+                }
+                Err(frame) => {
+                    // Trailers travel only in a chunked body; elsewhere they are dropped.
+                    if let (Ok(trailers), ReqFraming::Chunked) =
+                        (frame.into_trailers(), self.framing)
+                    {
+                        let mut last = b"0\r\n".to_vec();
+                        for (name, value) in &trailers {
+                            last.extend_from_slice(name.as_str().as_bytes());
+                            last.extend_from_slice(b": ");
+                            last.extend_from_slice(value.as_bytes());
+                            last.extend_from_slice(b"\r\n");
+                        }
+                        last.extend_from_slice(b"\r\n");
+                        self.queue.push_back(Bytes::from(last));
+                        self.ended = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A parsed final response head.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: State,
+    keep_alive: bool,
+}
+
+/// Parses a response head at the start of `buf`, consuming it. Interim (1xx) responses
+/// other than 101 are consumed and skipped. `Ok(None)`: the head is not complete yet.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ProtoError> {
+    loop {
+        // Uninitialised slots: filling 128 of them for every response cost more than
+        // parsing the head.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut slots,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(ProtoError::InvalidHead("too many header lines"))
+            }
+            Err(_) => return Err(ProtoError::InvalidHead("malformed")),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| ProtoError::InvalidHead("invalid status"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            buf.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each header's name and value sit in the head, so that the values can be
+        // slices of one shared buffer instead of copies.
+        let base = buf.as_ptr() as usize;
+        let spans: Vec<(usize, usize, usize, usize)> = parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.as_ptr() as usize - base,
+                    h.name.len(),
+                    h.value.as_ptr() as usize - base,
+                    h.value.len(),
+                )
+            })
+            .collect();
+        let count = spans.len();
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut framing = Framing::new(version);
+        for &(ns, nl, vs, vl) in &spans {
+            let name = HeaderName::from_bytes(&head[ns..ns + nl])
+                .map_err(|_| ProtoError::InvalidHead("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                .map_err(|_| ProtoError::InvalidHead("invalid header value"))?;
+            framing.see(&name, &value)?;
+            headers.append(name, value);
+        }
+        let state = if status == StatusCode::SWITCHING_PROTOCOLS {
+            State::Upgrade
+        } else if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            State::Done
+        } else if framing.chunked {
+            State::Chunked(Chunk::Size)
+        } else if framing.other_coding {
+            framing.keep_alive = false;
+            State::Eof
+        } else if let Some(n) = framing.length {
+            State::Length(n)
+        } else {
+            framing.keep_alive = false;
+            State::Eof
+        };
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            framing: state,
+            keep_alive: framing.keep_alive && status != StatusCode::SWITCHING_PROTOCOLS,
+        }));
+    }
+}
+
+/// What a response head's headers say about its framing and its connection.
+struct Framing {
+    version: Version,
+    length: Option<u64>,
+    chunked: bool,
+    /// Transfer-Encoding ends in a coding other than chunked: the body runs until close.
+    other_coding: bool,
+    keep_alive: bool,
+}
+
+impl Framing {
+    fn new(version: Version) -> Self {
+        Framing {
+            version,
+            length: None,
+            chunked: false,
+            other_coding: false,
+            // HTTP/1.0 closes unless it says keep-alive.
+            keep_alive: version == Version::HTTP_11,
+        }
+    }
+
+    fn see(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), ProtoError> {
+        let version = self.version;
+        if name == CONTENT_LENGTH {
+            if self.chunked || self.other_coding {
+                return Err(ProtoError::InvalidHead(
+                    "both content-length and transfer-encoding",
+                ));
+            }
+            // A list of identical values is one value (RFC 9110 8.6); anything else is
+            // an error.
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_decimal(trim(item))
+                    .ok_or(ProtoError::InvalidHead("invalid content-length"))?;
+                if self.length.is_some_and(|m| m != n) {
+                    return Err(ProtoError::InvalidHead("differing content-lengths"));
+                }
+                self.length = Some(n);
+            }
+        } else if name == TRANSFER_ENCODING {
+            if self.length.is_some() {
+                return Err(ProtoError::InvalidHead(
+                    "both content-length and transfer-encoding",
+                ));
+            }
+            if version == Version::HTTP_10 {
+                return Err(ProtoError::InvalidHead("transfer-encoding in HTTP/1.0"));
+            }
+            // Only the last coding decides; chunked anywhere but last is an error.
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let item = trim(item);
+                if item.is_empty() {
+                    continue;
+                }
+                if self.chunked {
+                    return Err(ProtoError::InvalidHead("chunked is not the last coding"));
+                }
+                if item.eq_ignore_ascii_case(b"chunked") {
+                    self.chunked = true;
+                    self.other_coding = false;
+                } else {
+                    self.other_coding = true;
+                }
+            }
+        } else if name == CONNECTION {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let item = trim(item);
+                if item.eq_ignore_ascii_case(b"close") {
+                    self.keep_alive = false;
+                } else if item.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    self.keep_alive = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |i| i + 1);
+    &bytes[start..end.max(start)]
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .flatten()
+    })
+}
+
+/// The hexadecimal size at the start of a chunk-size line (extensions after `;` ignored).
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let size = match memchr::memchr(b';', line) {
+        // Whitespace may precede an extension's `;` (RFC 9112 7.1.1, BWS), nowhere else.
+        Some(i) => {
+            let before = &line[..i];
+            let end = before
+                .iter()
+                .rposition(|b| !matches!(b, b' ' | b'\t'))
+                .map_or(0, |i| i + 1);
+            &before[..end]
+        }
+        None => line,
+    };
+    if size.is_empty() || size.len() > 16 {
+        return None;
+    }
+    size.iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)?;
+        n.checked_mul(16)?.checked_add(u64::from(v))
+    })
+}
+
+/// Where a response body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// This many bytes still to come.
+    Length(u64),
+    /// Chunked.
+    Chunked(Chunk),
+    /// Until the backend closes.
+    Eof,
+    /// Read to its end (or there was none).
+    Done,
+    /// A 101: the connection belongs to the tunnel.
+    Upgrade,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields up to an empty line.
+    Trailers,
+}
+
+/// The connection a response body reads from, and the pool it goes back to.
+#[derive(Debug)]
+struct Lent {
+    conn: Conn,
+    backend: Arc<Backend>,
+}
+
+/// A backend's response body read straight off its connection. Read to its end on a
+/// connection that may be kept, it gives the connection back to the pool; dropped earlier,
+/// it closes the connection (the rest of the response is still on the wire).
+#[derive(Debug)]
+pub struct ResponseBody {
+    state: State,
+    lent: Option<Lent>,
+    /// Bytes read and not yet yielded.
+    buf: BytesMut,
+    reuse: bool,
+}
+
+impl ResponseBody {
+    /// The body is over: the connection goes back to the pool when it can be kept.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        let lent = self.lent.take();
+        if let Some(lent) = lent {
+            if self.reuse && self.buf.is_empty() {
+                lent.backend.pool.put(lent.conn);
+            }
+        }
+    }
+
+    /// After a 101: the backend's socket and any bytes it already sent past the head.
+    pub fn take_upgrade(&mut self) -> Option<(TcpStream, Bytes)> {
+        if self.state != State::Upgrade {
+            return None;
+        }
+        self.state = State::Done;
+        let lent = self.lent.take()?;
+        Some((lent.conn.io, std::mem::take(&mut self.buf).freeze()))
+    }
+
+    /// Reads more of the body into `buf`, asking for about `want` bytes.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<usize, ProtoError>> {
+        let Some(lent) = self.lent.as_mut() else {
+            return Poll::Ready(Err(ProtoError::Truncated));
+        };
+        // One byte more than needed: a read that comes back short tells tokio the socket
+        // is drained, so the pool's check of an idle connection costs no system call.
+        self.buf.reserve(want.saturating_add(1));
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut lent.conn.io),
+            cx,
+            &mut self.buf
+        ))?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn fail(&mut self, e: ProtoError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state = State::Done;
+        self.lent = None;
+        Poll::Ready(Some(Err(e.into())))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            match this.state {
+                State::Done | State::Upgrade => return Poll::Ready(None),
+                State::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                State::Length(left) => {
+                    if !this.buf.is_empty() {
+                        let n = this
+                            .buf
+                            .len()
+                            .min(usize::try_from(left).unwrap_or(usize::MAX));
+                        let data = this.buf.split_to(n).freeze();
+                        let left = left - n as u64;
+                        this.state = State::Length(left);
+                        if left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let want = usize::try_from(left).unwrap_or(MAX_READ).min(MAX_READ);
+                    match ready!(this.poll_fill(cx, want)) {
+                        Ok(0) => return this.fail(ProtoError::Truncated),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+                State::Eof => {
+                    if !this.buf.is_empty() {
+                        let data = this.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match ready!(this.poll_fill(cx, MAX_READ / 4)) {
+                        Ok(0) => {
+                            this.state = State::Done;
+                            this.lent = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+                State::Chunked(chunk) => match this.decode_chunk(chunk) {
+                    Err(e) => return this.fail(e),
+                    Ok(Decoded::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+                    Ok(Decoded::End) => return Poll::Ready(None),
+                    Ok(Decoded::Again) => {}
+                    Ok(Decoded::NeedMore(want)) => match ready!(this.poll_fill(cx, want)) {
+                        Ok(0) => return this.fail(ProtoError::Truncated),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    },
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done | State::Upgrade | State::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done | State::Upgrade => SizeHint::with_exact(0),
+            State::Chunked(_) | State::Eof => SizeHint::default(),
+        }
+    }
+}
+
+/// One step of chunked decoding.
+enum Decoded {
+    Frame(Frame<Bytes>),
+    /// The body is over (no trailers).
+    End,
+    /// The state moved on; decode again.
+    Again,
+    /// More bytes needed (about this many).
+    NeedMore(usize),
+}
+
+impl ResponseBody {
+    fn decode_chunk(&mut self, chunk: Chunk) -> Result<Decoded, ProtoError> {
+        match chunk {
+            Chunk::Size => {
+                let Some(nl) = memchr::memchr(b'\n', &self.buf) else {
+                    // A size line with extensions is short; one this long is an attack.
+                    if self.buf.len() > 4096 {
+                        return Err(ProtoError::InvalidChunk);
+                    }
+                    return Ok(Decoded::NeedMore(HEAD_BUF));
+                };
+                let line = self.buf[..nl]
+                    .strip_suffix(b"\r")
+                    .ok_or(ProtoError::InvalidChunk)?;
+                let size = parse_chunk_size(line).ok_or(ProtoError::InvalidChunk)?;
+                self.buf.advance(nl + 1);
+                self.state = State::Chunked(if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                });
+                Ok(Decoded::Again)
+            }
+            Chunk::Data(left) => {
+                if self.buf.is_empty() {
+                    let want = usize::try_from(left).unwrap_or(MAX_READ).min(MAX_READ);
+                    return Ok(Decoded::NeedMore(want.saturating_add(2)));
+                }
+                let n = self
+                    .buf
+                    .len()
+                    .min(usize::try_from(left).unwrap_or(usize::MAX));
+                let data = self.buf.split_to(n).freeze();
+                let left = left - n as u64;
+                self.state = State::Chunked(if left == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left)
+                });
+                Ok(Decoded::Frame(Frame::data(data)))
+            }
+            Chunk::DataEnd => {
+                if self.buf.len() < 2 {
+                    return Ok(Decoded::NeedMore(HEAD_BUF));
+                }
+                if &self.buf[..2] != b"\r\n" {
+                    return Err(ProtoError::InvalidChunk);
+                }
+                self.buf.advance(2);
+                self.state = State::Chunked(Chunk::Size);
+                Ok(Decoded::Again)
+            }
+            Chunk::Trailers => {
+                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                match httparse::parse_headers(&self.buf, &mut slots) {
+                    Ok(httparse::Status::Partial) => {
+                        if self.buf.len() >= MAX_HEAD {
+                            return Err(ProtoError::InvalidChunk);
+                        }
+                        Ok(Decoded::NeedMore(HEAD_BUF))
+                    }
+                    Err(_) => Err(ProtoError::InvalidChunk),
+                    Ok(httparse::Status::Complete((len, fields))) => {
+                        let mut trailers = HeaderMap::with_capacity(fields.len());
+                        for field in fields {
+                            let (Ok(name), Ok(value)) = (
+                                HeaderName::from_bytes(field.name.as_bytes()),
+                                HeaderValue::from_bytes(field.value),
+                            ) else {
+                                return Err(ProtoError::InvalidChunk);
+                            };
+                            trailers.append(name, value);
+                        }
+                        self.buf.advance(len);
+                        self.finish();
+                        if trailers.is_empty() {
+                            Ok(Decoded::End)
+                        } else {
+                            Ok(Decoded::Frame(Frame::trailers(trailers)))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &[u8], head_request: bool) -> Result<Option<Head>, ProtoError> {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, head_request)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let cases: [(&[u8], bool, State, bool); 9] = [
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                false,
+                State::Length(5),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+                false,
+                State::Length(5),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false,
+                State::Chunked(Chunk::Size),
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                false,
+                State::Eof,
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\n", false, State::Eof, false),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false, State::Done, true),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                true,
+                State::Done,
+                true,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\n",
+                false,
+                State::Length(5),
+                false,
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 5\r\n\r\n",
+                false,
+                State::Length(5),
+                true,
+            ),
+        ];
+        for (raw, head_request, state, keep) in cases {
+            let parsed = head(raw, head_request)
+                .unwrap_or_else(|e| panic!("{e} for {}", String::from_utf8_lossy(raw)))
+                .unwrap_or_else(|| panic!("incomplete: {}", String::from_utf8_lossy(raw)));
+            assert_eq!(parsed.framing, state, "{}", String::from_utf8_lossy(raw));
+            assert_eq!(parsed.keep_alive, keep, "{}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn ambiguous_framing_is_an_error_not_a_guess() {
+        let cases: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+        ];
+        for raw in cases {
+            assert!(
+                head(raw, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_partial_heads_wait() {
+        let parsed = head(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
+            false,
+        )
+        .ok()
+        .flatten()
+        .map(|h| h.status);
+        assert_eq!(parsed, Some(StatusCode::CREATED));
+        assert!(matches!(
+            head(b"HTTP/1.1 200 OK\r\ncontent-le", false),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn chunk_sizes_are_strict_hex() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"1A;name=value"), Some(26));
+        assert_eq!(parse_chunk_size(b"5 ;ext"), Some(5));
+        for bad in [&b""[..], b"g", b" 5", b"-1", b"0x5", b"11111111111111111"] {
+            assert_eq!(
+                parse_chunk_size(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! palisade's own HTTP/1.1 client codec (plain upstreams), against raw backends that
+//! answer byte for byte what each test scripts: chunked bodies split anywhere, trailers,
+//! close-delimited bodies, interim 1xx answers, ambiguous framing, early answers to
+//! uploads, oversized heads and bodies cut short.
+
+use crate::common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{get, send, single_upstream, Proxy};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A backend that hands each accepted connection to `script`.
+struct Scripted {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Scripted {
+    async fn start<F, Fut>(script: F) -> Scripted
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(script(stream));
+            }
+        });
+        Scripted {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request head (bytes up to the blank line); `None` once the peer closed.
+async fn request_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Writes `parts` one after another with a short pause between them, so that the proxy
+/// reads them in separate pieces.
+async fn write_in_pieces(stream: &mut TcpStream, parts: &[&[u8]]) -> bool {
+    for part in parts {
+        if stream.write_all(part).await.is_err() {
+            return false;
+        }
+        let _ = stream.flush().await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    true
+}
+
+async fn proxy_for(backend: &Scripted) -> Proxy {
+    Proxy::start(&single_upstream(&[(backend.addr, 1)], "")).await
+}
+
+#[tokio::test]
+async fn a_chunked_body_split_anywhere_arrives_whole_and_the_connection_is_reused() {
+    let backend = Scripted::start(|mut stream| async move {
+        while request_head(&mut stream).await.is_some() {
+            // Every boundary lands mid-token: inside the size line, its extension, the
+            // data, the CRLF after the data, the last chunk and the trailer section.
+            let pieces: [&[u8]; 9] = [
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-kind: chunked\r\n\r\n",
+                b"5;na",
+                b"me=value\r\nhel",
+                b"lo\r",
+                b"\n6\r\n wor",
+                b"ld\r\n0",
+                b"\r\nx-checksum: abc",
+                b"\r\n",
+                b"\r\n",
+            ];
+            if !write_in_pieces(&mut stream, &pieces).await {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    for _ in 0..3 {
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.text(), "hello world");
+        assert_eq!(answer.header("x-kind"), Some("chunked"));
+    }
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "a fully read chunked body keeps its connection"
+    );
+}
+
+#[tokio::test]
+async fn trailers_of_a_chunked_response_reach_an_http2_client() {
+    // (An HTTP/1.1 client gets none: SPEC drops the hop-by-hop `Trailer` header, and
+    // without it hyper sends no trailer fields on HTTP/1.1.)
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                      3\r\nabc\r\n0\r\nx-checksum: 42\r\n\r\n",
+                )
+                .await;
+            let mut rest = [0u8; 64];
+            let _ = stream.read(&mut rest).await;
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(
+            http::Request::get(proxy.url("/"))
+                .header("te", "trailers")
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned();
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"abc"));
+    let trailers = trailers.expect("the trailer section was passed on");
+    assert_eq!(trailers["x-checksum"], "42");
+}
+
+#[tokio::test]
+async fn a_body_without_length_runs_until_close_and_its_connection_is_not_reused() {
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let pieces: [&[u8]; 3] = [
+                b"HTTP/1.1 200 OK\r\nx-kind: eof\r\n\r\nuntil ",
+                b"the ",
+                b"end",
+            ];
+            write_in_pieces(&mut stream, &pieces).await;
+        }
+        // Dropping the stream closes it: that is the end of the body.
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    for _ in 0..2 {
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.text(), "until the end");
+    }
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "a close-delimited body ends its connection"
+    );
+}
+
+#[tokio::test]
+async fn interim_100_continue_is_skipped_and_the_final_answer_passed_on() {
+    let backend = Scripted::start(|mut stream| async move {
+        while request_head(&mut stream).await.is_some() {
+            let pieces: [&[u8]; 3] = [
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n",
+                b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone",
+            ];
+            if !write_in_pieces(&mut stream, &pieces).await {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    let answer = get(&proxy.url("/")).await;
+    assert_eq!(answer.status, 201);
+    assert_eq!(answer.text(), "done");
+    assert_eq!(
+        answer.header("link"),
+        None,
+        "headers of an interim answer leaked"
+    );
+}
+
+#[tokio::test]
+async fn ambiguous_or_broken_answers_are_502_never_guessed_at() {
+    let cases: [(&str, &'static [u8]); 5] = [
+        (
+            "content-length and transfer-encoding",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "differing content-lengths",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
+        ),
+        ("not HTTP", b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
+        ("invalid status", b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n"),
+        ("closed inside the head", b"HTTP/1.1 200 OK\r\ncontent-len"),
+    ];
+    for (what, raw) in cases {
+        let backend = Scripted::start(move |mut stream| async move {
+            if request_head(&mut stream).await.is_some() {
+                let _ = stream.write_all(raw).await;
+            }
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!(answer.status, 502, "{what}");
+        assert_eq!(
+            answer.header("proxy-status"),
+            Some("palisade; error=connection_terminated"),
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_response_head_over_64_kib_is_502() {
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..100 {
+                head.extend_from_slice(format!("x-filler-{i}: ").as_bytes());
+                head.extend_from_slice(&[b'f'; 1000]);
+                head.extend_from_slice(b"\r\n");
+            }
+            head.extend_from_slice(b"content-length: 0\r\n\r\n");
+            let _ = stream.write_all(&head).await;
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    assert_eq!(get(&proxy.url("/")).await.status, 502);
+}
+
+#[tokio::test]
+async fn a_body_cut_short_aborts_the_client_response_and_the_next_request_is_fine() {
+    let backend = Scripted::start(|mut stream| async move {
+        if let Some(head) = request_head(&mut stream).await {
+            if head.starts_with("GET /short") {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..")
+                    .await;
+                return;
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let mut rest = [0u8; 64];
+            let _ = stream.read(&mut rest).await;
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    // However the client learns (the connection closes before or after the head), a
+    // truncated body must never look complete.
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let resp = common::client()
+            .request(
+                http::Request::get(proxy.url("/short"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("request"),
+            )
+            .await?;
+        let body = resp.into_body().collect().await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(body.to_bytes())
+    })
+    .await
+    .expect("the client learns in time");
+    assert!(
+        outcome.is_err(),
+        "a truncated body looked complete: {outcome:?}"
+    );
+    assert_eq!(get(&proxy.url("/")).await.text(), "ok");
+}
+
+#[tokio::test]
+async fn an_early_answer_to_an_upload_reaches_the_client() {
+    // The backend refuses after the head and never reads the body (as a server enforcing
+    // its own size limit does).
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let _ = stream
+                .write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo much")
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[server.limits]\nmax_body_bytes = 0\n{}",
+        single_upstream(&[(backend.addr, 1)], "")
+    ))
+    .await;
+    // 64 MiB: far more than the socket buffers between palisade and the backend hold.
+    let size: usize = 64 << 20;
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    client
+        .write_all(
+            format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("head");
+    let (mut reader, mut writer) = client.into_split();
+    let upload = tokio::spawn(async move {
+        let chunk = vec![b'u'; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        while !got.windows(8).any(|w| w == b"too much") {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    upload.abort();
+    assert!(
+        answered.is_ok(),
+        "no answer while the upload was still going"
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+#[tokio::test]
+async fn request_bodies_are_framed_for_the_backend_as_they_arrive() {
+    // The backend answers with what it received: the framing headers and the raw body.
+    let backend = Scripted::start(|mut stream| async move {
+        while let Some(head) = request_head(&mut stream).await {
+            let lower = head.to_ascii_lowercase();
+            let length = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            let mut body = Vec::new();
+            if let Some(length) = length {
+                body.resize(length, 0);
+                if stream.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+            } else if lower.contains("transfer-encoding: chunked") {
+                let mut byte = [0u8; 1];
+                while !body.ends_with(b"0\r\n\r\n") {
+                    if !matches!(stream.read(&mut byte).await, Ok(1)) {
+                        return;
+                    }
+                    body.push(byte[0]);
+                }
+            }
+            let framing = if length.is_some() {
+                format!("length {}", length.unwrap_or_default())
+            } else if lower.contains("transfer-encoding: chunked") {
+                "chunked".to_owned()
+            } else {
+                "none".to_owned()
+            };
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nx-framing: {framing}\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            if stream.write_all(answer.as_bytes()).await.is_err()
+                || stream.write_all(&body).await.is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+
+    let post = send(
+        http::Request::post(proxy.url("/"))
+            .body(Full::new(Bytes::from_static(b"twelve bytes")))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(post.header("x-framing"), Some("length 12"));
+    assert_eq!(post.text(), "twelve bytes");
+
+    let empty_post = send(
+        http::Request::post(proxy.url("/"))
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(empty_post.header("x-framing"), Some("length 0"));
+
+    let get_answer = get(&proxy.url("/")).await;
+    assert_eq!(get_answer.header("x-framing"), Some("none"));
+
+    // A chunked upload stays chunked (its length is unknown up front), re-framed by
+    // palisade: the backend sees the same bytes in well-formed chunks.
+    let mut raw = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    raw.extend_from_slice(b"4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n");
+    let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+    conn.write_all(&raw).await.expect("write");
+    let head = common::read_head(&mut conn).await;
+    assert!(
+        head.to_ascii_lowercase().contains("x-framing: chunked"),
+        "{head}"
+    );
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "every request reused the one connection"
+    );
+}
