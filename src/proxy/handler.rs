@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
+use http::header::{HeaderMap, CONNECTION, CONTENT_LENGTH, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -23,12 +23,13 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, Replayable};
 use super::error::ProxyError;
-use super::headers::{self, ClientSide};
+use super::headers::{self, ClientSide, Forwarding};
 use crate::clock::now_ns;
 use crate::health::{self, Transition};
 use crate::limit::client_ip;
 use crate::route::Route;
 use crate::snapshot::{ProxyState, Snapshot};
+use crate::upstream::h1::RequestHead;
 use crate::upstream::pool::UpstreamBody;
 use crate::upstream::{Backend, PickError, Tried, Upstream};
 
@@ -245,7 +246,7 @@ async fn proxy<'s>(
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, upgrade);
     let authority = parts.uri.authority().map(|a| a.as_str());
-    trace.request_id = Some(headers::add_forwarding(
+    let forwarding = Forwarding::new(
         &mut parts.headers,
         &ClientSide {
             ip: client_ip,
@@ -253,7 +254,8 @@ async fn proxy<'s>(
             version: client_version,
         },
         authority,
-    ));
+    );
+    trace.request_id = Some(forwarding.request_id.clone());
     let path_and_query = upstream_path(&parts.uri, route)?;
     let retries = upstream.config.retry.attempts;
     let body = replayable_body(
@@ -270,6 +272,7 @@ async fn proxy<'s>(
         method: parts.method,
         path_and_query,
         headers: parts.headers,
+        forwarding,
         version: upstream.version,
     };
 
@@ -306,30 +309,40 @@ struct Template {
     direct: bool,
     method: Method,
     path_and_query: PathAndQuery,
+    /// The client's headers, hop-by-hop ones removed (the forwarding headers are not in it).
     headers: HeaderMap,
+    forwarding: Forwarding,
     version: Version,
 }
 
 impl Template {
-    /// The request for one attempt. On the last attempt that can happen the headers are
-    /// moved instead of cloned (with retries off, every request is such an attempt).
+    /// The head palisade's own pool writes (plain HTTP/1.1 upstreams): borrowed, so a
+    /// retry copies nothing.
+    fn head<'a>(&'a self, backend: &'a Backend) -> RequestHead<'a> {
+        RequestHead {
+            method: &self.method,
+            target: self.path_and_query.as_str(),
+            version: self.version,
+            headers: &self.headers,
+            forwarding: &self.forwarding,
+            default_host: backend.authority.as_str(),
+        }
+    }
+
+    /// The request for one attempt through hyper's client (TLS and h2c upstreams). On the
+    /// last attempt that can happen the headers are moved instead of cloned.
     fn request(
         &mut self,
         backend: &Backend,
         body: ProxyBody,
         last: bool,
     ) -> Result<Request<ProxyBody>, ProxyError> {
-        let uri = if self.direct {
-            // palisade's own pool writes the URI as it is: origin-form.
-            Uri::from(self.path_and_query.clone())
-        } else {
-            Uri::builder()
-                .scheme(self.scheme.clone())
-                .authority(backend.authority.clone())
-                .path_and_query(self.path_and_query.clone())
-                .build()
-                .map_err(|_| ProxyError::BadRequest("invalid request target"))?
-        };
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(backend.authority.clone())
+            .path_and_query(self.path_and_query.clone())
+            .build()
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
@@ -339,12 +352,7 @@ impl Template {
         } else {
             self.headers.clone()
         };
-        if self.direct && !req.headers().contains_key(HOST) {
-            // An HTTP/1.0 client may send no Host at all; HTTP/1.1 backends need one.
-            if let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) {
-                req.headers_mut().insert(HOST, host);
-            }
-        }
+        self.forwarding.apply(req.headers_mut());
         Ok(req)
     }
 }
@@ -432,9 +440,15 @@ async fn attempt_once<'s>(
     let backend = &upstream.backends[index];
     trace.backend = Some(backend);
     trace.attempts += 1;
-    let req = template.request(backend, body.attempt(), last)?;
     let started = Instant::now();
-    let sent = tokio::time::timeout(upstream.response_timeout(), upstream.send(index, req)).await;
+    let sent = if template.direct {
+        let head = template.head(backend);
+        let send = upstream.send_direct(index, &head, body.attempt());
+        tokio::time::timeout(upstream.response_timeout(), send).await
+    } else {
+        let req = template.request(backend, body.attempt(), last)?;
+        tokio::time::timeout(upstream.response_timeout(), upstream.send_client(req)).await
+    };
     drop(in_flight);
     let outcome = match sent {
         Ok(Ok(resp)) => {

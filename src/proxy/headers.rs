@@ -90,41 +90,122 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Adds `X-Forwarded-For` (client IP appended to any existing list, as one line),
-/// `X-Forwarded-Proto`, `X-Forwarded-Host`, `Via`, and a valid `X-Request-Id`.
-/// `authority` is the request URI's authority (HTTP/2 clients send no Host header):
-/// it becomes the Host header when there is none, so the backend sees the name the client used.
-/// Returns the request id as sent upstream.
+/// The forwarding headers of one request: `X-Forwarded-For` (client IP appended to any
+/// existing list, as one line), `X-Forwarded-Proto`, `X-Forwarded-Host`, `Via`, and a
+/// valid `X-Request-Id` (the client's, or a new one), computed once per request and written by whichever client sends it:
+/// palisade's own HTTP/1.1 codec writes them straight into the request head after the
+/// client's headers (no header-map inserts, no map growth, nothing cloned per attempt);
+/// hyper's client gets them inserted into the map ([`Forwarding::apply`]).
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    forwarded_for: Option<HeaderValue>,
+    proto: &'static str,
+    forwarded_host: Option<HeaderValue>,
+    via: HeaderValue,
+    /// The request id sent upstream.
+    pub request_id: HeaderValue,
+    /// The client sent no valid id: ours replaces whatever it sent.
+    new_request_id: bool,
+}
+
+impl Forwarding {
+    /// The forwarding headers for a request with `headers`. `authority` is the request
+    /// URI's authority (HTTP/2 clients send no Host header): it becomes the Host header
+    /// when there is none, so the backend sees the name the client used.
+    pub fn new(headers: &mut HeaderMap, client: &ClientSide, authority: Option<&str>) -> Self {
+        let host = match headers.get(HOST) {
+            Some(host) => Some(host.clone()),
+            None => {
+                // Rare (HTTP/2 clients): the one change made to the map itself.
+                let value = authority.and_then(|a| HeaderValue::from_str(a).ok());
+                if let Some(value) = &value {
+                    headers.insert(HOST, value.clone());
+                }
+                value
+            }
+        };
+        let (request_id, new_request_id) = match headers.get(&X_REQUEST_ID) {
+            Some(id) if is_valid_request_id(id.as_bytes()) => (id.clone(), false),
+            _ => (new_request_id(), true),
+        };
+        Forwarding {
+            forwarded_for: forwarded_for(headers, client.ip),
+            proto: client.proto,
+            forwarded_host: host,
+            via: via_value(client.version),
+            request_id,
+            new_request_id,
+        }
+    }
+
+    /// Puts the headers into `headers` (for hyper's client).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        // Up to five new names: grow the map once, not once per insert.
+        headers.reserve(5);
+        if let Some(value) = &self.forwarded_for {
+            headers.insert(X_FORWARDED_FOR.clone(), value.clone());
+        } else {
+            headers.remove(&X_FORWARDED_FOR);
+        }
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(self.proto),
+        );
+        match &self.forwarded_host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+        headers.append(VIA, self.via.clone());
+        if self.new_request_id {
+            headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        }
+    }
+
+    /// Whether a header of the client's is replaced by one of these (and so must not be
+    /// passed on next to it).
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+            || (self.new_request_id && *name == X_REQUEST_ID)
+    }
+
+    /// Writes the header lines (`name: value\r\n`) into a request head.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut line = |name: &HeaderName, value: &[u8]| {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        if let Some(value) = &self.forwarded_for {
+            line(&X_FORWARDED_FOR, value.as_bytes());
+        }
+        line(&X_FORWARDED_PROTO, self.proto.as_bytes());
+        if let Some(host) = &self.forwarded_host {
+            line(&X_FORWARDED_HOST, host.as_bytes());
+        }
+        line(&VIA, self.via.as_bytes());
+        if self.new_request_id {
+            line(&X_REQUEST_ID, self.request_id.as_bytes());
+        }
+    }
+}
+
+/// Adds the forwarding headers to `headers` (see [`Forwarding`]); returns the request id
+/// as sent upstream.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
     client: &ClientSide,
     authority: Option<&str>,
 ) -> HeaderValue {
-    // Up to five new names: grow the map once, not once per insert.
-    headers.reserve(5);
-    set_forwarded_for(headers, client.ip);
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(client.proto),
-    );
-    if !headers.contains_key(HOST) {
-        if let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
-            headers.insert(HOST, value);
-        }
-    }
-    if let Some(host) = headers.get(HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
-    headers.append(VIA, via_value(client.version));
-
-    match headers.get(&X_REQUEST_ID) {
-        Some(id) if is_valid_request_id(id.as_bytes()) => id.clone(),
-        _ => {
-            let id = new_request_id();
-            headers.insert(X_REQUEST_ID.clone(), id.clone());
-            id
-        }
-    }
+    let forwarding = Forwarding::new(headers, client, authority);
+    forwarding.apply(headers);
+    forwarding.request_id
 }
 
 fn via_value(version: Version) -> HeaderValue {
@@ -152,7 +233,9 @@ pub(crate) fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     &buf[..len]
 }
 
-fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+/// The `X-Forwarded-For` value: the client's list (several lines folded into one, the
+/// order kept) with `ip` appended.
+fn forwarded_for(headers: &HeaderMap, ip: IpAddr) -> Option<HeaderValue> {
     let mut buf = [0u8; 64];
     let ip_text = ip_text(ip, &mut buf);
     let len = ip_text.len();
@@ -169,7 +252,6 @@ fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
             HeaderValue::from_bytes(&joined)
         }
         (Some(_), Some(_)) => {
-            // Several X-Forwarded-For lines: fold them into one list, the order kept.
             let mut joined = Vec::new();
             for v in headers.get_all(&X_FORWARDED_FOR) {
                 joined.extend_from_slice(v.as_bytes());
@@ -179,9 +261,7 @@ fn set_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
             HeaderValue::from_bytes(&joined)
         }
     };
-    if let Ok(value) = value {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-    }
+    value.ok()
 }
 
 /// Writes `a.b.c.d` into `buf` (at least 15 bytes); returns the length.

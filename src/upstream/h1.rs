@@ -25,14 +25,15 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Backend;
 use crate::proxy::body::{BoxError, ProxyBody};
+use crate::proxy::headers::Forwarding;
 
 /// The largest response head accepted (hyper's client allows about 400 KiB; nginx's
 /// `proxy_buffer_size` default is one page, and answers 502 beyond it).
@@ -49,6 +50,16 @@ const MAX_READ: usize = 64 * 1024;
 
 /// A request body up to this size with a known length goes in the head's write.
 const INLINE_BODY: u64 = 16 * 1024;
+
+/// Hop-by-hop response headers besides Connection and Transfer-Encoding (SPEC: never
+/// forwarded).
+static HOP_BY_HOP: [HeaderName; 5] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+];
 
 /// One open connection to a backend.
 #[derive(Debug)]
@@ -110,9 +121,9 @@ pub enum ProtoError {
 
 /// How an exchange failed.
 pub enum Failure {
-    /// The request head could not be written, so nothing reached the backend: the request
+    /// The request head could not be written, so nothing reached the backend: the body
     /// comes back for another connection.
-    NotSent(Box<Request<ProxyBody>>, io::Error),
+    NotSent(ProxyBody, io::Error),
     /// The request may have reached the backend.
     Failed(ProtoError),
 }
@@ -137,15 +148,33 @@ enum ReqFraming {
     Chunked,
 }
 
-/// Sends `req` (origin-form URI, Host set, hop-by-hop headers already removed) on `conn`
-/// and reads the response head. The response body keeps the connection and gives it back
-/// to `backend`'s pool once read to its end.
+/// What the codec writes as a request head; borrowed, so that a retry sends the same
+/// head again without a copy of the header map.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    /// The request method.
+    pub method: &'a Method,
+    /// The origin-form target (path and query).
+    pub target: &'a str,
+    /// HTTP/1.1, or HTTP/1.0 for a backend that speaks only that.
+    pub version: Version,
+    /// The client's headers, hop-by-hop ones removed.
+    pub headers: &'a HeaderMap,
+    /// The forwarding headers, written after the client's (replacing theirs).
+    pub forwarding: &'a Forwarding,
+    /// The Host to send when `headers` has none (an HTTP/1.0 client may send none).
+    pub default_host: &'a str,
+}
+
+/// Sends a request with `head` and `body` on `conn` and reads the response head. The
+/// response body keeps the connection and gives it back to `backend`'s pool once read
+/// to its end.
 pub async fn exchange(
     mut conn: Conn,
-    req: Request<ProxyBody>,
+    head: &RequestHead<'_>,
+    mut body: ProxyBody,
     backend: &Arc<Backend>,
 ) -> Result<Response<ResponseBody>, Failure> {
-    let (parts, mut body) = req.into_parts();
     let framing = if body.is_end_stream() {
         ReqFraming::None
     } else {
@@ -154,30 +183,27 @@ pub async fn exchange(
             None => ReqFraming::Chunked,
         }
     };
-    let mut head = encode_head(&parts, framing);
+    let mut out = encode_head(head, framing);
     // A small body whose length is known goes out with the head, in one write.
     let mut inlined = None;
     if let (ReqFraming::Length(n), ProxyBody::Full(chunk)) = (framing, &mut body) {
         if n <= INLINE_BODY {
             if let Some(bytes) = chunk.take() {
-                head.extend_from_slice(&bytes);
+                out.extend_from_slice(&bytes);
                 inlined = Some(bytes);
             }
         }
     }
-    if let Err(e) = conn.io.write_all(&head).await {
+    if let Err(e) = conn.io.write_all(&out).await {
         // A head cut short is never acted on: the request can go elsewhere.
         if let (Some(bytes), ProxyBody::Full(chunk)) = (inlined, &mut body) {
             *chunk = Some(bytes);
         }
-        return Err(Failure::NotSent(
-            Box::new(Request::from_parts(parts, body)),
-            e,
-        ));
+        return Err(Failure::NotSent(body, e));
     }
-    drop(head);
+    drop(out);
 
-    let head_request = parts.method == Method::HEAD;
+    let head_request = *head.method == Method::HEAD;
     let mut writer = BodyWriter {
         body,
         framing,
@@ -243,50 +269,57 @@ pub async fn exchange(
 }
 
 /// The request head, ready to write.
-fn encode_head(parts: &http::request::Parts, framing: ReqFraming) -> Vec<u8> {
-    let mut head = Vec::with_capacity(64 + parts.headers.len() * 48);
-    head.extend_from_slice(parts.method.as_str().as_bytes());
-    head.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    head.extend_from_slice(target.as_bytes());
-    head.extend_from_slice(if parts.version == Version::HTTP_10 {
+fn encode_head(head: &RequestHead<'_>, framing: ReqFraming) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(if head.version == Version::HTTP_10 {
         b" HTTP/1.0\r\n"
     } else {
         b" HTTP/1.1\r\n"
     });
     let mut declared_length = false;
-    for (name, value) in &parts.headers {
+    let mut has_host = false;
+    for (name, value) in head.headers {
         // The framing headers are this codec's to write, from the body it really sends.
         if name == CONTENT_LENGTH {
             declared_length = true;
             continue;
         }
-        if name == TRANSFER_ENCODING {
+        if name == TRANSFER_ENCODING || head.forwarding.replaces(name) {
             continue;
         }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        has_host |= name == HOST;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
+    if !has_host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(head.default_host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    head.forwarding.encode(&mut out);
     match framing {
         ReqFraming::None => {
             // RFC 9110 8.6: a request whose method defines a body says it has none.
             let wants_length = declared_length
-                || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+                || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH);
             if wants_length {
-                head.extend_from_slice(b"content-length: 0\r\n");
+                out.extend_from_slice(b"content-length: 0\r\n");
             }
         }
         ReqFraming::Length(n) => {
-            head.extend_from_slice(b"content-length: ");
-            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            head.extend_from_slice(b"\r\n");
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
-        ReqFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ReqFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
-    head.extend_from_slice(b"\r\n");
-    head
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// Writes a streamed request body.
@@ -444,8 +477,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
                 .map_err(|_| ProtoError::InvalidHead("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                 .map_err(|_| ProtoError::InvalidHead("invalid header value"))?;
-            framing.see(&name, &value)?;
-            headers.append(name, value);
+            // Hop-by-hop headers end here (the handler would remove them again, at a hash
+            // lookup each): only a Connection header naming other headers stays, so that
+            // the handler removes those too. A 101 keeps them all for the tunnel's answer.
+            if framing.see(&name, &value)? || status == StatusCode::SWITCHING_PROTOCOLS {
+                headers.append(name, value);
+            }
         }
         let state = if status == StatusCode::SWITCHING_PROTOCOLS {
             State::Upgrade
@@ -497,7 +534,8 @@ impl Framing {
         }
     }
 
-    fn see(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<(), ProtoError> {
+    /// Takes in one header line; `Ok(false)`: a hop-by-hop header the client must not see.
+    fn see(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, ProtoError> {
         let version = self.version;
         if name == CONTENT_LENGTH {
             if self.chunked || self.other_coding {
@@ -540,17 +578,24 @@ impl Framing {
                     self.other_coding = true;
                 }
             }
+            return Ok(false);
         } else if name == CONNECTION {
+            let mut names_others = false;
             for item in value.as_bytes().split(|&b| b == b',') {
                 let item = trim(item);
                 if item.eq_ignore_ascii_case(b"close") {
                     self.keep_alive = false;
-                } else if item.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    self.keep_alive = true;
+                } else if item.eq_ignore_ascii_case(b"keep-alive") {
+                    if version == Version::HTTP_10 {
+                        self.keep_alive = true;
+                    }
+                } else if !item.is_empty() {
+                    names_others = true;
                 }
             }
+            return Ok(names_others);
         }
-        Ok(())
+        Ok(!HOP_BY_HOP.contains(name))
     }
 }
 

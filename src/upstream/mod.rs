@@ -276,21 +276,32 @@ impl Upstream {
         self.in_panic.load(Ordering::Relaxed)
     }
 
-    /// Sends one request to backend `index`: through its own pool for plain HTTP/1.1
-    /// upstreams, through hyper-util's client otherwise. `req` has an absolute URI for the
-    /// latter and an origin-form one for the former (see [`Upstream::direct`]).
-    pub async fn send(
+    /// Sends one request to backend `index` through its own pool (plain HTTP/1.1
+    /// upstreams, [`Upstream::direct`]).
+    pub async fn send_direct(
         &self,
         index: usize,
+        head: &h1::RequestHead<'_>,
+        body: crate::proxy::body::ProxyBody,
+    ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
+        pool::send(
+            &self.backends[index],
+            head,
+            body,
+            self.config.timeouts.connect,
+        )
+        .await
+    }
+
+    /// Sends one request (absolute URI) through hyper-util's client (TLS and h2c
+    /// upstreams).
+    pub async fn send_client(
+        &self,
         req: http::Request<crate::proxy::body::ProxyBody>,
     ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
-        if self.direct {
-            pool::send(&self.backends[index], req, self.config.timeouts.connect).await
-        } else {
-            match self.client.request(req).await {
-                Ok(resp) => Ok(resp.map(pool::UpstreamBody::hyper)),
-                Err(e) => Err(pool::SendError::Client(e)),
-            }
+        match self.client.request(req).await {
+            Ok(resp) => Ok(resp.map(pool::UpstreamBody::hyper)),
+            Err(e) => Err(pool::SendError::Client(e)),
         }
     }
 

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 use http_body::{Frame, SizeHint};
 use hyper::body::{Body, Incoming};
 use tokio::net::TcpStream;
@@ -164,13 +164,14 @@ impl StdError for SendError {
     }
 }
 
-/// Sends `req` (origin-form URI, Host header set) to `backend` over an idle connection of
-/// its pool or a new one. A pooled connection that turns out to be closed before the
+/// Sends a request (`head` and `body`) to `backend` over an idle connection of its pool or
+/// a new one. A pooled connection that turns out to be closed before the
 /// request was written is discarded and the request goes on the next one, so a backend
 /// closing idle connections costs no failed request.
 pub async fn send(
     backend: &Arc<Backend>,
-    mut req: Request<ProxyBody>,
+    head: &h1::RequestHead<'_>,
+    mut body: ProxyBody,
     connect_timeout: Duration,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let now = Instant::now();
@@ -184,10 +185,10 @@ pub async fn send(
                 false,
             ),
         };
-        match h1::exchange(conn, req, backend).await {
+        match h1::exchange(conn, head, body, backend).await {
             Ok(resp) => return Ok(resp.map(UpstreamBody::own)),
             // Not written: the connection was gone already. Try the next one.
-            Err(h1::Failure::NotSent(back, _)) if pooled => req = *back,
+            Err(h1::Failure::NotSent(back, _)) if pooled => body = back,
             Err(h1::Failure::NotSent(_, e)) => return Err(SendError::Connect(e)),
             Err(h1::Failure::Failed(e)) => return Err(SendError::Exchange(e)),
         }

@@ -89,6 +89,10 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
         &[
             ("host", "shop.example.com"),
             ("x-forwarded-for", "203.0.113.9"),
+            // Claims palisade replaces, never passes on beside its own.
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "spoofed.example"),
+            ("via", "1.1 edge"),
             ("connection", "keep-alive, x-drop-me"),
             ("x-drop-me", "secret"),
             ("keep-alive", "timeout=5"),
@@ -104,7 +108,8 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "shop.example.com");
-    assert_eq!(h["via"], "1.1 palisade");
+    // Via is a list: the client's hops, then ours.
+    assert_eq!(h["via"], "1.1 edge, 1.1 palisade");
     assert_eq!(h["x-kept"], "yes");
     assert!(h.get("x-drop-me").is_none(), "{h}");
     assert!(h.get("keep-alive").is_none(), "{h}");
@@ -119,6 +124,11 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
         .await
         .json();
     assert_ne!(replaced["headers"]["x-request-id"], "bad id!");
+    assert_eq!(
+        replaced["headers"]["x-request-id"].as_str().map(str::len),
+        Some(32),
+        "the invalid id was passed on beside the new one"
+    );
 }
 
 #[tokio::test]
