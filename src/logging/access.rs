@@ -3,25 +3,94 @@
 //! Through `tracing`'s JSON formatter one access line cost about 30,000 instructions
 //! (every field through `Visit` and serde_json's escaper into a fresh `String`, the
 //! timestamp formatted from scratch): more than the rest of the request. Here the line is
-//! written into a per-thread buffer, strings are copied in runs between the rare bytes
-//! JSON must escape, the date part of the timestamp is formatted once per second, and the
-//! line goes to the same background writer as every other log line, so lines never
-//! interleave. The output is the line `tracing` wrote: the same keys in the same order.
+//! written into a per-thread batch, strings are copied in runs between the rare bytes
+//! JSON must escape, and the date part of the timestamp is formatted once per second.
+//! Every 20 ms a flusher thread hands each thread's batch to the same background writer
+//! as every other log line (so lines never interleave mid-line): handing over each line
+//! woke the writer thread per request (a futex wake, its spinning `sched_yield`s, and a
+//! `write` per line on the proxy's core). The output is the line `tracing` wrote: the
+//! same keys in the same order.
 
 use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing_appender::non_blocking::NonBlocking;
 
-static WRITER: OnceLock<NonBlocking> = OnceLock::new();
+/// How often the batches of every thread go to the writer.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
-/// Routes access lines to `writer` from now on (the JSON log's writer). Without it, the
-/// handler logs access lines through `tracing` (text format, tests, embedders).
+/// A thread's batch is handed to the writer at once when it grows past this (bounded
+/// memory under a burst; the writer's queue makes the thread wait when it is full).
+const MAX_BATCH: usize = 1 << 20;
+
+/// One thread's lines not yet handed to the writer. Its lock is taken by that thread for
+/// each line and by the flusher every [`FLUSH_EVERY`]: never contended in practice, and no
+/// lock shared by the request threads.
+type Batch = Arc<Mutex<Vec<u8>>>;
+
+struct Sink {
+    writer: NonBlocking,
+    /// Every thread's batch (a thread registers on its first line).
+    batches: Mutex<Vec<Batch>>,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Routes access lines to `writer` from now on (the JSON log's writer), and starts the
+/// thread that hands the batched lines to it. Without it, the handler logs access lines
+/// through `tracing` (text format, tests, embedders).
 pub fn install(writer: NonBlocking) {
-    let _ = WRITER.set(writer);
+    let sink = Sink {
+        writer,
+        batches: Mutex::new(Vec::new()),
+    };
+    if SINK.set(sink).is_err() {
+        return;
+    }
+    let started = std::thread::Builder::new()
+        .name("palisade-access".into())
+        .spawn(|| loop {
+            std::thread::sleep(FLUSH_EVERY);
+            flush();
+        });
+    if let Err(e) = started {
+        // Lines still reach the log: each thread's batch is handed over once it is full,
+        // and at exit (`flush`).
+        tracing::error!(error = %e, "cannot start the access log's flusher thread");
+    }
+}
+
+/// Hands every thread's batched lines to the writer (every [`FLUSH_EVERY`], and at exit:
+/// the log guard calls it before the writer's own flush).
+pub fn flush() {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let batches: Vec<Batch> = match sink.batches.lock() {
+        Ok(mut all) => {
+            // A thread that has ended left its batch here; it is flushed once more below
+            // and then forgotten.
+            let snapshot = all.clone();
+            all.retain(|b| Arc::strong_count(b) > 2);
+            snapshot
+        }
+        Err(_) => return,
+    };
+    let mut writer = sink.writer.clone();
+    for batch in batches {
+        let lines = match batch.lock() {
+            Ok(mut lines) if !lines.is_empty() => {
+                let capacity = lines.capacity().min(MAX_BATCH);
+                std::mem::replace(&mut *lines, Vec::with_capacity(capacity))
+            }
+            _ => continue,
+        };
+        // The writer only fails once its thread is gone (the process is exiting).
+        let _ = writer.write_all(&lines);
+    }
 }
 
 /// What one access line says.
@@ -41,39 +110,53 @@ pub struct Line<'a> {
     pub duration: Duration,
 }
 
-/// Per thread: the line being built, this thread's handle on the writer, and the date
-/// part of the last timestamp.
+/// Per thread: its batch, and the date part of the last timestamp.
 struct Local {
-    buf: Vec<u8>,
-    writer: Option<NonBlocking>,
+    batch: Option<Batch>,
     clock: Clock,
 }
 
 thread_local! {
     static LOCAL: RefCell<Local> = RefCell::new(Local {
-        buf: Vec::with_capacity(512),
-        writer: None,
+        batch: None,
         clock: Clock::default(),
     });
 }
 
-/// Writes `line` if [`install`] was called; returns false (and writes nothing) if not.
+/// Adds `line` to this thread's batch if [`install`] was called; returns false (and
+/// writes nothing) if not. No system call and no allocation per line: the batch reaches
+/// the log within [`FLUSH_EVERY`], each thread's lines in order.
 pub fn write(line: &Line<'_>) -> bool {
-    let Some(shared) = WRITER.get() else {
+    let Some(sink) = SINK.get() else {
         return false;
     };
-    // `try_with`: a thread being torn down has no buffer left; tracing then takes the line.
+    // `try_with`: a thread being torn down has no state left; tracing then takes the line.
     LOCAL
         .try_with(|local| {
             let Ok(mut local) = local.try_borrow_mut() else {
                 return false;
             };
-            let Local { buf, writer, clock } = &mut *local;
-            buf.clear();
-            format(buf, clock, SystemTime::now(), line);
-            let writer = writer.get_or_insert_with(|| shared.clone());
-            // The writer only fails once its thread is gone (the process is exiting).
-            let _ = writer.write_all(buf);
+            let Local { batch, clock } = &mut *local;
+            let batch = match batch {
+                Some(batch) => batch,
+                None => {
+                    let new: Batch = Arc::new(Mutex::new(Vec::with_capacity(64 * 1024)));
+                    match sink.batches.lock() {
+                        Ok(mut all) => all.push(new.clone()),
+                        Err(_) => return false,
+                    }
+                    batch.insert(new)
+                }
+            };
+            let Ok(mut lines) = batch.lock() else {
+                return false;
+            };
+            format(&mut lines, clock, SystemTime::now(), line);
+            if lines.len() >= MAX_BATCH {
+                let full = std::mem::replace(&mut *lines, Vec::with_capacity(MAX_BATCH));
+                drop(lines);
+                let _ = sink.writer.clone().write_all(&full);
+            }
             true
         })
         .unwrap_or(false)

@@ -34,10 +34,7 @@ impl LogFormat {
 /// on, a request no longer waits for a system call on stderr. Nothing is dropped (a full
 /// queue makes the logging thread wait). The returned guard flushes what is queued when
 /// dropped: hold it until the process exits.
-pub fn init(
-    format: LogFormat,
-    level: &str,
-) -> Result<Option<tracing_appender::non_blocking::WorkerGuard>, String> {
+pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> {
     let filter =
         EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -66,5 +63,16 @@ pub fn init(
     if format == LogFormat::Json {
         access::install(access_writer);
     }
-    Ok(Some(guard))
+    Ok(Some(LogGuard { _worker: guard }))
+}
+
+/// Flushes the batched access lines, then (its field dropping) the writer's queue.
+pub struct LogGuard {
+    _worker: tracing_appender::non_blocking::WorkerGuard,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        access::flush();
+    }
 }

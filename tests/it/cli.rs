@@ -145,6 +145,11 @@ fn stop_gracefully(mut child: ChildGuard) {
 /// Runs palisade with `config`, sends one request to `path`, stops it, and returns its
 /// stderr.
 async fn run_and_capture(config: &str, path: &str) -> String {
+    run_and_capture_n(config, path, 1).await
+}
+
+/// As [`run_and_capture`], with `n` requests, the stop sent right after the last answer.
+async fn run_and_capture_n(config: &str, path: &str, n: usize) -> String {
     let (_dir, file) = write_config(&format!("access-{}.toml", common::free_port()), config);
     let log = file.with_extension("log");
     let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
@@ -171,12 +176,14 @@ async fn run_and_capture(config: &str, path: &str) -> String {
         .expect("port in config");
     let addr = format!("127.0.0.1:{port}");
     wait_listening(addr.parse().expect("addr")).await;
-    let answer = get_with(
-        &format!("http://{addr}{path}"),
-        &[("x-request-id", "trace-me-1")],
-    )
-    .await;
-    assert_eq!(answer.status, 200);
+    for _ in 0..n {
+        let answer = get_with(
+            &format!("http://{addr}{path}"),
+            &[("x-request-id", "trace-me-1")],
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
     stop_gracefully(child);
     std::fs::read_to_string(&log).expect("read log")
 }
@@ -219,6 +226,20 @@ async fn the_access_log_writes_one_json_line_per_request_in_utc() {
         .is_some_and(|h| h.starts_with("127.0.0.1:")));
     assert!(line["bytes_out"].as_i64().is_some_and(|b| b > 0));
     assert!(line["duration_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn every_access_line_reaches_the_log_when_the_process_stops_right_after() {
+    // Access lines are batched per thread and handed to the writer every 20 ms; the ones
+    // still batched at exit are flushed by the log guard, not lost.
+    let echo = Echo::start("a").await;
+    let log = run_and_capture_n(&access_config(true, echo.addr), "/burst", 300).await;
+    let lines = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "palisade::access" && v["path"] == "/burst")
+        .count();
+    assert_eq!(lines, 300, "{log}");
 }
 
 #[tokio::test]
