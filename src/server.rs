@@ -372,9 +372,27 @@ async fn serve_connection(
         registry: shared.registry.clone(),
         id,
     };
-    let Some(tls_addr) = tls else {
-        return serve_io(stream, peer, "http", limits, shared, registered).await;
-    };
+    match tls {
+        None => serve_io(stream, peer, "http", limits, shared, registered).await,
+        // Boxed: a TLS connection's state (the handshake, rustls' connection) is larger
+        // than a plain one's, and unboxed every plain connection's task would be that size.
+        Some(tls_addr) => {
+            Box::pin(serve_tls(
+                stream, peer, limits, shared, registered, tls_addr,
+            ))
+            .await
+        }
+    }
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    shared: Shared,
+    registered: Registered,
+    tls_addr: SocketAddr,
+) {
     let Some(config) = shared.state.tls_config(tls_addr) else {
         tracing::warn!(%peer, addr = %tls_addr, "no TLS configuration for this listener; closing");
         return;
