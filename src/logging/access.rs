@@ -63,33 +63,35 @@ pub fn install(writer: NonBlocking) {
     }
 }
 
-/// Hands every thread's batched lines to the writer (every [`FLUSH_EVERY`], and at exit:
+/// Hands every thread's batched lines to the writer (every 20 ms, and at exit:
 /// the log guard calls it before the writer's own flush).
 pub fn flush() {
     let Some(sink) = SINK.get() else {
         return;
     };
-    let batches: Vec<Batch> = match sink.batches.lock() {
-        Ok(mut all) => {
-            // A thread that has ended left its batch here; it is flushed once more below
-            // and then forgotten.
-            let snapshot = all.clone();
-            all.retain(|b| Arc::strong_count(b) > 2);
-            snapshot
-        }
-        Err(_) => return,
+    let Ok(mut all) = sink.batches.lock() else {
+        return;
     };
     let mut writer = sink.writer.clone();
-    for batch in batches {
-        let lines = match batch.lock() {
-            Ok(mut lines) if !lines.is_empty() => {
-                let capacity = lines.capacity().min(MAX_BATCH);
-                std::mem::replace(&mut *lines, Vec::with_capacity(capacity))
-            }
-            _ => continue,
-        };
+    all.retain(|batch| {
+        // Checked before the batch is taken: a thread that ends after this keeps its
+        // batch here for the next round; one that ended before adds nothing more, so this
+        // last flush of its batch is complete and the batch is forgotten.
+        let alive = Arc::strong_count(batch) > 1;
+        if let Ok(mut lines) = batch.lock() {
+            hand_over(&mut writer, &mut lines);
+        }
+        alive
+    });
+}
+
+/// Gives `lines` to the writer (which copies them into its queue) and empties them,
+/// keeping their capacity for the next batch.
+fn hand_over(writer: &mut NonBlocking, lines: &mut Vec<u8>) {
+    if !lines.is_empty() {
         // The writer only fails once its thread is gone (the process is exiting).
-        let _ = writer.write_all(&lines);
+        let _ = writer.write_all(lines);
+        lines.clear();
     }
 }
 
@@ -125,7 +127,7 @@ thread_local! {
 
 /// Adds `line` to this thread's batch if [`install`] was called; returns false (and
 /// writes nothing) if not. No system call and no allocation per line: the batch reaches
-/// the log within [`FLUSH_EVERY`], each thread's lines in order.
+/// the log within 20 ms, each thread's lines in order.
 pub fn write(line: &Line<'_>) -> bool {
     let Some(sink) = SINK.get() else {
         return false;
@@ -153,9 +155,7 @@ pub fn write(line: &Line<'_>) -> bool {
             };
             format(&mut lines, clock, SystemTime::now(), line);
             if lines.len() >= MAX_BATCH {
-                let full = std::mem::replace(&mut *lines, Vec::with_capacity(MAX_BATCH));
-                drop(lines);
-                let _ = sink.writer.clone().write_all(&full);
+                hand_over(&mut sink.writer.clone(), &mut lines);
             }
             true
         })

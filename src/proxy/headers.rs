@@ -33,6 +33,11 @@ const HOP_BY_HOP: [&HeaderName; 7] = [
     &UPGRADE,
 ];
 
+/// Whether `name` is a hop-by-hop header by itself (besides those `Connection` names).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
 /// What the upstream request needs to know about the client side.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSide {
@@ -52,7 +57,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // One pass over the names (comparisons, no hashing) finds whether there is anything to
     // do; most requests carry no hop-by-hop header, and seven removals would cost seven
     // hash lookups each. An upgrade always has `Connection`, so it never returns here.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(&name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     if headers.contains_key(CONNECTION) {
@@ -92,14 +97,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// The forwarding headers of one request: `X-Forwarded-For` (client IP appended to any
 /// existing list, as one line), `X-Forwarded-Proto`, `X-Forwarded-Host`, `Via`, and a
-/// valid `X-Request-Id` (the client's, or a new one), computed once per request and written by whichever client sends it:
-/// palisade's own HTTP/1.1 codec writes them straight into the request head after the
-/// client's headers (no header-map inserts, no map growth, nothing cloned per attempt);
-/// hyper's client gets them inserted into the map ([`Forwarding::apply`]).
+/// valid `X-Request-Id` (the client's, or a new one). Computed once per request and
+/// written by whichever client sends it: palisade's own HTTP/1.1 codec writes
+/// [`Forwarding::each`] straight into the request head after the client's headers (no
+/// header-map inserts, no map growth, nothing cloned per attempt); hyper's client gets
+/// them inserted into the map ([`Forwarding::apply`]).
 #[derive(Debug, Clone)]
 pub struct Forwarding {
     forwarded_for: Option<HeaderValue>,
-    proto: &'static str,
+    proto: HeaderValue,
     forwarded_host: Option<HeaderValue>,
     via: HeaderValue,
     /// The request id sent upstream.
@@ -130,7 +136,7 @@ impl Forwarding {
         };
         Forwarding {
             forwarded_for: forwarded_for(headers, client.ip),
-            proto: client.proto,
+            proto: HeaderValue::from_static(client.proto),
             forwarded_host: host,
             via: via_value(client.version),
             request_id,
@@ -138,30 +144,19 @@ impl Forwarding {
         }
     }
 
-    /// Puts the headers into `headers` (for hyper's client).
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        // Up to five new names: grow the map once, not once per insert.
-        headers.reserve(5);
+    /// Each header this adds, in the order they are written. `Via` is added to the
+    /// client's hops; every other name replaces the client's ([`Forwarding::replaces`]).
+    pub fn each(&self, mut f: impl FnMut(&'static HeaderName, &HeaderValue)) {
         if let Some(value) = &self.forwarded_for {
-            headers.insert(X_FORWARDED_FOR.clone(), value.clone());
-        } else {
-            headers.remove(&X_FORWARDED_FOR);
+            f(&X_FORWARDED_FOR, value);
         }
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(self.proto),
-        );
-        match &self.forwarded_host {
-            Some(host) => {
-                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
+        f(&X_FORWARDED_PROTO, &self.proto);
+        if let Some(host) = &self.forwarded_host {
+            f(&X_FORWARDED_HOST, host);
         }
-        headers.append(VIA, self.via.clone());
+        f(&VIA, &self.via);
         if self.new_request_id {
-            headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+            f(&X_REQUEST_ID, &self.request_id);
         }
     }
 
@@ -174,25 +169,24 @@ impl Forwarding {
             || (self.new_request_id && *name == X_REQUEST_ID)
     }
 
-    /// Writes the header lines (`name: value\r\n`) into a request head.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let mut line = |name: &HeaderName, value: &[u8]| {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        };
-        if let Some(value) = &self.forwarded_for {
-            line(&X_FORWARDED_FOR, value.as_bytes());
+    /// Puts the headers into `headers` (for hyper's client).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        // Up to five new names: grow the map once, not once per insert.
+        headers.reserve(5);
+        // A claim of the client's that this has no value for goes too.
+        if self.forwarded_for.is_none() {
+            headers.remove(&X_FORWARDED_FOR);
         }
-        line(&X_FORWARDED_PROTO, self.proto.as_bytes());
-        if let Some(host) = &self.forwarded_host {
-            line(&X_FORWARDED_HOST, host.as_bytes());
+        if self.forwarded_host.is_none() {
+            headers.remove(&X_FORWARDED_HOST);
         }
-        line(&VIA, self.via.as_bytes());
-        if self.new_request_id {
-            line(&X_REQUEST_ID, self.request_id.as_bytes());
-        }
+        self.each(|name, value| {
+            if *name == VIA {
+                headers.append(name, value.clone());
+            } else {
+                headers.insert(name, value.clone());
+            }
+        });
     }
 }
 

@@ -1,9 +1,10 @@
 //! palisade's own keep-alive pool for plain HTTP/1.1 backends.
 //!
 //! Each [`Backend`] keeps a stack of idle connections, spoken to with palisade's own
-//! HTTP/1.1 client codec ([`super::h1`]). A request takes the newest idle connection (LIFO: the warm ones stay in use
-//! and the cold ones age out), or opens a new one; the response body gives the connection
-//! back when it has been read to the end ([`Checkin`]). Compared with hyper-util's generic
+//! HTTP/1.1 client codec ([`super::h1`]). A request takes the newest idle connection
+//! (LIFO: the warm ones stay in use and the cold ones age out), or opens a new one; the
+//! response body gives the connection back when it has been read to the end
+//! ([`h1::ResponseBody`]). Compared with hyper-util's generic
 //! client this skips hashing a `(scheme, authority)` key twice per request, the global pool
 //! lock, the race between checkout and connect, and the task spawned per response to wait
 //! for the connection to become idle again. The lock is per backend and held only for a

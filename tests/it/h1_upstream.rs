@@ -85,6 +85,23 @@ async fn write_in_pieces(stream: &mut TcpStream, parts: &[&[u8]]) -> bool {
     true
 }
 
+/// GET `url` and read the whole body: the body, or the error the request or the body
+/// ended with (within 10 s).
+async fn get_whole_body(url: &str) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let resp = common::client()
+            .request(
+                http::Request::get(url)
+                    .body(Full::new(Bytes::new()))
+                    .expect("request"),
+            )
+            .await?;
+        Ok(resp.into_body().collect().await?.to_bytes())
+    })
+    .await
+    .expect("the client learns in time")
+}
+
 async fn proxy_for(backend: &Scripted) -> Proxy {
     Proxy::start(&single_upstream(&[(backend.addr, 1)], "")).await
 }
@@ -292,24 +309,44 @@ async fn a_body_cut_short_aborts_the_client_response_and_the_next_request_is_fin
     let proxy = proxy_for(&backend).await;
     // However the client learns (the connection closes before or after the head), a
     // truncated body must never look complete.
-    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
-        let resp = common::client()
-            .request(
-                http::Request::get(proxy.url("/short"))
-                    .body(Full::new(Bytes::new()))
-                    .expect("request"),
-            )
-            .await?;
-        let body = resp.into_body().collect().await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(body.to_bytes())
-    })
-    .await
-    .expect("the client learns in time");
+    let outcome = get_whole_body(&proxy.url("/short")).await;
     assert!(
         outcome.is_err(),
         "a truncated body looked complete: {outcome:?}"
     );
     assert_eq!(get(&proxy.url("/")).await.text(), "ok");
+}
+
+#[tokio::test]
+async fn a_malformed_chunk_aborts_the_client_response_and_retires_the_connection() {
+    // A good chunk, then a size line that is not hex: the head is already on its way to
+    // the client, so the body must end in an error, and the connection, its framing
+    // lost, must not carry the next request.
+    let backend = Scripted::start(|mut stream| async move {
+        while let Some(head) = request_head(&mut stream).await {
+            let answer: &[u8] = if head.starts_with("GET /bad") {
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\nxx\r\n0\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            };
+            if stream.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    let outcome = get_whole_body(&proxy.url("/bad")).await;
+    assert!(
+        outcome.is_err(),
+        "a malformed body looked complete: {outcome:?}"
+    );
+    assert_eq!(get(&proxy.url("/")).await.text(), "ok");
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "the connection with the bad chunk was reused"
+    );
 }
 
 #[tokio::test]
