@@ -19,6 +19,7 @@ pub mod config;
 pub mod dns;
 pub mod echo;
 pub mod health;
+pub mod http1;
 pub mod limit;
 pub mod logging;
 pub mod metrics;

@@ -26,6 +26,49 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// A client's request body: read by palisade's HTTP/1.1 codec, or by hyper (HTTP/2).
+#[derive(Debug)]
+pub enum ClientBody {
+    /// The request has no body.
+    Empty,
+    /// Read off an HTTP/1.1 connection by palisade's codec.
+    Own(crate::server::h1::RequestBody),
+    /// Read by hyper (HTTP/2).
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Own(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Own(body) => body.is_end_stream(),
+            ClientBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Own(body) => body.size_hint(),
+            ClientBody::Hyper(body) => body.size_hint(),
+        }
+    }
+}
+
 /// A streaming HTTP body: empty, one chunk in memory, or a peer's stream passed through.
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -33,15 +76,15 @@ pub enum ProxyBody {
     Empty,
     /// One chunk, yielded once (palisade's own answers).
     Full(Option<Bytes>),
-    /// A peer's body, streamed through as it arrives.
-    Stream(Incoming),
+    /// A client's body, streamed through as it arrives.
+    Stream(ClientBody),
     /// A backend's response body, streamed through; gives its pooled connection back at
     /// the end.
     Upstream(UpstreamBody),
     /// A client's body, streamed through, failing once more than `remaining` bytes arrive.
     Limited {
         /// The client's body.
-        inner: Incoming,
+        inner: ClientBody,
         /// Bytes still allowed.
         remaining: u64,
         /// The configured limit, for the error.
@@ -51,7 +94,7 @@ pub enum ProxyBody {
     /// whose connection failed never polled it, so a retry can still send it.
     Deferred {
         /// Where the body waits.
-        slot: Arc<Mutex<Option<Incoming>>>,
+        slot: Arc<Mutex<Option<ClientBody>>>,
         /// Bytes still allowed (u64::MAX: unlimited).
         remaining: u64,
         /// The configured limit, for the error.
@@ -70,7 +113,7 @@ pub enum Replayable {
     /// A streaming body; replayable only until an attempt started sending it.
     Parked {
         /// The slot shared by every attempt.
-        slot: Arc<Mutex<Option<Incoming>>>,
+        slot: Arc<Mutex<Option<ClientBody>>>,
         /// The body limit (0 = unlimited).
         limit: u64,
     },
@@ -78,7 +121,7 @@ pub enum Replayable {
 
 impl Replayable {
     /// Parks a streaming body.
-    pub fn park(body: Incoming, limit: u64) -> Self {
+    pub fn park(body: ClientBody, limit: u64) -> Self {
         Replayable::Parked {
             slot: Arc::new(Mutex::new(Some(body))),
             limit,
@@ -121,7 +164,7 @@ impl ProxyBody {
     }
 
     /// Streams `inner`, failing with [`BodyTooLarge`] past `limit` bytes (0 = unlimited).
-    pub fn limited(inner: Incoming, limit: u64) -> Self {
+    pub fn limited(inner: ClientBody, limit: u64) -> Self {
         if limit == 0 {
             ProxyBody::Stream(inner)
         } else {
@@ -145,7 +188,7 @@ impl Body for ProxyBody {
         match &mut *self {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             ProxyBody::Limited {
                 inner,
@@ -164,7 +207,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                other => other.map_err(Into::into),
+                other => other,
             },
             ProxyBody::Deferred {
                 slot,

@@ -18,10 +18,10 @@ use http::header::{HeaderMap, CONNECTION, CONTENT_LENGTH, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper_util::rt::TokioIo;
 
-use super::body::{ProxyBody, Replayable};
+use super::body::{ClientBody, ProxyBody, Replayable};
 use super::error::ProxyError;
 use super::headers::{self, ClientSide, Forwarding};
 use crate::clock::now_ns;
@@ -38,11 +38,6 @@ use crate::upstream::{Backend, PickError, Tried, Upstream};
 /// retried only when the failed attempt never started sending them.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
-/// Marks a request whose head carried both Content-Length and Transfer-Encoding (seen by
-/// the connection, since hyper drops the length before the handler could see it).
-#[derive(Debug, Clone, Copy)]
-pub struct ConflictingFraming;
-
 /// What the handler knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -55,7 +50,7 @@ pub struct ConnInfo {
 /// Answers one client request: the backend's response, or palisade's own error answer.
 pub async fn handle(
     state: &ProxyState,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: &ConnInfo,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -197,7 +192,7 @@ fn log_access(
 
 async fn proxy<'s>(
     snapshot: &'s Snapshot,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -242,7 +237,7 @@ async fn proxy<'s>(
     let key = upstream.hash_key(client_ip, req.headers(), req.uri().path());
     let client_version = req.version();
     let upgrade = wants_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| ClientUpgrade::of(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, upgrade);
     let authority = parts.uri.authority().map(|a| a.as_str());
@@ -520,7 +515,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// small bodies with a known length read into memory when retries are on; the rest
 /// streamed (checked against `max_body` while they stream).
 async fn replayable_body(
-    body: Incoming,
+    body: ClientBody,
     declared: Option<u64>,
     max_body: u64,
     retries: bool,
@@ -547,11 +542,6 @@ async fn replayable_body(
 /// differing Content-Lengths, obs-fold, invalid header names and values and bare CRs, and
 /// keeps a single Content-Length when identical ones are repeated.
 fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
-    if req.extensions().get::<ConflictingFraming>().is_some() {
-        return Err(ProxyError::BadRequest(
-            "both content-length and transfer-encoding",
-        ));
-    }
     let headers = req.headers_mut();
     let te = headers.get_all(http::header::TRANSFER_ENCODING);
     let mut te_values = te.iter();
@@ -636,31 +626,40 @@ enum BackendSide {
     Hyper(hyper::upgrade::OnUpgrade),
 }
 
+/// The client's end of a tunnel, once the 101 has been written.
+enum ClientUpgrade {
+    /// palisade's HTTP/1.1 codec hands the connection over.
+    Own(tokio::sync::oneshot::Receiver<crate::server::h1::Upgraded>),
+    /// hyper's server (not used for HTTP/1.1 today; kept for any hyper-served request).
+    Hyper(hyper::upgrade::OnUpgrade),
+}
+
+impl ClientUpgrade {
+    fn of(req: &mut Request<ClientBody>) -> Self {
+        match req
+            .extensions_mut()
+            .remove::<crate::server::h1::OnUpgrade>()
+            .and_then(|own| own.take())
+        {
+            Some(rx) => ClientUpgrade::Own(rx),
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
+        }
+    }
+}
+
 /// Copies bytes both ways between an upgraded client connection and an upgraded backend
 /// connection until either side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: BackendSide) {
-    let client = match client.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    let result = match backend {
-        BackendSide::Socket(mut socket, early) => {
-            if !early.is_empty() {
-                if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &early).await {
-                    tracing::debug!(error = %e, "tunnel closed");
-                    return;
-                }
+async fn tunnel(client: ClientUpgrade, backend: BackendSide) {
+    let result = match client {
+        ClientUpgrade::Own(rx) => match rx.await {
+            Ok(upgraded) => pipe(upgraded.io, upgraded.early, backend).await,
+            Err(_) => {
+                tracing::debug!("upgrade failed: the client connection ended first");
+                return;
             }
-            tokio::io::copy_bidirectional(&mut client, &mut socket).await
-        }
-        BackendSide::Hyper(upgrade) => match upgrade.await {
-            Ok(backend) => {
-                tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(backend)).await
-            }
+        },
+        ClientUpgrade::Hyper(on) => match on.await {
+            Ok(upgraded) => pipe(TokioIo::new(upgraded), bytes::Bytes::new(), backend).await,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
@@ -669,5 +668,43 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: BackendSide) {
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel closed");
+    }
+}
+
+/// The tunnel's copying, once both ends are known. `client_early`: bytes the client sent
+/// right after its request head, already read by the codec.
+async fn pipe<C>(
+    mut client: C,
+    client_early: bytes::Bytes,
+    backend: BackendSide,
+) -> std::io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    match backend {
+        BackendSide::Socket(mut socket, early) => {
+            if !early.is_empty() {
+                client.write_all(&early).await?;
+            }
+            if !client_early.is_empty() {
+                socket.write_all(&client_early).await?;
+            }
+            tokio::io::copy_bidirectional(&mut client, &mut socket)
+                .await
+                .map(|_| ())
+        }
+        BackendSide::Hyper(upgrade) => {
+            let mut backend = match upgrade.await {
+                Ok(backend) => TokioIo::new(backend),
+                Err(e) => return Err(std::io::Error::other(e)),
+            };
+            if !client_early.is_empty() {
+                backend.write_all(&client_early).await?;
+            }
+            tokio::io::copy_bidirectional(&mut client, &mut backend)
+                .await
+                .map(|_| ())
+        }
     }
 }

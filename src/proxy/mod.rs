@@ -9,4 +9,4 @@ pub mod headers;
 
 pub use body::ProxyBody;
 pub use error::ProxyError;
-pub use handler::{handle, ConflictingFraming, ConnInfo};
+pub use handler::{handle, ConnInfo};

@@ -15,7 +15,6 @@
 //! malformed chunking is an error (502), never guessed at, and such a connection is never
 //! reused. Interim 1xx responses are skipped; a 101 hands the socket to the tunnel.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::io;
@@ -28,10 +27,15 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Backend;
+pub use crate::http1::Chunk;
+use crate::http1::{
+    decode_chunk, header_line, parse_decimal, trim, BodyWriter, Decoded, Framing, InvalidChunk,
+    WriteError, MAX_HEADERS, MAX_READ,
+};
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::headers::{self, Forwarding};
 
@@ -39,14 +43,8 @@ use crate::proxy::headers::{self, Forwarding};
 /// `proxy_buffer_size` default is one page, and answers 502 beyond it).
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Header lines in one response head or trailer section.
-const MAX_HEADERS: usize = 128;
-
 /// Read buffer for a response head (a small response's body usually arrives with it).
 const HEAD_BUF: usize = 8 * 1024;
-
-/// The most one read of a response body asks for.
-const MAX_READ: usize = 64 * 1024;
 
 /// A request body up to this size with a known length goes in the head's write.
 const INLINE_BODY: u64 = 16 * 1024;
@@ -109,6 +107,16 @@ pub enum ProtoError {
     Io(#[from] io::Error),
 }
 
+impl From<WriteError> for ProtoError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Length => ProtoError::RequestBodyLength,
+            WriteError::Body(e) => ProtoError::RequestBody(e),
+            WriteError::Io(e) => ProtoError::Io(e),
+        }
+    }
+}
+
 /// How an exchange failed.
 pub enum Failure {
     /// The request head could not be written, so nothing reached the backend: the body
@@ -125,17 +133,6 @@ impl fmt::Debug for Failure {
             Failure::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
         }
     }
-}
-
-/// How a request body is framed on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReqFraming {
-    /// No body.
-    None,
-    /// Content-Length.
-    Length(u64),
-    /// Transfer-Encoding: chunked.
-    Chunked,
 }
 
 /// What the codec writes as a request head; borrowed, so that a retry sends the same
@@ -166,17 +163,17 @@ pub async fn exchange(
     backend: &Arc<Backend>,
 ) -> Result<Response<ResponseBody>, Failure> {
     let framing = if body.is_end_stream() {
-        ReqFraming::None
+        Framing::None
     } else {
         match body.size_hint().exact() {
-            Some(n) => ReqFraming::Length(n),
-            None => ReqFraming::Chunked,
+            Some(n) => Framing::Length(n),
+            None => Framing::Chunked,
         }
     };
     let mut out = encode_head(head, framing);
     // A small body whose length is known goes out with the head, in one write.
     let mut inlined = None;
-    if let (ReqFraming::Length(n), ProxyBody::Full(chunk)) = (framing, &mut body) {
+    if let (Framing::Length(n), ProxyBody::Full(chunk)) = (framing, &mut body) {
         if n <= INLINE_BODY {
             if let Some(bytes) = chunk.take() {
                 out.extend_from_slice(&bytes);
@@ -194,12 +191,10 @@ pub async fn exchange(
     drop(out);
 
     let head_request = *head.method == Method::HEAD;
-    let mut writer = BodyWriter {
-        body,
-        framing,
-        queue: VecDeque::new(),
-        written: 0,
-        ended: framing == ReqFraming::None || inlined.is_some(),
+    let mut writer = if inlined.is_some() {
+        BodyWriter::finished()
+    } else {
+        BodyWriter::new(body, framing, true)
     };
     let mut buf = BytesMut::with_capacity(HEAD_BUF);
     let parsed = poll_fn(|cx| {
@@ -207,7 +202,7 @@ pub async fn exchange(
         // (413, 401, a redirect) without reading the whole body.
         if !writer.done() {
             if let Poll::Ready(Err(e)) = writer.poll_write(cx, &mut conn.io) {
-                return Poll::Ready(Err(e));
+                return Poll::Ready(Err(e.into()));
             }
         }
         loop {
@@ -258,7 +253,7 @@ pub async fn exchange(
 }
 
 /// The request head, ready to write.
-fn encode_head(head: &RequestHead<'_>, framing: ReqFraming) -> Vec<u8> {
+fn encode_head(head: &RequestHead<'_>, framing: Framing) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + head.headers.len() * 48);
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
@@ -288,7 +283,7 @@ fn encode_head(head: &RequestHead<'_>, framing: ReqFraming) -> Vec<u8> {
     head.forwarding
         .each(|name, value| header_line(&mut out, name, value.as_bytes()));
     match framing {
-        ReqFraming::None => {
+        Framing::None => {
             // RFC 9110 8.6: a request whose method defines a body says it has none.
             let wants_length = declared_length
                 || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH);
@@ -296,113 +291,17 @@ fn encode_head(head: &RequestHead<'_>, framing: ReqFraming) -> Vec<u8> {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
         }
-        ReqFraming::Length(n) => {
+        Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        ReqFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // Never chosen for a request (its end would be ambiguous).
+        Framing::Close => {}
     }
     out.extend_from_slice(b"\r\n");
     out
-}
-
-/// Appends `name: value\r\n`.
-// Inlined: it runs for every header line of every request (callgrind: -200 instructions).
-#[inline]
-fn header_line(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Writes a streamed request body.
-struct BodyWriter {
-    body: ProxyBody,
-    framing: ReqFraming,
-    /// Bytes of the current frame still to write, in order.
-    queue: VecDeque<Bytes>,
-    /// Body bytes taken from the body so far.
-    written: u64,
-    /// The body has ended (its last bytes may still be queued).
-    ended: bool,
-}
-
-impl BodyWriter {
-    /// Everything is written.
-    fn done(&self) -> bool {
-        self.ended && self.queue.is_empty()
-    }
-
-    fn poll_write(
-        &mut self,
-        cx: &mut Context<'_>,
-        io: &mut TcpStream,
-    ) -> Poll<Result<(), ProtoError>> {
-        loop {
-            while let Some(front) = self.queue.front_mut() {
-                let n = ready!(Pin::new(&mut *io).poll_write(cx, front))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
-                }
-                front.advance(n);
-                if front.is_empty() {
-                    self.queue.pop_front();
-                }
-            }
-            if self.ended {
-                return Poll::Ready(Ok(()));
-            }
-            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-                None => {
-                    self.ended = true;
-                    match self.framing {
-                        ReqFraming::Chunked => {
-                            self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
-                        }
-                        ReqFraming::Length(n) if n != self.written => {
-                            return Poll::Ready(Err(ProtoError::RequestBodyLength));
-                        }
-                        _ => {}
-                    }
-                    continue;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(ProtoError::RequestBody(e))),
-                Some(Ok(frame)) => frame,
-            };
-            match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
-                Ok(data) => {
-                    self.written += data.len() as u64;
-                    match self.framing {
-                        ReqFraming::Length(n) if self.written <= n => self.queue.push_back(data),
-                        ReqFraming::Chunked => {
-                            let size = format!("{:x}\r\n", data.len());
-                            self.queue.push_back(Bytes::from(size));
-                            self.queue.push_back(data);
-                            self.queue.push_back(Bytes::from_static(b"\r\n"));
-                        }
-                        _ => return Poll::Ready(Err(ProtoError::RequestBodyLength)),
-                    }
-                }
-                Err(frame) => {
-                    // Trailers travel only in a chunked body; elsewhere they are dropped.
-                    if let (Ok(trailers), ReqFraming::Chunked) =
-                        (frame.into_trailers(), self.framing)
-                    {
-                        let mut last = b"0\r\n".to_vec();
-                        for (name, value) in &trailers {
-                            header_line(&mut last, name, value.as_bytes());
-                        }
-                        last.extend_from_slice(b"\r\n");
-                        self.queue.push_back(Bytes::from(last));
-                        self.ended = true;
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// A parsed final response head.
@@ -449,22 +348,20 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
         // Where each header's name and value sit in the head, so that the values can be
         // slices of one shared buffer instead of copies.
         let base = buf.as_ptr() as usize;
-        let spans: Vec<(usize, usize, usize, usize)> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.as_ptr() as usize - base,
-                    h.name.len(),
-                    h.value.as_ptr() as usize - base,
-                    h.value.len(),
-                )
-            })
-            .collect();
+        // Built in place: collecting into an ArrayVec moves its 4 KiB, a Vec allocates.
+        let mut spans = arrayvec::ArrayVec::<(usize, usize, usize, usize), MAX_HEADERS>::new();
+        for h in parsed.headers.iter() {
+            spans.push((
+                h.name.as_ptr() as usize - base,
+                h.name.len(),
+                h.value.as_ptr() as usize - base,
+                h.value.len(),
+            ));
+        }
         let count = spans.len();
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
-        let mut framing = Framing::new(version);
+        let mut framing = HeadFraming::new(version);
         for &(ns, nl, vs, vl) in &spans {
             let name = HeaderName::from_bytes(&head[ns..ns + nl])
                 .map_err(|_| ProtoError::InvalidHead("invalid header name"))?;
@@ -506,7 +403,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
 }
 
 /// What a response head's headers say about its framing and its connection.
-struct Framing {
+struct HeadFraming {
     version: Version,
     length: Option<u64>,
     chunked: bool,
@@ -515,9 +412,9 @@ struct Framing {
     keep_alive: bool,
 }
 
-impl Framing {
+impl HeadFraming {
     fn new(version: Version) -> Self {
-        Framing {
+        HeadFraming {
             version,
             length: None,
             chunked: false,
@@ -592,54 +489,6 @@ impl Framing {
     }
 }
 
-/// `bytes` without optional whitespace (SP and HTAB only, RFC 9110 5.6.3: unlike
-/// `trim_ascii`, a form feed or CR around a length is an error, not ignored).
-fn trim(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t'))
-        .unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !matches!(b, b' ' | b'\t'))
-        .map_or(start, |i| i + 1);
-    &bytes[start..end.max(start)]
-}
-
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        d.is_ascii_digit()
-            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
-            .flatten()
-    })
-}
-
-/// The hexadecimal size at the start of a chunk-size line (extensions after `;` ignored).
-fn parse_chunk_size(line: &[u8]) -> Option<u64> {
-    let size = match memchr::memchr(b';', line) {
-        // Whitespace may precede an extension's `;` (RFC 9112 7.1.1, BWS), nowhere else.
-        Some(i) => {
-            let before = &line[..i];
-            let end = before
-                .iter()
-                .rposition(|b| !matches!(b, b' ' | b'\t'))
-                .map_or(0, |i| i + 1);
-            &before[..end]
-        }
-        None => line,
-    };
-    if size.is_empty() || size.len() > 16 {
-        return None;
-    }
-    size.iter().try_fold(0u64, |n, &d| {
-        let v = (d as char).to_digit(16)?;
-        n.checked_mul(16)?.checked_add(u64::from(v))
-    })
-}
-
 /// Where a response body stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -653,18 +502,6 @@ enum State {
     Done,
     /// A 101: the connection belongs to the tunnel.
     Upgrade,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this much left.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer fields up to an empty line.
-    Trailers,
 }
 
 /// The connection a response body reads from, and the pool it goes back to.
@@ -783,17 +620,26 @@ impl Body for ResponseBody {
                         Err(e) => return this.fail(e),
                     }
                 }
-                State::Chunked(chunk) => match this.decode_chunk(chunk) {
-                    Err(e) => return this.fail(e),
-                    Ok(Decoded::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
-                    Ok(Decoded::End) => return Poll::Ready(None),
-                    Ok(Decoded::Again) => {}
-                    Ok(Decoded::NeedMore(want)) => match ready!(this.poll_fill(cx, want)) {
-                        Ok(0) => return this.fail(ProtoError::Truncated),
-                        Ok(_) => {}
-                        Err(e) => return this.fail(e),
-                    },
-                },
+                State::Chunked(mut chunk) => {
+                    let step = decode_chunk(&mut chunk, &mut this.buf);
+                    this.state = State::Chunked(chunk);
+                    match step {
+                        Err(InvalidChunk) => return this.fail(ProtoError::InvalidChunk),
+                        Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Ok(Decoded::End(trailers)) => {
+                            this.finish();
+                            return Poll::Ready(
+                                (!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers))),
+                            );
+                        }
+                        Ok(Decoded::Again) => {}
+                        Ok(Decoded::NeedMore(want)) => match ready!(this.poll_fill(cx, want)) {
+                            Ok(0) => return this.fail(ProtoError::Truncated),
+                            Ok(_) => {}
+                            Err(e) => return this.fail(e),
+                        },
+                    }
+                }
             }
         }
     }
@@ -807,104 +653,6 @@ impl Body for ResponseBody {
             State::Length(n) => SizeHint::with_exact(n),
             State::Done | State::Upgrade => SizeHint::with_exact(0),
             State::Chunked(_) | State::Eof => SizeHint::default(),
-        }
-    }
-}
-
-/// One step of chunked decoding.
-enum Decoded {
-    Frame(Frame<Bytes>),
-    /// The body is over (no trailers).
-    End,
-    /// The state moved on; decode again.
-    Again,
-    /// More bytes needed (about this many).
-    NeedMore(usize),
-}
-
-impl ResponseBody {
-    fn decode_chunk(&mut self, chunk: Chunk) -> Result<Decoded, ProtoError> {
-        match chunk {
-            Chunk::Size => {
-                let Some(nl) = memchr::memchr(b'\n', &self.buf) else {
-                    // A size line with extensions is short; one this long is an attack.
-                    if self.buf.len() > 4096 {
-                        return Err(ProtoError::InvalidChunk);
-                    }
-                    return Ok(Decoded::NeedMore(HEAD_BUF));
-                };
-                let line = self.buf[..nl]
-                    .strip_suffix(b"\r")
-                    .ok_or(ProtoError::InvalidChunk)?;
-                let size = parse_chunk_size(line).ok_or(ProtoError::InvalidChunk)?;
-                self.buf.advance(nl + 1);
-                self.state = State::Chunked(if size == 0 {
-                    Chunk::Trailers
-                } else {
-                    Chunk::Data(size)
-                });
-                Ok(Decoded::Again)
-            }
-            Chunk::Data(left) => {
-                if self.buf.is_empty() {
-                    let want = usize::try_from(left).unwrap_or(MAX_READ).min(MAX_READ);
-                    return Ok(Decoded::NeedMore(want.saturating_add(2)));
-                }
-                let n = self
-                    .buf
-                    .len()
-                    .min(usize::try_from(left).unwrap_or(usize::MAX));
-                let data = self.buf.split_to(n).freeze();
-                let left = left - n as u64;
-                self.state = State::Chunked(if left == 0 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left)
-                });
-                Ok(Decoded::Frame(Frame::data(data)))
-            }
-            Chunk::DataEnd => {
-                if self.buf.len() < 2 {
-                    return Ok(Decoded::NeedMore(HEAD_BUF));
-                }
-                if &self.buf[..2] != b"\r\n" {
-                    return Err(ProtoError::InvalidChunk);
-                }
-                self.buf.advance(2);
-                self.state = State::Chunked(Chunk::Size);
-                Ok(Decoded::Again)
-            }
-            Chunk::Trailers => {
-                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match httparse::parse_headers(&self.buf, &mut slots) {
-                    Ok(httparse::Status::Partial) => {
-                        if self.buf.len() >= MAX_HEAD {
-                            return Err(ProtoError::InvalidChunk);
-                        }
-                        Ok(Decoded::NeedMore(HEAD_BUF))
-                    }
-                    Err(_) => Err(ProtoError::InvalidChunk),
-                    Ok(httparse::Status::Complete((len, fields))) => {
-                        let mut trailers = HeaderMap::with_capacity(fields.len());
-                        for field in fields {
-                            let (Ok(name), Ok(value)) = (
-                                HeaderName::from_bytes(field.name.as_bytes()),
-                                HeaderValue::from_bytes(field.value),
-                            ) else {
-                                return Err(ProtoError::InvalidChunk);
-                            };
-                            trailers.append(name, value);
-                        }
-                        self.buf.advance(len);
-                        self.finish();
-                        if trailers.is_empty() {
-                            Ok(Decoded::End)
-                        } else {
-                            Ok(Decoded::Frame(Frame::trailers(trailers)))
-                        }
-                    }
-                }
-            }
         }
     }
 }
@@ -1008,20 +756,5 @@ mod tests {
             head(b"HTTP/1.1 200 OK\r\ncontent-le", false),
             Ok(None)
         ));
-    }
-
-    #[test]
-    fn chunk_sizes_are_strict_hex() {
-        assert_eq!(parse_chunk_size(b"1a"), Some(26));
-        assert_eq!(parse_chunk_size(b"1A;name=value"), Some(26));
-        assert_eq!(parse_chunk_size(b"5 ;ext"), Some(5));
-        for bad in [&b""[..], b"g", b" 5", b"-1", b"0x5", b"11111111111111111"] {
-            assert_eq!(
-                parse_chunk_size(bad),
-                None,
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
-        }
     }
 }

@@ -15,6 +15,7 @@ mod dashboard;
 mod dns;
 mod echo;
 mod failover;
+mod h1_server;
 mod h1_upstream;
 mod h2;
 mod memory;

@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::{instant_at, nanos, now_ns};
+
+pub mod h1;
 use crate::proxy::{self, ConnInfo};
 use crate::snapshot::ProxyState;
 
@@ -289,23 +291,10 @@ async fn accept_loop(
     }
 }
 
-/// hyper's connection settings for `config`.
+/// hyper's connection settings for `config` (HTTP/2 only: HTTP/1.x is palisade's codec).
 fn connection_builder(config: &crate::config::Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = &config.server.limits;
-    // hyper answers 431 itself when the head does not fit in its read buffer; the buffer
-    // cannot be smaller than 8 KiB.
-    let max_head = limits.max_header_bytes.max(8192);
-    // hyper's own header-read timer (30 s by default once a timer is set) also runs while a
-    // keep-alive connection waits for its next request, so it closed idle connections at
-    // 30 s whatever `idle` said, and capped `header_read` at 30 s. The connection watchdog
-    // (`serve_io`) owns both; turning hyper's off also saves a timer per request.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .keep_alive(true)
-        .max_buf_size(max_head);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -320,6 +309,8 @@ struct ConnLimits {
     max_connections: usize,
     header_read: Duration,
     idle: Duration,
+    /// The largest HTTP/1 request head.
+    max_head: usize,
 }
 
 impl ConnLimits {
@@ -329,6 +320,7 @@ impl ConnLimits {
             max_connections: server.limits.max_connections,
             header_read: server.timeouts.header_read,
             idle: server.timeouts.idle,
+            max_head: server.limits.max_header_bytes,
         }
     }
 }
@@ -373,7 +365,18 @@ async fn serve_connection(
         id,
     };
     match tls {
-        None => serve_io(stream, peer, "http", limits, shared, registered).await,
+        None => {
+            serve_io(
+                ClientIo::Plain(stream),
+                peer,
+                "http",
+                limits,
+                shared,
+                registered,
+                false,
+            )
+            .await
+        }
         // Boxed: a TLS connection's state (the handshake, rustls' connection) is larger
         // than a plain one's, and unboxed every plain connection's task would be that size.
         Some(tls_addr) => {
@@ -399,22 +402,27 @@ async fn serve_tls(
     };
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
     match tokio::time::timeout(limits.header_read, handshake).await {
-        Ok(Ok(tls_stream)) => serve_io(tls_stream, peer, "https", limits, shared, registered).await,
+        Ok(Ok(tls_stream)) => {
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = ClientIo::Tls(Box::new(tls_stream));
+            serve_io(io, peer, "https", limits, shared, registered, h2).await
+        }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake not finished within header_read"),
     }
 }
 
-async fn serve_io<S>(
-    stream: S,
+/// Serves one connection: HTTP/1.x with palisade's codec ([`h1`]), HTTP/2 (ALPN `h2`, or
+/// a prior-knowledge preface) with hyper; and watches it for the timeouts and the drain.
+async fn serve_io(
+    stream: ClientIo,
     peer: SocketAddr,
     proto: &'static str,
     limits: ConnLimits,
     shared: Shared,
     registered: Registered,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+    alpn_h2: bool,
+) {
     let Shared {
         state,
         builder,
@@ -426,50 +434,24 @@ async fn serve_io<S>(
     if let Ok(mut conns) = registry.lock() {
         conns.insert(registered.id, activity.clone());
     }
-    let io = TokioIo::new(TrackedIo {
+    let io = TrackedIo {
         inner: stream,
         activity: activity.clone(),
-        heads: HeadScanner::default(),
-    });
-    let info = ConnInfo { peer, proto };
-    let service = {
-        let state = state.clone();
-        let activity = activity.clone();
-        service_fn(move |req| {
-            let state = state.clone();
-            let activity = activity.clone();
-            // Boxed: hyper keeps the service future inside the connection, so unboxed its
-            // ~4 KiB would sit in every idle keep-alive connection.
-            Box::pin(async move {
-                let mut req = req;
-                if activity.conflicting_framing.swap(false, Ordering::Relaxed) {
-                    req.extensions_mut().insert(proxy::ConflictingFraming);
-                }
-                let version = req.version();
-                if version == http::Version::HTTP_2 && !activity.h2.load(Ordering::Relaxed) {
-                    activity.h2.store(true, Ordering::Relaxed);
-                }
-                let _request = activity.request_started();
-                let mut response = proxy::handle(&state, req, &info).await;
-                // Draining: an HTTP/1 client learns from this answer to take its next
-                // request elsewhere (the new instance), instead of racing our close.
-                if state.is_draining()
-                    && version < http::Version::HTTP_2
-                    && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
-                {
-                    response.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                Ok::<_, Infallible>(response)
-            })
-        })
     };
-    let conn = builder.serve_connection_with_upgrades(io, service);
+    let info = ConnInfo { peer, proto };
+    let conn = serve_protocols(
+        io,
+        info,
+        state.clone(),
+        activity.clone(),
+        builder,
+        alpn_h2,
+        limits.max_head,
+    );
     tokio::pin!(conn);
 
-    // `draining`: the server is stopping; `closing`: hyper was asked to close gracefully.
+    // `draining`: the server is stopping; `closing`: the connection was asked to close
+    // gracefully.
     let mut draining = *stop.borrow();
     let mut closing = false;
     let watchdog = tokio::time::sleep(limits.idle.min(limits.header_read));
@@ -481,12 +463,7 @@ async fn serve_io<S>(
     let mut grace_armed = draining;
     loop {
         tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                break;
-            }
+            () = conn.as_mut() => break,
             changed = stop.changed(), if !draining => {
                 draining = true;
                 if changed.is_err() {
@@ -498,7 +475,9 @@ async fn serve_io<S>(
                     // HTTP/2 says GOAWAY (race-free by design); an HTTP/1 request in
                     // flight gets `Connection: close` on its answer.
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    if activity.request_close() {
+                        break;
+                    }
                 } else {
                     // An idle HTTP/1 connection: closing it now races a client that is
                     // sending its next request. Its next answer says `Connection: close`;
@@ -511,7 +490,9 @@ async fn serve_io<S>(
                 grace_armed = false;
                 if !closing {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    if activity.request_close() {
+                        break;
+                    }
                 }
             }
             () = activity.evict.notified() => {
@@ -531,7 +512,9 @@ async fn serve_io<S>(
                             break;
                         }
                         closing = true;
-                        conn.as_mut().graceful_shutdown();
+                        if activity.request_close() {
+                            break;
+                        }
                         // A graceful close that does not finish within another `idle` is forced.
                         watchdog.as_mut().reset((Instant::now() + limits.idle).into());
                     }
@@ -542,9 +525,191 @@ async fn serve_io<S>(
     drop(registered);
 }
 
+/// HTTP/2 on a connection, by hyper: from the start (ALPN `h2`), or after the codec saw
+/// the prior-knowledge preface (`read`: the bytes it had read).
+async fn serve_protocols(
+    io: TrackedIo<ClientIo>,
+    info: ConnInfo,
+    state: Arc<ProxyState>,
+    activity: Arc<Activity>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    alpn_h2: bool,
+    max_head: usize,
+) {
+    let (io, read) = if alpn_h2 {
+        (io, bytes::Bytes::new())
+    } else {
+        let ctx = h1::Context1 {
+            state: state.clone(),
+            activity: activity.clone(),
+            info,
+            max_head,
+        };
+        match h1::serve(io, ctx).await {
+            h1::Outcome::Closed => return,
+            h1::Outcome::H2(io, read) => (io, read),
+        }
+    };
+    activity.h2.store(true, Ordering::Relaxed);
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let state = state.clone();
+            let activity = activity.clone();
+            // Boxed: hyper keeps the service future inside the connection.
+            Box::pin(async move {
+                let _request = activity.request_started();
+                let req = req.map(crate::proxy::body::ClientBody::Hyper);
+                Ok::<_, Infallible>(proxy::handle(&state, req, &info).await)
+            })
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(Rewind { read, io }), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = activity.shutdown.notified() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A client socket, plain or TLS.
+pub enum ClientIo {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS (boxed: rustls' state is large, and most connections are plain).
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ClientIo {
+    /// Ready when a read would find something (or the connection closed). A TLS stream
+    /// is always "ready": its records may hold more than one read's worth.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            ClientIo::Plain(s) => s.poll_read_ready(cx),
+            ClientIo::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write(cx, data),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientIo::Plain(s) => s.is_write_vectored(),
+            ClientIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A socket whose first bytes were already read: they are read again first.
+struct Rewind<S> {
+    read: bytes::Bytes,
+    io: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            let head = self.read.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// What a connection has been doing, updated by its IO and its requests.
 #[derive(Debug)]
-struct Activity {
+pub(crate) struct Activity {
     /// Requests being handled right now.
     in_flight: AtomicU32,
     /// When bytes last moved either way.
@@ -554,9 +719,10 @@ struct Activity {
     head_started: AtomicU64,
     /// Requests handed to the service so far.
     requests: AtomicU64,
-    /// The last request head carried both Content-Length and Transfer-Encoding (hyper
-    /// silently drops the length; we refuse the request).
-    conflicting_framing: std::sync::atomic::AtomicBool,
+    /// Asked to close once the request in flight is answered.
+    close_requested: std::sync::atomic::AtomicBool,
+    /// Wakes an HTTP/2 connection to say GOAWAY.
+    shutdown: tokio::sync::Notify,
     /// Has carried an HTTP/2 request.
     h2: std::sync::atomic::AtomicBool,
     /// Asked to close to make room under `max_connections`.
@@ -583,11 +749,29 @@ impl Activity {
             // A new connection owes us a request head right away.
             head_started: AtomicU64::new(now),
             requests: AtomicU64::new(0),
-            conflicting_framing: std::sync::atomic::AtomicBool::new(false),
+            close_requested: std::sync::atomic::AtomicBool::new(false),
+            shutdown: tokio::sync::Notify::new(),
             h2: std::sync::atomic::AtomicBool::new(false),
             evict: tokio::sync::Notify::new(),
             evicted: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Asks the connection to close gracefully. True when it can simply be dropped now:
+    /// an HTTP/1 connection with no request in flight and none arriving.
+    fn request_close(&self) -> bool {
+        self.close_requested.store(true, Ordering::Relaxed);
+        if self.h2.load(Ordering::Relaxed) {
+            self.shutdown.notify_one();
+            return false;
+        }
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+    }
+
+    /// Whether the connection was asked to close.
+    fn close_requested(&self) -> bool {
+        self.close_requested.load(Ordering::Relaxed)
     }
 
     fn request_started(self: &Arc<Self>) -> RequestGuard {
@@ -648,91 +832,10 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A TCP stream that reports its reads and writes to the connection's [`Activity`].
-struct TrackedIo<S> {
+/// A client socket that reports its reads and writes to the connection's [`Activity`].
+pub struct TrackedIo<S> {
     inner: S,
     activity: Arc<Activity>,
-    heads: HeadScanner,
-}
-
-/// Watches request heads for Content-Length and Transfer-Encoding together, which hyper
-/// accepts (dropping the length, as RFC 9112 lets an intermediary do) but the SPEC
-/// refuses. It reads the header names at the start of each line of a head, never bodies:
-/// it arms when the connection is between requests (and the head it saw last has been
-/// handed to the service), and disarms at the blank line that ends the head.
-#[derive(Default)]
-struct HeadScanner {
-    armed: bool,
-    /// `Activity::requests` when the last scanned head ended (None: no head yet).
-    ended_at: Option<u64>,
-    /// The start of the current line, lowercased (long enough for both names).
-    line: [u8; 20],
-    line_len: usize,
-    /// Bytes on the current line, and non-blank lines in this head so far.
-    line_seen: usize,
-    lines: usize,
-    saw_length: bool,
-    saw_encoding: bool,
-}
-
-impl HeadScanner {
-    fn scan(&mut self, bytes: &[u8], activity: &Activity) {
-        if !self.armed {
-            let between_requests = activity.in_flight.load(Ordering::Relaxed) == 0;
-            let last_head_served = self
-                .ended_at
-                .is_none_or(|n| activity.requests.load(Ordering::Relaxed) > n);
-            if !(between_requests && last_head_served) {
-                return;
-            }
-            *self = HeadScanner {
-                armed: true,
-                ended_at: self.ended_at,
-                ..HeadScanner::default()
-            };
-        }
-        // Line by line (memchr finds the ends); only the first bytes of a line are kept.
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let (segment, ended) = match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    let segment = &rest[..i];
-                    rest = &rest[i + 1..];
-                    (segment, true)
-                }
-                None => (std::mem::take(&mut rest), false),
-            };
-            let take = (self.line.len() - self.line_len).min(segment.len());
-            for (dst, src) in self.line[self.line_len..self.line_len + take]
-                .iter_mut()
-                .zip(segment)
-            {
-                *dst = src.to_ascii_lowercase();
-            }
-            self.line_len += take;
-            self.line_seen += segment.len();
-            if !ended {
-                return;
-            }
-            let line = &self.line[..self.line_len];
-            let blank = self.line_seen == 0 || (self.line_seen == 1 && line == b"\r");
-            if blank && self.lines > 0 {
-                if self.saw_length && self.saw_encoding {
-                    activity.conflicting_framing.store(true, Ordering::Relaxed);
-                }
-                self.armed = false;
-                self.ended_at = Some(activity.requests.load(Ordering::Relaxed));
-                return;
-            }
-            if !blank {
-                self.lines += 1;
-                self.saw_length |= line.starts_with(b"content-length:");
-                self.saw_encoding |= line.starts_with(b"transfer-encoding:");
-            }
-            self.line_len = 0;
-            self.line_seen = 0;
-        }
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
@@ -745,8 +848,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.on_read();
-            let this = &mut *self;
-            this.heads.scan(&buf.filled()[before..], &this.activity);
         }
         result
     }
@@ -787,92 +888,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scan(scanner: &mut HeadScanner, activity: &Activity, bytes: &[u8]) {
-        scanner.scan(bytes, activity);
-    }
-
-    /// Plays hyper: the service is called for a head, then the request finishes.
-    fn serve_one(activity: &Arc<Activity>) {
-        drop(activity.request_started());
-    }
-
-    #[test]
-    fn a_head_with_both_framing_headers_is_flagged_even_split_across_reads() {
-        let activity = Arc::new(Activity::new());
-        let mut s = HeadScanner::default();
-        scan(
-            &mut s,
-            &activity,
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Len",
-        );
-        scan(
-            &mut s,
-            &activity,
-            b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        );
-        assert!(activity.conflicting_framing.load(Ordering::Relaxed));
-    }
-
-    #[test]
-    fn every_split_of_a_head_gives_the_same_verdict() {
-        let heads: [(&[u8], bool); 4] = [
-            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTRANSFER-encoding: chunked\r\n\r\n", true),
-            (b"POST / HTTP/1.1\nTransfer-Encoding: chunked\ncontent-length: 5\n\n", true),
-            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-Transfer-Encoding: chunked\r\n\r\n", false),
-            (b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: a-very-long-user-agent-value\r\n\r\n", false),
-        ];
-        for (head, conflicting) in heads {
-            for split in 0..=head.len() {
-                let activity = Arc::new(Activity::new());
-                let mut s = HeadScanner::default();
-                scan(&mut s, &activity, &head[..split]);
-                scan(&mut s, &activity, &head[split..]);
-                assert_eq!(
-                    activity.conflicting_framing.load(Ordering::Relaxed),
-                    conflicting,
-                    "{} split at {split}",
-                    String::from_utf8_lossy(head)
-                );
-                // The head ended: the scanner is disarmed until the request was served.
-                assert!(!s.armed, "split at {split}");
-            }
-        }
-    }
-
-    #[test]
-    fn bodies_are_not_scanned_and_each_keep_alive_head_is() {
-        let activity = Arc::new(Activity::new());
-        let mut s = HeadScanner::default();
-        // A body that mentions both names, on a request with a plain length.
-        scan(
-            &mut s,
-            &activity,
-            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 60\r\n\r\ntransfer-encoding: x\r\ncontent-length: 1\r\n\r\n",
-        );
-        assert!(!activity.conflicting_framing.load(Ordering::Relaxed));
-        // While the request is in flight, later reads (its body) are not scanned.
-        let guard = activity.request_started();
-        scan(
-            &mut s,
-            &activity,
-            b"\r\ntransfer-encoding: chunked\r\ncontent-length: 1\r\n\r\n",
-        );
-        assert!(!activity.conflicting_framing.load(Ordering::Relaxed));
-        drop(guard);
-        // The next head on the connection is scanned.
-        scan(
-            &mut s,
-            &activity,
-            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
-        );
-        assert!(activity.conflicting_framing.load(Ordering::Relaxed));
-        serve_one(&activity);
     }
 }

@@ -1,0 +1,915 @@
+//! palisade's own HTTP/1.1 server codec: client connections.
+//!
+//! hyper's server kept a 16 KiB read and an 8 KiB write buffer in every idle keep-alive
+//! connection (no setting shrinks them), and built each request through its dispatcher
+//! and a channel-fed body. Here the connection's task parses each head with `httparse`
+//! (header values are slices of the read buffer, not copies), calls the handler, and
+//! writes the answer's head with the first body bytes in one write. An idle plain
+//! connection holds no read buffer at all: the next one is allocated when the socket
+//! becomes readable.
+//!
+//! The connection ([`Wire`]: socket, read buffer, where the request body stands) sits
+//! behind a mutex shared with the request body, so the body reads the socket directly
+//! wherever it is polled (the handler's task, or hyper's client task for TLS backends)
+//! while this task writes the answer. The mutex is never held across an await: each poll
+//! takes it and lets it go.
+//!
+//! Framing follows RFC 9112 and refuses what a backend could read differently (request
+//! smuggling): Transfer-Encoding in HTTP/1.0, differing or malformed Content-Lengths and
+//! malformed chunking are a 400 from here; a head with both Content-Length and
+//! Transfer-Encoding, or with a Transfer-Encoding other than exactly `chunked`, reaches
+//! the handler (which refuses it with its own 400 and an access-log line) with no body,
+//! and the connection closes after the answer. A head larger than
+//! `server.limits.max_header_bytes` gets 431.
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+use super::{Activity, ClientIo, TrackedIo};
+use crate::http1::{
+    decode_chunk, header_line, parse_decimal, trim, BodyWriter, Chunk, Decoded, Framing,
+    InvalidChunk, MAX_HEADERS, MAX_READ,
+};
+use crate::proxy::body::{BoxError, ClientBody, ProxyBody};
+use crate::proxy::{self, ConnInfo};
+use crate::snapshot::ProxyState;
+
+/// The client connection's socket as the codec sees it.
+pub type Io = TrackedIo<ClientIo>;
+
+/// The read buffer a new request head starts in (grown up to the head limit).
+const HEAD_BUF: usize = 1024;
+
+/// A body this small that is ready when the head is written goes in the head's write.
+const COALESCE: usize = 16 * 1024;
+
+/// The HTTP/2 connection preface (prior knowledge, RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// After an answer that leaves part of a request body unread, how long the connection
+/// keeps reading (and discarding) before it closes, so the client receives the answer
+/// instead of a reset (nginx's lingering close).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The most a lingering close reads.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// A client connection: its socket (gone once handed to a tunnel), its read buffer, and
+/// where the current request's body stands.
+pub struct Wire {
+    io: Option<Io>,
+    buf: BytesMut,
+    body: BodyState,
+}
+
+/// The connection, shared by its task and the current request's body.
+pub type SharedWire = Arc<Mutex<Wire>>;
+
+/// Where a request body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    /// Read to its end, or there was none.
+    Done,
+    /// This many bytes still to come.
+    Length(u64),
+    /// Chunked.
+    Chunked(Chunk),
+    /// Reading it failed: the connection cannot carry another request.
+    Failed,
+}
+
+/// A client connection after an HTTP/1.1 upgrade (101): the socket and the bytes the
+/// client already sent past its request head.
+pub struct Upgraded {
+    /// The socket.
+    pub io: Io,
+    /// Bytes read past the request head (the first bytes of the new protocol).
+    pub early: Bytes,
+}
+
+/// Where the handler picks up the client's connection after a 101 answer (shared only
+/// because request extensions must be `Clone`; taken once).
+#[derive(Clone)]
+pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    /// The receiver of the connection, the first time it is asked for.
+    pub fn take(&self) -> Option<oneshot::Receiver<Upgraded>> {
+        self.0.lock().ok().and_then(|mut r| r.take())
+    }
+}
+
+/// How the connection ended its first read: HTTP/1 (served here) or an HTTP/2 preface.
+pub enum Outcome {
+    /// The connection is over.
+    Closed,
+    /// The client speaks HTTP/2 with prior knowledge: the socket and what was read.
+    H2(Io, Bytes),
+}
+
+/// What the codec needs from its connection.
+pub(crate) struct Context1 {
+    /// The proxy.
+    pub(crate) state: Arc<ProxyState>,
+    /// The connection's activity, for the watchdog.
+    pub(crate) activity: Arc<Activity>,
+    /// The client's address and scheme.
+    pub(crate) info: ConnInfo,
+    /// The largest request head accepted.
+    pub(crate) max_head: usize,
+}
+
+/// A request head the codec could not accept.
+#[derive(Debug, Clone, Copy)]
+enum HeadError {
+    /// 400.
+    Invalid(&'static str),
+    /// 431.
+    TooLarge,
+}
+
+/// A parsed request head.
+struct Head {
+    request: Request<()>,
+    body: BodyState,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+/// Serves HTTP/1.x requests on `io` until the connection closes (or an HTTP/2 preface
+/// arrives first).
+pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
+    let wire: SharedWire = Arc::new(Mutex::new(Wire {
+        io: Some(io),
+        buf: BytesMut::new(),
+        body: BodyState::Done,
+    }));
+    let mut first = true;
+    loop {
+        // 1. The next head.
+        let head = match poll_fn(|cx| poll_head(&wire, cx, ctx.max_head, first)).await {
+            Ok(Some(Parsed::Head(head))) => head,
+            Ok(Some(Parsed::H2)) => return into_h2(wire),
+            Ok(None) => return Outcome::Closed,
+            Err(Failed::Head(e)) => {
+                let (status, reason, detail) = match e {
+                    HeadError::Invalid(detail) => ("400", "Bad Request", detail),
+                    HeadError::TooLarge => ("431", "Request Header Fields Too Large", "too large"),
+                };
+                tracing::debug!(peer = %ctx.info.peer, detail, "refused a request head");
+                let mut out = Vec::with_capacity(128);
+                out.extend_from_slice(b"HTTP/1.1 ");
+                out.extend_from_slice(status.as_bytes());
+                out.push(b' ');
+                out.extend_from_slice(reason.as_bytes());
+                out.extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\n");
+                date_line(&mut out);
+                out.extend_from_slice(b"\r\n");
+                let _ = write_all(&wire, &out).await;
+                close(&wire, true).await;
+                return Outcome::Closed;
+            }
+            Err(Failed::Io(e)) => {
+                tracing::debug!(peer = %ctx.info.peer, error = %e, "connection failed");
+                return Outcome::Closed;
+            }
+        };
+        first = false;
+        let _in_flight = ctx.activity.request_started();
+
+        // 2. The handler's answer.
+        let Head {
+            request,
+            body,
+            mut keep_alive,
+            expect_continue,
+            upgrade,
+        } = *head;
+        let (parts, ()) = request.into_parts();
+        let version = parts.version;
+        let head_request = parts.method == Method::HEAD;
+        if parts.method == Method::CONNECT {
+            keep_alive = false;
+        }
+        let mut continue_rx = None;
+        let client_body = if body == BodyState::Done {
+            ClientBody::Empty
+        } else {
+            let expect = expect_continue.then(|| {
+                let (tx, rx) = oneshot::channel();
+                continue_rx = Some(rx);
+                tx
+            });
+            ClientBody::Own(RequestBody {
+                wire: wire.clone(),
+                expect,
+            })
+        };
+        if let Ok(mut w) = wire.lock() {
+            w.body = body;
+        }
+        let mut req = Request::from_parts(parts, client_body);
+        let mut upgrade_tx = None;
+        if upgrade {
+            let (tx, rx) = oneshot::channel();
+            req.extensions_mut()
+                .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            upgrade_tx = Some(tx);
+        }
+        // Boxed: the handler's future is large and exists only while a request is in
+        // flight; unboxed it would sit in every idle connection.
+        let mut answer = Box::pin(proxy::handle(&ctx.state, req, &ctx.info));
+        let resp = match continue_rx {
+            None => (&mut answer).await,
+            Some(mut rx) => {
+                let mut asked = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        resp = &mut answer => break resp,
+                        Ok(()) = &mut rx, if !asked => {
+                            asked = true;
+                            if write_all(&wire, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                                return Outcome::Closed;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        drop(answer);
+
+        // 3. The answer, on the wire.
+        let (parts, body) = resp.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(tx) = upgrade_tx {
+                let mut out = Vec::with_capacity(256);
+                status_line(&mut out, Version::HTTP_11, parts.status);
+                for (name, value) in &parts.headers {
+                    header_line(&mut out, name, value.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+                if write_all(&wire, &out).await.is_err() {
+                    return Outcome::Closed;
+                }
+                let taken = wire.lock().ok().and_then(|mut w| {
+                    let io = w.io.take()?;
+                    Some(Upgraded {
+                        io,
+                        early: std::mem::take(&mut w.buf).freeze(),
+                    })
+                });
+                if let Some(upgraded) = taken {
+                    let _ = tx.send(upgraded);
+                }
+                return Outcome::Closed;
+            }
+        }
+        if ctx.state.is_draining() || ctx.activity.close_requested() {
+            keep_alive = false;
+        }
+        let (mut out, framing, keep_alive) =
+            encode_head(&parts, &body, version, head_request, keep_alive);
+        drop(parts);
+        let mut writer = BodyWriter::new(body, framing, false);
+        poll_fn(|cx| {
+            writer.fill(cx, &mut out, COALESCE);
+            Poll::Ready(())
+        })
+        .await;
+        if let Err(e) = write_all(&wire, &out).await {
+            tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
+            return Outcome::Closed;
+        }
+        drop(out);
+        let mut sink = WireWriter(&wire);
+        if !writer.done() {
+            if let Err(e) = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await {
+                tracing::debug!(peer = %ctx.info.peer, error = %e, "the answer's body failed");
+                close(&wire, false).await;
+                return Outcome::Closed;
+            }
+        }
+        drop(writer);
+        if sink.flush().await.is_err() {
+            return Outcome::Closed;
+        }
+
+        // 4. Another request, or the end.
+        let body_read = wire.lock().is_ok_and(|w| w.body == BodyState::Done);
+        if !keep_alive || !body_read {
+            close(&wire, !body_read).await;
+            return Outcome::Closed;
+        }
+        if let Ok(mut w) = wire.lock() {
+            // Nothing pipelined: an idle connection keeps no buffer.
+            if w.buf.is_empty() {
+                w.buf = BytesMut::new();
+            }
+        }
+    }
+}
+
+enum Parsed {
+    Head(Box<Head>),
+    H2,
+}
+
+enum Failed {
+    Head(HeadError),
+    Io(io::Error),
+}
+
+impl From<io::Error> for Failed {
+    fn from(e: io::Error) -> Self {
+        Failed::Io(e)
+    }
+}
+
+/// Reads until a whole head is in the buffer. `Ok(None)`: the client closed between
+/// requests.
+fn poll_head(
+    wire: &SharedWire,
+    cx: &mut Context<'_>,
+    max_head: usize,
+    first: bool,
+) -> Poll<Result<Option<Parsed>, Failed>> {
+    let Ok(mut guard) = wire.lock() else {
+        return Poll::Ready(Err(Failed::Io(poisoned())));
+    };
+    let w = &mut *guard;
+    loop {
+        if !w.buf.is_empty() {
+            if first && w.buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&w.buf) {
+                // Could still be an HTTP/2 preface: wait for more.
+            } else if first && w.buf.starts_with(H2_PREFACE) {
+                return Poll::Ready(Ok(Some(Parsed::H2)));
+            } else {
+                match parse_head(&mut w.buf, max_head) {
+                    Ok(Some(head)) => return Poll::Ready(Ok(Some(Parsed::Head(Box::new(head))))),
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(Failed::Head(e))),
+                }
+                if w.buf.len() >= max_head {
+                    return Poll::Ready(Err(Failed::Head(HeadError::TooLarge)));
+                }
+            }
+        }
+        let Some(io) = w.io.as_mut() else {
+            return Poll::Ready(Ok(None));
+        };
+        if w.buf.capacity() == 0 {
+            // An idle connection holds no buffer until the socket has something to read.
+            ready!(io.inner.poll_read_ready(cx))?;
+        }
+        let spare = w.buf.capacity() - w.buf.len();
+        if spare < 512 {
+            let want = if w.buf.capacity() == 0 {
+                HEAD_BUF
+            } else {
+                w.buf.capacity().min(max_head)
+            };
+            w.buf.reserve(want);
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut w.buf))?;
+        if n == 0 {
+            // Closed: between requests that is the normal end; inside a head, too (there
+            // is no one left to answer).
+            return Poll::Ready(Ok(None));
+        }
+    }
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("connection state poisoned")
+}
+
+/// Parses a request head at the start of `buf`, consuming it. `Ok(None)`: not complete.
+fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Invalid("malformed head")),
+    };
+    if len > max_head {
+        return Err(HeadError::TooLarge);
+    }
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
+        .map_err(|_| HeadError::Invalid("invalid method"))?;
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let target = span(parsed.path.unwrap_or("").as_bytes());
+    // Where each header's name and value sit, so the values can be slices of one shared
+    // buffer instead of copies.
+    // An ArrayVec: a zeroed array of 128 slots cost more than parsing the head, a Vec an
+    // allocation.
+    let mut spans = arrayvec::ArrayVec::<(usize, usize, usize, usize), MAX_HEADERS>::new();
+    for h in parsed.headers.iter() {
+        let (ns, nl) = span(h.name.as_bytes());
+        let (vs, vl) = span(h.value);
+        spans.push((ns, nl, vs, vl));
+    }
+    let count = spans.len();
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
+        .map_err(|_| HeadError::Invalid("invalid request target"))?;
+
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let mut encodings = 0usize;
+    let mut chunked = false;
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut upgrade_token = false;
+    let mut expect_continue = false;
+    for &(ns, nl, vs, vl) in &spans {
+        let name = HeaderName::from_bytes(&head[ns..ns + nl])
+            .map_err(|_| HeadError::Invalid("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+            .map_err(|_| HeadError::Invalid("invalid header value"))?;
+        if name == CONTENT_LENGTH {
+            // A list of identical values is one value (RFC 9110 8.6): forwarded once.
+            let seen = length.is_some();
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_decimal(trim(item))
+                    .ok_or(HeadError::Invalid("invalid content-length"))?;
+                if length.is_some_and(|m| m != n) {
+                    return Err(HeadError::Invalid("differing content-lengths"));
+                }
+                length = Some(n);
+            }
+            if seen {
+                continue;
+            }
+            if let (Some(n), Some(_)) = (length, memchr::memchr(b',', value.as_bytes())) {
+                headers.append(CONTENT_LENGTH, HeaderValue::from(n));
+                continue;
+            }
+        } else if name == TRANSFER_ENCODING {
+            if version == Version::HTTP_10 {
+                return Err(HeadError::Invalid("transfer-encoding in HTTP/1.0"));
+            }
+            encodings += 1;
+            chunked = value.as_bytes().eq_ignore_ascii_case(b"chunked");
+        } else if name == CONNECTION {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let item = trim(item);
+                if item.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if item.eq_ignore_ascii_case(b"keep-alive") {
+                    if version == Version::HTTP_10 {
+                        keep_alive = true;
+                    }
+                } else if item.eq_ignore_ascii_case(b"upgrade") {
+                    upgrade_token = true;
+                }
+            }
+        } else if name == EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    let body = if encodings > 0 {
+        if encodings == 1 && chunked && length.is_none() {
+            BodyState::Chunked(Chunk::Size)
+        } else {
+            // Ambiguous framing: the handler refuses the request (with both headers in
+            // view), and since where its body ends is unknown, the connection closes.
+            keep_alive = false;
+            BodyState::Done
+        }
+    } else {
+        match length {
+            Some(0) | None => BodyState::Done,
+            Some(n) => BodyState::Length(n),
+        }
+    };
+    let upgrade = upgrade_token && version == Version::HTTP_11 && headers.contains_key(UPGRADE);
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        body,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+        upgrade,
+    }))
+}
+
+/// The answer's head, how its body is framed, and whether the connection stays open.
+fn encode_head(
+    parts: &http::response::Parts,
+    body: &ProxyBody,
+    version: Version,
+    head_request: bool,
+    mut keep_alive: bool,
+) -> (Vec<u8>, Framing, bool) {
+    let mut out = Vec::with_capacity(128 + parts.headers.len() * 48);
+    let status = parts.status;
+    status_line(&mut out, version, status);
+    let mut length = None;
+    let mut has_connection = false;
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH {
+            length = parse_decimal(value.as_bytes());
+        } else if name == CONNECTION {
+            has_connection = true;
+            if value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| trim(t).eq_ignore_ascii_case(b"close"))
+            {
+                keep_alive = false;
+            }
+        } else if name == TRANSFER_ENCODING {
+            // The codec frames the body itself.
+            continue;
+        }
+        header_line(&mut out, name, value.as_bytes());
+    }
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        Framing::None
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else if version == Version::HTTP_11 {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    } else {
+        keep_alive = false;
+        Framing::Close
+    };
+    if !has_connection {
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if version == Version::HTTP_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    if !parts.headers.contains_key(DATE) {
+        date_line(&mut out);
+    }
+    out.extend_from_slice(b"\r\n");
+    (out, framing, keep_alive)
+}
+
+fn status_line(out: &mut Vec<u8>, version: Version, status: StatusCode) {
+    out.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `date: <now>\r\n`, formatted at most once a second per thread.
+fn date_line(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                cached.1.copy_from_slice(text.as_bytes());
+                cached.0 = secs;
+            }
+        }
+        if cached.0 == secs {
+            out.extend_from_slice(b"date: ");
+            out.extend_from_slice(&cached.1);
+            out.extend_from_slice(b"\r\n");
+        }
+    });
+}
+
+/// Hands the socket and what was read to HTTP/2.
+fn into_h2(wire: SharedWire) -> Outcome {
+    let taken = wire.lock().ok().and_then(|mut w| {
+        let io = w.io.take()?;
+        Some((io, std::mem::take(&mut w.buf).freeze()))
+    });
+    match taken {
+        Some((io, read)) => Outcome::H2(io, read),
+        None => Outcome::Closed,
+    }
+}
+
+/// Writes all of `bytes` to the client.
+async fn write_all(wire: &SharedWire, bytes: &[u8]) -> io::Result<()> {
+    WireWriter(wire).write_all(bytes).await
+}
+
+/// Ends the connection: FIN after the last answer; with `linger`, the rest of what the
+/// client is sending is read and dropped for a while, so that closing with unread bytes
+/// does not reset the connection before the client has read the answer.
+async fn close(wire: &SharedWire, linger: bool) {
+    let mut sink = WireWriter(wire);
+    let _ = tokio::time::timeout(LINGER, sink.shutdown()).await;
+    if !linger {
+        return;
+    }
+    let mut scratch = [0u8; 4096];
+    let mut total = 0usize;
+    let drain = poll_fn(|cx| loop {
+        let Ok(mut w) = wire.lock() else {
+            return Poll::Ready(());
+        };
+        w.buf.clear();
+        let Some(io) = w.io.as_mut() else {
+            return Poll::Ready(());
+        };
+        let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+        match ready!(Pin::new(io).poll_read(cx, &mut rb)) {
+            Ok(()) if !rb.filled().is_empty() && total < LINGER_BYTES => {
+                total += rb.filled().len();
+            }
+            _ => return Poll::Ready(()),
+        }
+    });
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// Writes to the client's socket, taking the connection's lock for each write.
+struct WireWriter<'a>(&'a SharedWire);
+
+impl WireWriter<'_> {
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(Pin<&mut Io>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let Ok(mut w) = self.0.lock() else {
+            return Poll::Ready(Err(poisoned()));
+        };
+        match w.io.as_mut() {
+            Some(io) => f(Pin::new(io)),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for WireWriter<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.with(|io| io.poll_write(cx, data))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|io| io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with(|io| io.poll_shutdown(cx))
+    }
+}
+
+/// A client's request body, read off the connection as whoever forwards it polls it.
+pub struct RequestBody {
+    wire: SharedWire,
+    /// Asks the connection to send `100 Continue` (once, on the first poll).
+    expect: Option<oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody").finish_non_exhaustive()
+    }
+}
+
+/// Why reading a request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client closed the connection before the end of the body.
+    #[error("the client closed the connection before the end of its request body")]
+    Truncated,
+    /// The chunked encoding is malformed.
+    #[error("invalid chunked encoding in the request body")]
+    InvalidChunk,
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(tx) = self.expect.take() {
+            let _ = tx.send(());
+        }
+        let Ok(mut guard) = self.wire.lock() else {
+            return Poll::Ready(Some(Err(poisoned().into())));
+        };
+        let w = &mut *guard;
+        let result = poll_body(w, cx);
+        if let Poll::Ready(Some(Err(_))) = &result {
+            w.body = BodyState::Failed;
+        }
+        result.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.wire
+            .lock()
+            .is_ok_and(|w| matches!(w.body, BodyState::Done | BodyState::Length(0)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.wire.lock().map(|w| w.body) {
+            Ok(BodyState::Length(n)) => SizeHint::with_exact(n),
+            Ok(BodyState::Done) => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+type BodyPoll = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
+
+fn poll_body(w: &mut Wire, cx: &mut Context<'_>) -> BodyPoll {
+    loop {
+        match w.body {
+            BodyState::Done | BodyState::Failed => return Poll::Ready(None),
+            BodyState::Length(0) => {
+                w.body = BodyState::Done;
+                return Poll::Ready(None);
+            }
+            BodyState::Length(left) => {
+                if !w.buf.is_empty() {
+                    let n = w.buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let data = w.buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    w.body = if left == 0 {
+                        BodyState::Done
+                    } else {
+                        BodyState::Length(left)
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                let want = usize::try_from(left).unwrap_or(MAX_READ).min(MAX_READ);
+                match ready!(poll_fill(w, cx, want)) {
+                    Ok(0) => return Poll::Ready(Some(Err(BodyError::Truncated))),
+                    Ok(_) => {}
+                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                }
+            }
+            BodyState::Chunked(mut chunk) => {
+                let step = decode_chunk(&mut chunk, &mut w.buf);
+                w.body = BodyState::Chunked(chunk);
+                match step {
+                    Err(InvalidChunk) => return Poll::Ready(Some(Err(BodyError::InvalidChunk))),
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End(trailers)) => {
+                        w.body = BodyState::Done;
+                        return Poll::Ready(
+                            (!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers))),
+                        );
+                    }
+                    Ok(Decoded::Again) => {}
+                    Ok(Decoded::NeedMore(want)) => match ready!(poll_fill(w, cx, want)) {
+                        Ok(0) => return Poll::Ready(Some(Err(BodyError::Truncated))),
+                        Ok(_) => {}
+                        Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Reads more of the body into the buffer, asking for about `want` bytes.
+fn poll_fill(w: &mut Wire, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+    let Some(io) = w.io.as_mut() else {
+        return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+    };
+    w.buf.reserve(want);
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut w.buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<Option<Head>, HeadError> {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, 64 * 1024)
+    }
+
+    #[test]
+    fn request_framing_follows_rfc_9112() {
+        let cases: [(&[u8], BodyState, bool); 7] = [
+            (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", BodyState::Done, true),
+            (
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n",
+                BodyState::Length(5),
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5, 5\r\n\r\n",
+                BodyState::Length(5),
+                true,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+                BodyState::Chunked(Chunk::Size),
+                true,
+            ),
+            // Left for the handler to refuse; the connection closes after.
+            (
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+                BodyState::Done,
+                false,
+            ),
+            (b"GET / HTTP/1.0\r\n\r\n", BodyState::Done, false),
+            (
+                b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
+                BodyState::Done,
+                true,
+            ),
+        ];
+        for (raw, body, keep_alive) in cases {
+            let head = parse(raw)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(raw)));
+            assert_eq!(head.body, body, "{}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                head.keep_alive,
+                keep_alive,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let head =
+            parse(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n")
+                .ok()
+                .flatten()
+                .map(|h| h.request.headers().get_all(CONTENT_LENGTH).iter().count());
+        assert_eq!(head, Some(1), "identical lengths are forwarded once");
+    }
+
+    #[test]
+    fn ambiguous_heads_are_refused() {
+        let cases: [&[u8]; 4] = [
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: +5\r\n\r\n",
+            b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: x\r\nx-a : 1\r\n\r\n",
+        ];
+        for raw in cases {
+            assert!(parse(raw).is_err(), "{}", String::from_utf8_lossy(raw));
+        }
+        assert!(matches!(parse(b"GET / HTTP/1.1\r\nhost: x\r\n"), Ok(None)));
+    }
+}
