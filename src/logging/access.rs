@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing_appender::non_blocking::NonBlocking;
 
@@ -33,6 +33,9 @@ type Batch = Arc<Mutex<Vec<u8>>>;
 
 struct Sink {
     writer: NonBlocking,
+    /// Whether the log filter lets access lines through, read once at install (the
+    /// filter is set once per process); None when it can change (span directives).
+    enabled: Option<bool>,
     /// Every thread's batch (a thread registers on its first line).
     batches: Mutex<Vec<Batch>>,
 }
@@ -42,9 +45,12 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 /// Routes access lines to `writer` from now on (the JSON log's writer), and starts the
 /// thread that hands the batched lines to it. Without it, the handler logs access lines
 /// through `tracing` (text format, tests, embedders).
-pub fn install(writer: NonBlocking) {
+pub fn install(writer: NonBlocking, level: &str) {
+    let enabled = (!level.contains('['))
+        .then(|| tracing::enabled!(target: "palisade::access", tracing::Level::INFO));
     let sink = Sink {
         writer,
+        enabled,
         batches: Mutex::new(Vec::new()),
     };
     if SINK.set(sink).is_err() {
@@ -61,6 +67,12 @@ pub fn install(writer: NonBlocking) {
         // and at exit (`flush`).
         tracing::error!(error = %e, "cannot start the access log's flusher thread");
     }
+}
+
+/// Whether access lines pass the log filter: known once [`install`] has run with a filter
+/// that cannot change (then no filter check per request); None otherwise.
+pub fn enabled() -> Option<bool> {
+    SINK.get().and_then(|sink| sink.enabled)
 }
 
 /// Hands every thread's batched lines to the writer (every 20 ms, and at exit:
@@ -110,6 +122,8 @@ pub struct Line<'a> {
     pub bytes_in: i64,
     pub bytes_out: i64,
     pub duration: Duration,
+    /// When the response head was ready (the line's timestamp).
+    pub finished: Instant,
 }
 
 /// Per thread: its batch, and the date part of the last timestamp.
@@ -153,7 +167,8 @@ pub fn write(line: &Line<'_>) -> bool {
             let Ok(mut lines) = batch.lock() else {
                 return false;
             };
-            format(&mut lines, clock, SystemTime::now(), line);
+            let now = clock.wall(line.finished);
+            format(&mut lines, clock, now, line);
             if lines.len() >= MAX_BATCH {
                 hand_over(&mut sink.writer.clone(), &mut lines);
             }
@@ -166,23 +181,27 @@ fn format(buf: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, line: &Line<'_>
     buf.extend_from_slice(b"{\"timestamp\":\"");
     clock.write_rfc3339(buf, now);
     buf.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":");
-    string(buf, line.request_id);
+    // A request id is `[A-Za-z0-9._:+/=@-]` (the client's is kept only then) and a method
+    // is an HTTP token: neither ever needs escaping.
+    clean_string(buf, line.request_id);
     buf.extend_from_slice(b",\"client_ip\":\"");
     buf.extend_from_slice(crate::proxy::headers::ip_text(line.client_ip, &mut [0; 64]));
     buf.extend_from_slice(b"\",\"method\":");
-    string(buf, line.method);
+    clean_string(buf, line.method);
     buf.extend_from_slice(b",\"host\":");
     string(buf, line.host);
     buf.extend_from_slice(b",\"path\":");
     string(buf, line.path);
     buf.extend_from_slice(b",\"status\":");
     integer(buf, line.status);
+    // Route and upstream names are letters, digits, `-`, `_` and `.`, backend addresses
+    // host:port (both checked by `config::validate`): nothing to escape.
     buf.extend_from_slice(b",\"route\":");
-    string(buf, line.route);
+    clean_string(buf, line.route);
     buf.extend_from_slice(b",\"upstream\":");
-    string(buf, line.upstream);
+    clean_string(buf, line.upstream);
     buf.extend_from_slice(b",\"backend\":");
-    string(buf, line.backend);
+    clean_string(buf, line.backend);
     buf.extend_from_slice(b",\"attempts\":");
     integer(buf, line.attempts);
     buf.extend_from_slice(b",\"bytes_in\":");
@@ -191,7 +210,7 @@ fn format(buf: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, line: &Line<'_>
     integer(buf, line.bytes_out);
     // Milliseconds with nanosecond digits, as a JSON number.
     buf.extend_from_slice(b",\"duration_ms\":");
-    let nanos = line.duration.as_nanos();
+    let nanos = u64::try_from(line.duration.as_nanos()).unwrap_or(u64::MAX);
     integer(buf, nanos / 1_000_000);
     buf.push(b'.');
     let fraction = (nanos % 1_000_000) as u32;
@@ -211,6 +230,13 @@ fn push_padded(buf: &mut Vec<u8>, mut n: u32, width: usize) {
         *slot = b'0' + (n % 10) as u8;
         n /= 10;
     }
+}
+
+/// `s` as a JSON string when it is known to need no escaping.
+fn clean_string(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
+    buf.extend_from_slice(s.as_bytes());
+    buf.push(b'"');
 }
 
 /// `s` as a JSON string: quotes, and escapes only for `"`, `\` and control characters.
@@ -279,9 +305,30 @@ fn first_to_escape(bytes: &[u8]) -> Option<usize> {
 struct Clock {
     second: u64,
     text: [u8; 19],
+    /// A monotonic instant and the wall-clock time it was read at, re-read every second:
+    /// a line's time is derived from the instant the handler already took, instead of
+    /// another clock read per line.
+    base: Option<(Instant, SystemTime)>,
 }
 
 impl Clock {
+    /// The wall-clock time of `at`.
+    fn wall(&mut self, at: Instant) -> SystemTime {
+        if let Some((instant, wall)) = self.base {
+            if let Some(since) = at.checked_duration_since(instant) {
+                if since < Duration::from_secs(1) {
+                    return wall + since;
+                }
+            }
+        }
+        let (instant, wall) = (Instant::now(), SystemTime::now());
+        self.base = Some((instant, wall));
+        match instant.checked_duration_since(at) {
+            Some(before) => wall.checked_sub(before).unwrap_or(wall),
+            None => wall + at.duration_since(instant),
+        }
+    }
+
     fn write_rfc3339(&mut self, buf: &mut Vec<u8>, now: SystemTime) {
         // A clock before 1970 prints as 1970: a log line is no place to fail.
         let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -352,6 +399,7 @@ mod tests {
             bytes_in: -1,
             bytes_out: 3,
             duration: Duration::from_nanos(78_655_435),
+            finished: Instant::now(),
         }
     }
 

@@ -61,7 +61,7 @@ pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> 
     // JSON access lines skip tracing's formatter (see `access`); text ones, for people,
     // keep it.
     if format == LogFormat::Json {
-        access::install(access_writer);
+        access::install(access_writer, level);
     }
     Ok(Some(LogGuard { _worker: guard }))
 }

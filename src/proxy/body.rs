@@ -37,6 +37,12 @@ pub enum ClientBody {
     Hyper(Incoming),
 }
 
+/// Reading the client's request body failed (cut short, malformed chunking, the socket):
+/// the client's fault, never held against a backend.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(#[source] pub BoxError);
+
 impl Body for ClientBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -45,11 +51,12 @@ impl Body for ClientBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Empty => Poll::Ready(None),
+        let polled = match self.get_mut() {
+            ClientBody::Empty => return Poll::Ready(None),
             ClientBody::Own(body) => Pin::new(body).poll_frame(cx),
             ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
+        };
+        polled.map_err(|e| Box::new(ClientBodyError(e)) as BoxError)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -178,6 +178,9 @@ impl ProxyError {
             if cause.is::<BodyTooLarge>() {
                 return ProxyError::BodyTooLarge;
             }
+            if cause.is::<super::body::ClientBodyError>() {
+                return ProxyError::BadRequest("request body ended early or malformed");
+            }
             if let Some(io) = cause.downcast_ref::<io::Error>() {
                 if io.kind() == io::ErrorKind::TimedOut {
                     return ProxyError::ConnectionTimeout;

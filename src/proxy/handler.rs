@@ -70,12 +70,13 @@ pub async fn handle(
             err.into_response()
         }
     };
-    let elapsed = started.elapsed();
+    let finished = Instant::now();
+    let elapsed = finished.saturating_duration_since(started);
     let metrics = trace.route.map_or(&snapshot.unrouted, |r| &r.metrics);
     metrics.by_code.inc(resp.status().as_u16());
     metrics.duration.observe(elapsed.as_secs_f64());
     if let Some(line) = line {
-        log_access(&line, &trace, conn, &resp, elapsed);
+        log_access(&line, &trace, conn, &resp, elapsed, finished);
     }
     resp
 }
@@ -102,12 +103,16 @@ struct RequestLine {
 }
 
 impl RequestLine {
-    fn of<B>(req: &Request<B>) -> Self {
+    fn of(req: &Request<ClientBody>) -> Self {
         RequestLine {
             method: req.method().clone(),
             uri: req.uri().clone(),
             host: req.headers().get(http::header::HOST).cloned(),
-            bytes_in: content_length(req.headers()),
+            bytes_in: req
+                .body()
+                .size_hint()
+                .exact()
+                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
         }
     }
 
@@ -131,9 +136,19 @@ impl RequestLine {
 fn content_length(headers: &HeaderMap) -> i64 {
     headers
         .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(|v| crate::http1::parse_decimal(v.as_bytes()))
+        .and_then(|n| i64::try_from(n).ok())
         .unwrap_or(-1)
+}
+
+/// The response's declared length for the access log: the body's own exact length when it
+/// has one (no header lookup), else the header (a HEAD answer's body is empty whatever its
+/// Content-Length says).
+fn response_length(resp: &Response<ProxyBody>) -> i64 {
+    match resp.body().size_hint().exact() {
+        Some(n) if n > 0 => i64::try_from(n).unwrap_or(i64::MAX),
+        _ => content_length(resp.headers()),
+    }
 }
 
 /// One access log line (target `palisade::access`; JSON with `--log-format json`, the
@@ -144,14 +159,19 @@ fn log_access(
     conn: &ConnInfo,
     resp: &Response<ProxyBody>,
     elapsed: Duration,
+    finished: Instant,
 ) {
-    if !tracing::enabled!(target: "palisade::access", tracing::Level::INFO) {
+    let on = crate::logging::access::enabled()
+        .unwrap_or_else(|| tracing::enabled!(target: "palisade::access", tracing::Level::INFO));
+    if !on {
         return;
     }
+    // A request id is ASCII (checked or made by `Forwarding`): `from_utf8`'s ASCII fast
+    // path is cheaper than `to_str`'s byte-by-byte check.
     let request_id = trace
         .request_id
         .as_ref()
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .unwrap_or("-");
     let access = crate::logging::access::Line {
         request_id,
@@ -165,8 +185,9 @@ fn log_access(
         backend: trace.backend.map_or("-", |b| &*b.addr),
         attempts: trace.attempts,
         bytes_in: line.bytes_in,
-        bytes_out: content_length(resp.headers()),
+        bytes_out: response_length(resp),
         duration: elapsed,
+        finished,
     };
     if crate::logging::access::write(&access) {
         return;
@@ -452,8 +473,8 @@ async fn attempt_once<'s>(
         }
         Ok(Err(err)) => {
             let error = ProxyError::from_upstream(&err);
-            if error == ProxyError::BodyTooLarge {
-                // The client's fault, not the backend's.
+            if matches!(error, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
+                // The client's fault (its body), not the backend's: no strike, no retry.
                 return Err(error);
             }
             tracing::warn!(upstream = %upstream.name, backend = %backend.addr, error = %err, "upstream request failed");
@@ -576,17 +597,14 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
 }
 
-/// The body length the client declared; rejects one already over the limit before any
-/// backend sees it. Bodies without a length are counted while they stream.
-fn declared_length<B>(req: &Request<B>, max_body: u64) -> Result<Option<u64>, ProxyError> {
-    let Some(value) = req.headers().get(CONTENT_LENGTH) else {
+/// The body length the client declared (0 for no body); rejects one already over the limit
+/// before any backend sees it. Bodies without a length are counted while they stream. The
+/// codecs (palisade's HTTP/1.1, hyper's HTTP/2) checked Content-Length already: the body
+/// knows it, no header lookup needed.
+fn declared_length(req: &Request<ClientBody>, max_body: u64) -> Result<Option<u64>, ProxyError> {
+    let Some(len) = req.body().size_hint().exact() else {
         return Ok(None);
     };
-    let len = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or(ProxyError::BadRequest("invalid content-length"))?;
     if max_body != 0 && len > max_body {
         return Err(ProxyError::BodyTooLarge);
     }

@@ -293,10 +293,13 @@ pub fn is_valid_request_id(id: &[u8]) -> bool {
 /// A fresh random request id: 32 lowercase hex digits (128 bits from a thread-local RNG).
 pub fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for (i, byte) in buf.iter_mut().enumerate() {
-        *byte = HEX[((bits >> (i * 4)) & 0xf) as usize];
+    // Two 64-bit halves: shifting a u128 per digit cost twice as much.
+    for half in buf.chunks_exact_mut(16) {
+        let bits = fastrand::u64(..);
+        for (i, byte) in half.iter_mut().enumerate() {
+            *byte = HEX[((bits >> (i * 4)) & 0xf) as usize];
+        }
     }
     // Hex digits are always a valid header value.
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))

@@ -45,7 +45,7 @@ use crate::http1::{
     InvalidChunk, MAX_HEADERS, MAX_READ,
 };
 use crate::proxy::body::{BoxError, ClientBody, ProxyBody};
-use crate::proxy::{self, ConnInfo};
+use crate::proxy::{self, ConnInfo, ProxyError};
 use crate::snapshot::ProxyState;
 
 /// The client connection's socket as the codec sees it.
@@ -167,19 +167,22 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
             Ok(Some(Parsed::H2)) => return into_h2(wire),
             Ok(None) => return Outcome::Closed,
             Err(Failed::Head(e)) => {
-                let (status, reason, detail) = match e {
-                    HeadError::Invalid(detail) => ("400", "Bad Request", detail),
-                    HeadError::TooLarge => ("431", "Request Header Fields Too Large", "too large"),
+                let err = match e {
+                    HeadError::Invalid(detail) => ProxyError::BadRequest(detail),
+                    HeadError::TooLarge => ProxyError::HeadTooLarge,
                 };
-                tracing::debug!(peer = %ctx.info.peer, detail, "refused a request head");
-                let mut out = Vec::with_capacity(128);
-                out.extend_from_slice(b"HTTP/1.1 ");
-                out.extend_from_slice(status.as_bytes());
-                out.push(b' ');
-                out.extend_from_slice(reason.as_bytes());
-                out.extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\n");
-                date_line(&mut out);
-                out.extend_from_slice(b"\r\n");
+                tracing::debug!(peer = %ctx.info.peer, error = %err, "refused a request head");
+                // palisade's own answer, as the handler would give it: Proxy-Status, a
+                // short text body, and the connection closes.
+                let (parts, body) = err.into_response().into_parts();
+                let (mut out, framing, _) =
+                    encode_head(&parts, &body, Version::HTTP_11, false, false);
+                let mut writer = BodyWriter::new(body, framing, false);
+                poll_fn(|cx| {
+                    writer.fill(cx, &mut out, COALESCE);
+                    Poll::Ready(())
+                })
+                .await;
                 let _ = write_all(&wire, &out).await;
                 close(&wire, true).await;
                 return Outcome::Closed;
@@ -281,6 +284,12 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
             }
         }
         if ctx.state.is_draining() || ctx.activity.close_requested() {
+            keep_alive = false;
+        }
+        // A request body not read to its end (the answer came first, or reading it failed)
+        // ends the connection, unless the rest of it is already in the buffer; the answer
+        // says so.
+        if !wire.lock().is_ok_and(|mut w| skip_buffered_body(&mut w)) {
             keep_alive = false;
         }
         let (mut out, framing, keep_alive) =
@@ -822,6 +831,38 @@ fn poll_body(w: &mut Wire, cx: &mut Context<'_>) -> BodyPoll {
                         Ok(_) => {}
                         Err(e) => return Poll::Ready(Some(Err(e.into()))),
                     },
+                }
+            }
+        }
+    }
+}
+
+/// Consumes what is left of an unread request body when all of it is already in the
+/// buffer, so that the connection can carry the next request. True when the body is done.
+fn skip_buffered_body(w: &mut Wire) -> bool {
+    loop {
+        match w.body {
+            BodyState::Done => return true,
+            BodyState::Failed => return false,
+            BodyState::Length(left) => {
+                let buffered = w.buf.len() as u64;
+                if buffered < left {
+                    return false;
+                }
+                let _ = w.buf.split_to(usize::try_from(left).unwrap_or(usize::MAX));
+                w.body = BodyState::Done;
+            }
+            BodyState::Chunked(mut chunk) => {
+                let step = decode_chunk(&mut chunk, &mut w.buf);
+                w.body = BodyState::Chunked(chunk);
+                match step {
+                    Ok(Decoded::Data(_) | Decoded::Again) => {}
+                    Ok(Decoded::End(_)) => w.body = BodyState::Done,
+                    Ok(Decoded::NeedMore(_)) => return false,
+                    Err(InvalidChunk) => {
+                        w.body = BodyState::Failed;
+                        return false;
+                    }
                 }
             }
         }

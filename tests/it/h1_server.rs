@@ -3,7 +3,12 @@
 //! `Expect: 100-continue`, how an answer of unknown length is framed for 1.1 and 1.0
 //! clients, uploads refused before their body, lenient request forms, heads that are
 //! too large or not HTTP at all, clients that leave mid-head, the status line and Date,
-//! bodiless 204/304 answers and a large answer byte for byte.
+//! bodiless 204/304 answers and a large answer byte for byte. And the failure paths and
+//! edge cases of palisade's own codec: upgrades with bytes already sent past the 101 from
+//! either side, clients that leave mid-body, the 413 a client still sending its body
+//! receives whole (lingering close), malformed chunked bodies, first bytes that look like
+//! an HTTP/2 preface but are not one, a request in flight at drain, and a request that
+//! arrives one byte per write.
 //!
 //! These tests pin behaviour the client sees, whatever codec palisade's server side runs
 //! on. The clients here write bytes and parse answers themselves (RFC 9112 framing: no
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{eventually, single_upstream, Proxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -41,15 +46,16 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// A byte stream with a read buffer: one side of a connection, client or backend.
-struct Wire {
-    stream: TcpStream,
+/// A byte stream with a read buffer: one side of a connection, client or backend (or the
+/// read half of one).
+struct Wire<S = TcpStream> {
+    stream: S,
     buf: Vec<u8>,
     /// The longest wait for more bytes (None: wait as long as it takes).
     limit: Option<Duration>,
 }
 
-impl Wire {
+impl<S: AsyncRead + Unpin> Wire<S> {
     /// Reads more bytes into the buffer: Ok(0) at end of stream.
     async fn fill(&mut self) -> io::Result<usize> {
         let mut chunk = [0u8; 16 * 1024];
@@ -229,9 +235,10 @@ impl Answer {
     }
 }
 
-/// A raw HTTP/1.x client on one connection.
-struct Client {
-    wire: Wire,
+/// A raw HTTP/1.x client on one connection (or on its read half, while another task
+/// writes).
+struct Client<S = TcpStream> {
+    wire: Wire<S>,
 }
 
 impl Client {
@@ -253,6 +260,19 @@ impl Client {
             .await
             .expect("write");
         self.wire.stream.flush().await.expect("flush");
+    }
+}
+
+impl<S: AsyncRead + Unpin> Client<S> {
+    /// A client reading from `stream` (e.g. the read half of a split connection).
+    fn reading(stream: S) -> Client<S> {
+        Client {
+            wire: Wire {
+                stream,
+                buf: Vec::new(),
+                limit: Some(CLIENT_WAIT),
+            },
+        }
     }
 
     /// The next head, whatever it is (an interim 1xx included).
@@ -722,9 +742,10 @@ async fn expect_100_continue_gets_100_before_the_body_is_sent_then_the_final_ans
 #[tokio::test]
 async fn an_upload_refused_before_its_body_gets_the_final_answer_without_100_continue() {
     let backend = Backend::start().await;
-    let cfg = format!(
-        "[server.limits]\nmax_body_bytes = 1000\n[[routes]]\nname = \"known\"\nhost = \"test\"\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
-        backend.addr
+    let cfg = host_route_config(
+        backend.addr,
+        "test",
+        "[server.limits]\nmax_body_bytes = 1000\n",
     );
     let proxy = Proxy::start(&cfg).await;
     // Declared larger than max_body_bytes: 413 straight away, then the close.
@@ -971,10 +992,7 @@ async fn a_client_that_sends_half_a_head_and_leaves_does_not_hurt_the_server() {
 #[tokio::test]
 async fn palisades_own_answers_and_backend_answers_have_a_status_line_and_a_date() {
     let backend = Backend::start().await;
-    let cfg = format!(
-        "[[routes]]\nname = \"known\"\nhost = \"known.test\"\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
-        backend.addr
-    );
+    let cfg = host_route_config(backend.addr, "known.test", "");
     let proxy = Proxy::start(&cfg).await;
     let mut client = Client::connect(proxy.addr).await;
     client
@@ -1069,4 +1087,761 @@ async fn a_one_mebibyte_answer_arrives_complete_and_byte_exact() {
     assert!(client.answer("GET").await.body == pattern(BIG));
     client.send(get("/after-big", "")).await;
     assert_eq!(client.answer("GET").await.text(), "GET /after-big");
+}
+
+/// A raw backend that answers every request with `101 Switching Protocols` (and
+/// `greeting` right after its head, in the same write), then echoes every byte it gets.
+/// What it receives past the request head goes to the returned receiver, as it arrives.
+async fn upgrade_backend(
+    greeting: &'static [u8],
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut wire = Wire {
+                    stream,
+                    buf: Vec::new(),
+                    limit: None,
+                };
+                let Ok(Some(_)) = wire.head().await else {
+                    return;
+                };
+                let mut out = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n".to_vec();
+                out.extend_from_slice(greeting);
+                if wire.stream.write_all(&out).await.is_err() {
+                    return;
+                }
+                // Whatever came in the head's read is the tunnel's first bytes.
+                let mut pending = std::mem::take(&mut wire.buf);
+                loop {
+                    if !pending.is_empty() {
+                        let _ = tx.send(pending.clone());
+                        if wire.stream.write_all(&pending).await.is_err() {
+                            return;
+                        }
+                    }
+                    pending.clear();
+                    let mut chunk = [0u8; 4096];
+                    match wire.stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx, task)
+}
+
+/// Collects what the upgrade backend received until it adds up to `want` bytes.
+async fn backend_received(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    want: usize,
+) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        let piece = tokio::time::timeout(CLIENT_WAIT, rx.recv())
+            .await
+            .expect("the backend received the tunnel's bytes in time")
+            .expect("the backend is still running");
+        got.extend_from_slice(&piece);
+    }
+    got
+}
+
+#[tokio::test]
+async fn bytes_sent_with_the_upgrade_request_reach_the_backend_through_the_tunnel() {
+    let (addr, mut received, task) = upgrade_backend(b"").await;
+    let proxy = Proxy::start(&single_upstream(&[(addr, 1)], "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    // The first bytes of the new protocol in the same write as the head: the codec has
+    // them in its read buffer when the backend says 101.
+    client
+        .send(format!(
+            "{}early-bytes",
+            get(
+                "/ws",
+                "upgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-version: 13\r\n"
+            )
+        ))
+        .await;
+    let head = client.head().await;
+    assert!(
+        head.line.starts_with("HTTP/1.1 101"),
+        "not switched: {head:?}"
+    );
+    assert!(head.lists("connection", "upgrade"), "{head:?}");
+    assert_eq!(head.get("upgrade"), Some("websocket"));
+    // The backend got them, once, and their echo comes back through the tunnel.
+    assert_eq!(backend_received(&mut received, 11).await, b"early-bytes");
+    assert_eq!(
+        client
+            .wire
+            .take(11)
+            .await
+            .expect("the echo of the early bytes"),
+        b"early-bytes"
+    );
+    // The tunnel carries on both ways.
+    client.send("later").await;
+    assert_eq!(backend_received(&mut received, 5).await, b"later");
+    assert_eq!(client.wire.take(5).await.expect("the echo"), b"later");
+    drop(client);
+    task.abort();
+}
+
+#[tokio::test]
+async fn bytes_the_backend_sends_right_after_its_101_reach_the_client() {
+    let (addr, mut received, task) = upgrade_backend(b"hello-from-backend").await;
+    let proxy = Proxy::start(&single_upstream(&[(addr, 1)], "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    // Early bytes from both sides at once.
+    client
+        .send(format!(
+            "{}ping",
+            get("/ws", "upgrade: websocket\r\nconnection: upgrade\r\n")
+        ))
+        .await;
+    let head = client.head().await;
+    assert!(
+        head.line.starts_with("HTTP/1.1 101"),
+        "not switched: {head:?}"
+    );
+    // The backend's greeting comes first (it was sent before the backend read anything
+    // of the tunnel), then the echo of the client's early bytes.
+    assert_eq!(
+        client.wire.take(18).await.expect("the backend's greeting"),
+        b"hello-from-backend"
+    );
+    assert_eq!(backend_received(&mut received, 4).await, b"ping");
+    assert_eq!(client.wire.take(4).await.expect("the echo"), b"ping");
+    client.send("pong").await;
+    assert_eq!(client.wire.take(4).await.expect("the echo"), b"pong");
+    drop(client);
+    task.abort();
+}
+
+/// A raw backend for requests with a Content-Length body: reports each head's first line,
+/// the declared length and how many body bytes arrived before the connection ended (or
+/// all of them), and answers (`r` times the length) only a complete body.
+async fn counting_backend() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, usize, usize)>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut wire = Wire {
+                    stream,
+                    buf: Vec::new(),
+                    limit: None,
+                };
+                while let Ok(Some(text)) = wire.head().await {
+                    let head = Head::parse(&text);
+                    let declared: usize = head
+                        .get("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while wire.buf.len() < declared {
+                        match wire.fill().await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let got = wire.buf.len().min(declared);
+                    let _ = tx.send((head.line.clone(), declared, got));
+                    if got < declared {
+                        return;
+                    }
+                    wire.buf.drain(..declared);
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {got}\r\n\r\n");
+                    let mut out = answer.into_bytes();
+                    out.extend(std::iter::repeat_n(b'r', got));
+                    if wire.stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx, task)
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_leaves_the_backend_a_truncated_body_and_the_server_unhurt() {
+    let (addr, mut seen, task) = counting_backend().await;
+    let proxy = Proxy::start(&single_upstream(&[(addr, 1)], "")).await;
+    let post = "POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 100000\r\n\r\n0123456789";
+
+    // Leaves entirely after 10 of 100000 bytes.
+    let mut client = Client::connect(proxy.addr).await;
+    client.send(post).await;
+    drop(client);
+    let (line, declared, got) = tokio::time::timeout(CLIENT_WAIT, seen.recv())
+        .await
+        .expect("the backend's connection ended in time")
+        .expect("backend running");
+    assert_eq!(line, "POST /upload HTTP/1.1");
+    // The backend was told the client's length, and palisade closed its connection
+    // before the body was complete: it never sees a whole request.
+    assert_eq!(declared, 100_000);
+    assert!(got < declared, "the backend got a complete body: {got}");
+
+    // Stops sending but still listens: it hears an error answer, or just the close, and
+    // the connection ends. (Not pinned: the status. Today it is 502 connection_terminated,
+    // although the fault is the client's; nobody reads it but a half-closed client.)
+    let mut client = Client::connect(proxy.addr).await;
+    client.send(post).await;
+    client.wire.stream.shutdown().await.expect("shutdown");
+    let rest = client.wire.rest().await.expect("the server closes in time");
+    if !rest.is_empty() {
+        let text = String::from_utf8_lossy(&rest);
+        let status: u16 = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        assert!(status >= 400, "not an error answer: {text:?}");
+    }
+    let (_, declared, got) = tokio::time::timeout(CLIENT_WAIT, seen.recv())
+        .await
+        .expect("the backend's connection ended in time")
+        .expect("backend running");
+    assert!(got < declared, "the backend got a complete body: {got}");
+
+    // The next connection is served normally, its body whole.
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 10\r\n\r\n0123456789")
+        .await;
+    let answer = client.answer("POST").await;
+    assert_eq!(answer.head.status(), 200, "{:?}", answer.head);
+    assert_eq!(answer.body, vec![b'r'; 10]);
+    let (_, declared, got) = tokio::time::timeout(CLIENT_WAIT, seen.recv())
+        .await
+        .expect("the backend's report in time")
+        .expect("backend running");
+    assert_eq!((declared, got), (10, 10));
+    drop(client);
+    let settled = eventually(Duration::from_secs(5), async || {
+        proxy.state.connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert!(settled, "connections left open after the clients went away");
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_chunked_upload_cut_short_by_the_client_never_reaches_the_backend_whole() {
+    let backend = Backend::start().await;
+    let proxy = backend.proxy().await;
+    // Mid-chunk, between chunks, and inside the last chunk's trailer section: a body cut
+    // anywhere must not be ended for the backend with a last chunk palisade made up.
+    let cuts = [
+        "5\r\nhel",
+        "5\r\nhello\r\n",
+        "5\r\nhello\r\n0\r\nx-trailer: 1\r\n",
+    ];
+    for cut in cuts {
+        for half_close in [false, true] {
+            let mut client = Client::connect(proxy.addr).await;
+            client
+                .send(format!(
+                    "POST /upload HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\n{cut}"
+                ))
+                .await;
+            if half_close {
+                client.wire.stream.shutdown().await.expect("shutdown");
+                let _ = client.wire.rest().await.expect("the server closes in time");
+            } else {
+                drop(client);
+            }
+        }
+    }
+    // The next upload is whole, and it is the only one the backend saw.
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("POST /upload HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\n5\r\nwhole\r\n0\r\n\r\n")
+        .await;
+    let answer = client.answer("POST").await;
+    assert_eq!(answer.text(), "whole");
+    assert_eq!(backend.seen(), ["POST /upload"]);
+    drop(client);
+    let settled = eventually(Duration::from_secs(5), async || {
+        proxy.state.connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert!(settled, "connections left open after the clients went away");
+}
+
+/// Writes `head` then each piece of `body` on `writer` until done or a write fails (the
+/// server may stop reading and close: not this side's business); returns the bytes written.
+fn keep_writing(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    head: Vec<u8>,
+    body: impl Iterator<Item = Vec<u8>> + Send + 'static,
+) -> JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut written = 0;
+        for piece in std::iter::once(head).chain(body) {
+            match tokio::time::timeout(CLIENT_WAIT, writer.write_all(&piece)).await {
+                Ok(Ok(())) => written += piece.len(),
+                _ => break,
+            }
+        }
+        written
+    })
+}
+
+fn limited_config(backend: SocketAddr) -> String {
+    format!(
+        "[server.limits]\nmax_body_bytes = 1000\n{}",
+        single_upstream(&[(backend, 1)], "")
+    )
+}
+
+/// Asserts that `answer` is palisade's 413 for a body over `max_body_bytes`, closing.
+fn assert_413(answer: &Answer) {
+    assert!(
+        answer.head.line.starts_with("HTTP/1.1 413"),
+        "{:?}",
+        answer.head
+    );
+    assert_eq!(
+        answer.head.get("proxy-status"),
+        Some("palisade; error=http_request_error")
+    );
+    assert!(
+        answer.head.lists("connection", "close"),
+        "{:?}",
+        answer.head
+    );
+    assert_eq!(answer.text(), "request body too large\n");
+}
+
+#[tokio::test]
+async fn an_upload_declared_too_large_without_expect_gets_its_413_whole_while_still_sending() {
+    let backend = Backend::start().await;
+    let proxy = Proxy::start(&limited_config(backend.addr)).await;
+    // 5 MiB declared, no Expect: the body follows the head at once and keeps coming.
+    let size = 5 << 20;
+    let head = format!("POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: {size}\r\n\r\n");
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (read, write) = stream.into_split();
+    let writer = keep_writing(
+        write,
+        head.clone().into_bytes(),
+        (0..size / 65536).map(|_| vec![b'u'; 65536]),
+    );
+    // While it writes, the whole answer arrives: no reset before it (lingering close).
+    let mut client = Client::reading(read);
+    assert_413(&client.answer("POST").await);
+    // Then the connection ends (a reset counts: the server reads and drops only so
+    // much), and so does the writer.
+    let _ = client.wire.rest().await.expect("the server closes in time");
+    let written = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the writer stops once the server is gone")
+        .expect("writer task");
+    assert!(written > 0);
+
+    // The same, but the client sends 256 KiB of it and then stops (half-closes): the
+    // server reads and drops what came before it closes, so the end after the answer is
+    // a clean close, not the reset that closing with unread bytes would send.
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (read, write) = stream.into_split();
+    let head_len = head.len();
+    let writer = keep_writing(write, head.into_bytes(), (0..4).map(|_| vec![b'u'; 65536]));
+    let mut client = Client::reading(read);
+    assert_413(&client.answer("POST").await);
+    let end = client.wire.fill().await;
+    assert!(
+        matches!(end, Ok(0)),
+        "no clean close after the answer: {end:?} {:?}",
+        String::from_utf8_lossy(&client.wire.buf)
+    );
+    let written = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the writer finished")
+        .expect("writer task");
+    assert_eq!(written, head_len + (4 << 16), "the server stopped reading");
+    assert!(backend.seen().is_empty(), "{:?}", backend.seen());
+}
+
+#[tokio::test]
+async fn a_chunked_upload_that_grows_past_max_body_bytes_gets_413_and_a_closed_connection() {
+    let backend = Backend::start().await;
+    let proxy = Proxy::start(&limited_config(backend.addr)).await;
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let (read, write) = stream.into_split();
+    // No length: the limit is found while the body streams (300 bytes a chunk, past
+    // 1000 at the fourth), and the client goes on sending.
+    let head =
+        b"POST /upload HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let chunks = (0..200)
+        .map(|_| {
+            let mut chunk = b"12c\r\n".to_vec();
+            chunk.extend_from_slice(&[b'c'; 300]);
+            chunk.extend_from_slice(b"\r\n");
+            chunk
+        })
+        .chain(std::iter::once(b"0\r\n\r\n".to_vec()));
+    let writer = keep_writing(write, head, chunks);
+    let mut client = Client::reading(read);
+    assert_413(&client.answer("POST").await);
+    client.expect_closed("after 413").await;
+    tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the writer stops once the server is gone")
+        .expect("writer task");
+    // The backend saw a body cut short, never a whole request.
+    assert!(backend.seen().is_empty(), "{:?}", backend.seen());
+    // And a small upload on a new connection goes through.
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("POST /upload HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        .await;
+    let answer = client.answer("POST").await;
+    assert_eq!(answer.head.status(), 200, "{:?}", answer.head);
+    assert_eq!(answer.text(), "abc");
+}
+
+#[tokio::test]
+async fn a_malformed_chunk_size_ends_the_connection_and_what_follows_is_never_served() {
+    let backend = Backend::start().await;
+    let proxy = backend.proxy().await;
+    let cases: [(&str, &str); 3] = [
+        ("not hex", "zz\r\nhello\r\n0\r\n\r\n"),
+        ("no CRLF after the data", "5\r\nhelloXX0\r\n\r\n"),
+        ("a size line without its CR", "5\nhello\r\n0\r\n\r\n"),
+    ];
+    for (what, body) in cases {
+        let mut client = Client::connect(proxy.addr).await;
+        // A valid head, a broken body, and a request pipelined after it.
+        client
+            .send(format!(
+                "POST /upload HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\n{body}{}",
+                get("/after-garbage", "")
+            ))
+            .await;
+        // One error answer, then the close: never a second answer. (Not pinned: which
+        // error. Today 502 connection_terminated, with no `connection: close` although
+        // the connection closes; see the ignored test below for the 400 the module doc
+        // of src/server/h1.rs promises.)
+        let answer = client.answer("POST").await;
+        assert!(
+            (400..600).contains(&answer.head.status()),
+            "{what}: {:?}",
+            answer.head
+        );
+        let rest = client.wire.rest().await.expect("the server closes in time");
+        assert!(
+            rest.is_empty(),
+            "{what}: the pipelined request was answered: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    // Neither the broken upload nor what followed it reached the backend whole.
+    assert!(backend.seen().is_empty(), "{:?}", backend.seen());
+    let mut client = Client::connect(proxy.addr).await;
+    client.send(get("/fine", "")).await;
+    assert_eq!(client.answer("GET").await.text(), "GET /fine");
+}
+
+#[tokio::test]
+async fn a_client_that_starts_like_an_http2_preface_but_is_not_one_gets_400_or_the_close() {
+    let backend = Backend::start().await;
+    let cfg = format!(
+        "[server.timeouts]\nheader_read = \"1s\"\n{}",
+        single_upstream(&[(backend.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+
+    // As long as the preface: its first line, then something else.
+    let mut client = Client::connect(proxy.addr).await;
+    client.send("PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n").await;
+    let answer = client.answer("GET").await;
+    assert!(
+        answer.head.line.starts_with("HTTP/1.1 400"),
+        "{:?}",
+        answer.head
+    );
+    assert!(answer.head.lists("connection", "close"));
+    client.expect_closed("after a wrong preface").await;
+
+    // A prefix of the preface, then the client stops sending (but listens): nothing to
+    // answer, the connection ends.
+    for prefix in ["P", "PR", "PRI * HTTP/2.0\r\n\r\n"] {
+        let mut client = Client::connect(proxy.addr).await;
+        client.send(prefix).await;
+        client.wire.stream.shutdown().await.expect("shutdown");
+        let rest = client.wire.rest().await.expect("the server closes in time");
+        assert!(
+            rest.is_empty() || rest.starts_with(b"HTTP/1.1 400"),
+            "{prefix:?}: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+
+    // A prefix, then silence: header_read ends it.
+    let mut client = Client::connect(proxy.addr).await;
+    client.send("PR").await;
+    let rest = client
+        .wire
+        .rest()
+        .await
+        .expect("the server closes a silent prefix within header_read");
+    assert!(
+        rest.is_empty() || rest.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // Its first line with HTTP/1.1 is an HTTP/1.1 request (method PRI, asterisk-form
+    // target): answered by palisade (no route has the target `*`: 404), never forwarded.
+    let mut client = Client::connect(proxy.addr).await;
+    client.send("PRI * HTTP/1.1\r\nhost: test\r\n\r\n").await;
+    let answer = client.answer("PRI").await;
+    assert!(
+        (400..500).contains(&answer.head.status()),
+        "{:?}",
+        answer.head
+    );
+
+    // A real request that happens to start with a byte of the preface is served.
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("PUT /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 2\r\n\r\nok")
+        .await;
+    let answer = client.answer("PUT").await;
+    assert_eq!(answer.head.status(), 200, "{:?}", answer.head);
+    assert_eq!(answer.text(), "ok");
+    assert_eq!(backend.seen(), ["PUT /upload"]);
+}
+
+#[tokio::test]
+async fn a_request_in_flight_on_a_keep_alive_connection_at_drain_completes_with_connection_close() {
+    // A backend that holds answers to `/gate/...` until released, and says when one
+    // arrived: the drain surely starts while the request is in flight.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (arrived_tx, gate) = (arrived_tx.clone(), gate.clone());
+            tokio::spawn(async move {
+                let mut wire = Wire {
+                    stream,
+                    buf: Vec::new(),
+                    limit: None,
+                };
+                while let Ok(Some(text)) = wire.head().await {
+                    let head = Head::parse(&text);
+                    let path = head.line.split(' ').nth(1).unwrap_or_default().to_owned();
+                    if path.starts_with("/gate/") {
+                        let _ = arrived_tx.send(path.clone());
+                        match gate.acquire().await {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => return,
+                        }
+                    }
+                    let body = format!("GET {path}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if wire.stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&single_upstream(&[(addr, 1)], "")).await;
+    let state = proxy.state.clone();
+    let mut client = Client::connect(proxy.addr).await;
+    client.send(get("/first", "")).await;
+    let first = client.answer("GET").await;
+    assert_eq!(first.text(), "GET /first");
+    assert!(!first.head.lists("connection", "close"), "{:?}", first.head);
+
+    // The second request on the same connection is at the backend when the drain starts.
+    client.send(get("/gate/in-flight", "")).await;
+    let path = tokio::time::timeout(CLIENT_WAIT, arrived.recv())
+        .await
+        .expect("the request reached the backend in time");
+    assert_eq!(path.as_deref(), Some("/gate/in-flight"));
+    let draining = tokio::spawn(proxy.shutdown());
+    let started = eventually(CLIENT_WAIT, async || state.is_draining()).await;
+    assert!(started, "the drain did not start");
+    release.add_permits(1);
+
+    // Its answer arrives whole, says the connection closes, and it does.
+    let answer = client.answer("GET").await;
+    assert_eq!(answer.head.status(), 200, "{:?}", answer.head);
+    assert_eq!(answer.text(), "GET /gate/in-flight");
+    assert!(
+        answer.head.lists("connection", "close"),
+        "{:?}",
+        answer.head
+    );
+    client.expect_closed("after the answer at drain").await;
+    tokio::time::timeout(Duration::from_secs(15), draining)
+        .await
+        .expect("drain finished")
+        .expect("drain task");
+    assert_eq!(state.connections.load(Ordering::Relaxed), 0);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_request_arriving_one_byte_per_write_is_served() {
+    let backend = Backend::start().await;
+    let proxy = backend.proxy().await;
+    let mut client = Client::connect(proxy.addr).await;
+    client.wire.stream.set_nodelay(true).expect("nodelay");
+    // `P` is also how an HTTP/2 preface starts: the first byte alone decides nothing.
+    let requests: [(&str, &str, &str); 3] = [
+        (
+            "POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello",
+            "POST",
+            "hello",
+        ),
+        (
+            "POST /upload HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n3\r\nabc\r\n0\r\nx-trailer: 1\r\n\r\n",
+            "POST",
+            "helloabc",
+        ),
+        ("GET /trickled HTTP/1.1\r\nhost: test\r\n\r\n", "GET", "GET /trickled"),
+    ];
+    for (raw, method, expected) in requests {
+        for byte in raw.bytes() {
+            client.send([byte]).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let answer = client.answer(method).await;
+        assert_eq!(answer.head.status(), 200, "{raw:?}: {:?}", answer.head);
+        assert_eq!(answer.text(), expected, "{raw:?}");
+    }
+    assert_eq!(
+        backend.seen(),
+        ["POST /upload", "POST /upload", "GET /trickled"]
+    );
+}
+
+#[tokio::test]
+async fn a_request_body_the_client_breaks_is_a_400_and_not_held_against_the_backend() {
+    let backend = Backend::start().await;
+    let proxy = Proxy::start(&single_upstream(
+        &[(backend.addr, 1)],
+        "[upstreams.app.passive]\nconsecutive_failures = 2\nejection = \"30s\"",
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    // A malformed chunk size.
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("POST /upload HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+        .await;
+    let answer = client.answer("POST").await;
+    statuses.push((
+        answer.head.status(),
+        answer.head.get("proxy-status").map(str::to_owned),
+    ));
+    // A streamed body (over the 64 KiB that are read before forwarding) cut short by a
+    // client that still listens. (Under 64 KiB the same cut is already a 400: "request
+    // body ended early".)
+    let mut client = Client::connect(proxy.addr).await;
+    client
+        .send("POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 100000\r\n\r\n0123456789")
+        .await;
+    client.wire.stream.shutdown().await.expect("shutdown");
+    let answer = client.answer("POST").await;
+    statuses.push((
+        answer.head.status(),
+        answer.head.get("proxy-status").map(str::to_owned),
+    ));
+
+    // The backend did nothing wrong: it is still in the pool...
+    let available =
+        proxy.state.snapshot().upstreams[0].backends[0].is_available(palisade::clock::now_ns());
+    assert!(
+        available,
+        "a healthy backend was ejected for the client's broken bodies: {statuses:?}"
+    );
+    // ...and the client is told the fault is its own.
+    let expected = (400, Some("palisade; error=http_request_error".to_owned()));
+    assert_eq!(statuses, [expected.clone(), expected]);
+}
+
+#[tokio::test]
+async fn an_unread_body_already_received_does_not_cost_the_connection() {
+    let backend = Backend::start().await;
+    let cfg = host_route_config(backend.addr, "known.test", "");
+    let proxy = Proxy::start(&cfg).await;
+    let mut client = Client::connect(proxy.addr).await;
+    // Refused before the body is read (no route), by length and chunked: the bodies
+    // arrived with their heads, so they are skipped and the connection carries on.
+    client
+        .send("POST /nowhere HTTP/1.1\r\nhost: unknown.test\r\ncontent-length: 5\r\n\r\nhello")
+        .await;
+    let answer = client.answer("POST").await;
+    assert_eq!(answer.head.status(), 404, "{:?}", answer.head);
+    assert!(
+        !answer.head.lists("connection", "close"),
+        "{:?}",
+        answer.head
+    );
+    client
+        .send("POST /nowhere HTTP/1.1\r\nhost: unknown.test\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await;
+    let answer = client.answer("POST").await;
+    assert_eq!(answer.head.status(), 404, "{:?}", answer.head);
+    assert!(
+        !answer.head.lists("connection", "close"),
+        "{:?}",
+        answer.head
+    );
+    client
+        .send("GET /here HTTP/1.1\r\nhost: known.test\r\n\r\n")
+        .await;
+    assert_eq!(client.answer("GET").await.text(), "GET /here");
+    // A body still on its way when the answer is ready: the answer says close, and the
+    // connection ends after it.
+    client
+        .send("POST /nowhere HTTP/1.1\r\nhost: unknown.test\r\ncontent-length: 50\r\n\r\nhello")
+        .await;
+    let answer = client.answer("POST").await;
+    assert_eq!(answer.head.status(), 404, "{:?}", answer.head);
+    assert!(
+        answer.head.lists("connection", "close"),
+        "{:?}",
+        answer.head
+    );
+    client
+        .expect_closed("after an answer with the body unread")
+        .await;
+    assert_eq!(backend.seen(), ["GET /here"]);
+}
+
+/// One route for `host` to the backend, with `server` prepended (server settings).
+fn host_route_config(backend: std::net::SocketAddr, host: &str, server: &str) -> String {
+    format!(
+        "{server}[[routes]]\nname = \"known\"\nhost = \"{host}\"\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{backend}\" }}]\n"
+    )
 }
