@@ -225,19 +225,34 @@ pub enum WriteError {
     Io(#[from] io::Error),
 }
 
-/// Writes a streamed body with the given framing.
+/// At most this many buffers go to one vectored write.
+const MAX_SLICES: usize = 8;
+
+/// Frames up to this size are copied into the head (one buffer instead of two); larger
+/// ones are written from where they are.
+const COPY_MAX: usize = 4096;
+
+/// [`BodyWriter::prime`] stops taking ready frames past this many bytes.
+const MAX_PRIMED: usize = 64 * 1024;
+
+/// Writes a head and a streamed body with the given framing: the head, and the body
+/// frames ready at once, in one vectored write; body bytes are never copied except
+/// small frames into the head.
 pub struct BodyWriter {
     body: ProxyBody,
     framing: Framing,
     /// Trailers are written (chunked framing only); else they are dropped.
     trailers: bool,
-    /// Bytes of the current frame still to write, in order.
+    /// The head (and small frames copied after it), and how much of it is written.
+    head: Vec<u8>,
+    head_written: usize,
+    /// Framed body bytes after the head, in order.
     queue: VecDeque<Bytes>,
     /// Body bytes taken from the body so far.
     written: u64,
     /// The body has ended (its last bytes may still be queued).
     ended: bool,
-    /// A failure found by [`BodyWriter::fill`], reported by the next write.
+    /// A failure found by [`BodyWriter::prime`], reported by the next write.
     failed: Option<WriteError>,
 }
 
@@ -248,6 +263,8 @@ impl BodyWriter {
             body,
             framing,
             trailers,
+            head: Vec::new(),
+            head_written: 0,
             queue: VecDeque::new(),
             written: 0,
             ended: framing == Framing::None,
@@ -260,15 +277,24 @@ impl BodyWriter {
         BodyWriter::new(ProxyBody::Empty, Framing::None, false)
     }
 
-    /// Everything is written.
-    pub fn done(&self) -> bool {
-        self.ended && self.queue.is_empty()
+    /// Writes `head` before the body.
+    pub fn with_head(mut self, head: Vec<u8>) -> Self {
+        self.head = head;
+        self
     }
 
-    /// Moves the body frames that are ready now into `out` (a head about to be written),
-    /// up to `limit` bytes in all, so a small body goes out in the head's write.
-    pub fn fill(&mut self, cx: &mut Context<'_>, out: &mut Vec<u8>, limit: usize) {
-        while !self.ended && self.failed.is_none() && self.queue.is_empty() && out.len() < limit {
+    /// Everything is written.
+    pub fn done(&self) -> bool {
+        self.ended && self.queue.is_empty() && self.head_written == self.head.len()
+    }
+
+    /// Takes the body frames that are ready now, so that they go out in the head's write.
+    pub fn prime(&mut self, cx: &mut Context<'_>) {
+        while !self.ended
+            && self.failed.is_none()
+            && self.queue.len() + 3 <= MAX_SLICES
+            && self.queue.iter().map(Bytes::len).sum::<usize>() < MAX_PRIMED
+        {
             let step = match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => self.take(frame),
                 Poll::Ready(None) => self.finish(),
@@ -279,17 +305,20 @@ impl BodyWriter {
                 self.failed = Some(e);
                 return;
             }
-            while let Some(front) = self.queue.front() {
-                if out.len() + front.len() > limit {
-                    return;
+            // Small pieces join the head, in order (never past a piece left queued).
+            if self.head_written == 0 {
+                while let Some(front) = self.queue.front() {
+                    if front.len() > COPY_MAX {
+                        break;
+                    }
+                    self.head.extend_from_slice(front);
+                    self.queue.pop_front();
                 }
-                out.extend_from_slice(front);
-                self.queue.pop_front();
             }
         }
     }
 
-    /// Writes the rest of the body to `io`.
+    /// Writes the rest of the head and the body to `io`.
     pub fn poll_write<W: AsyncWrite + Unpin + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
@@ -299,15 +328,40 @@ impl BodyWriter {
             return Poll::Ready(Err(e));
         }
         loop {
-            while let Some(front) = self.queue.front_mut() {
-                let n = ready!(Pin::new(&mut *io).poll_write(cx, front))?;
+            let head = &self.head[self.head_written..];
+            if !head.is_empty() || !self.queue.is_empty() {
+                let mut n = {
+                    let mut slices = arrayvec::ArrayVec::<io::IoSlice<'_>, MAX_SLICES>::new();
+                    if !head.is_empty() {
+                        slices.push(io::IoSlice::new(head));
+                    }
+                    for piece in &self.queue {
+                        if slices.is_full() {
+                            break;
+                        }
+                        slices.push(io::IoSlice::new(piece));
+                    }
+                    ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?
+                };
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
-                front.advance(n);
-                if front.is_empty() {
-                    self.queue.pop_front();
+                let from_head = n.min(self.head.len() - self.head_written);
+                self.head_written += from_head;
+                n -= from_head;
+                while n > 0 {
+                    let Some(front) = self.queue.front_mut() else {
+                        break;
+                    };
+                    if front.len() <= n {
+                        n -= front.len();
+                        self.queue.pop_front();
+                    } else {
+                        front.advance(n);
+                        n = 0;
+                    }
                 }
+                continue;
             }
             if self.ended {
                 return Poll::Ready(Ok(()));
@@ -399,6 +453,98 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// Takes at most 5 bytes per write, across the buffers of a vectored one.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = data.len().min(5);
+            self.0.extend_from_slice(&data[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(5 - n);
+                self.0.extend_from_slice(&buf[..take]);
+                n += take;
+                if n == 5 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn write_out(body: &'static str, framing: Framing, prime: bool) -> String {
+        let big = Bytes::from(body.repeat(1000));
+        let mut writer = BodyWriter::new(ProxyBody::Full(Some(big)), framing, false)
+            .with_head(b"HEAD\r\n".to_vec());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if prime {
+            writer.prime(&mut cx);
+        }
+        let mut out = Trickle(Vec::new());
+        assert!(matches!(
+            writer.poll_write(&mut cx, &mut out),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(writer.done());
+        String::from_utf8(out.0).unwrap_or_default()
+    }
+
+    #[test]
+    fn head_and_body_survive_short_vectored_writes() {
+        for prime in [false, true] {
+            let body = "x".repeat(5000);
+            assert_eq!(
+                write_out("x", Framing::Chunked, prime),
+                format!("HEAD\r\n3e8\r\n{}\r\n0\r\n\r\n", &body[..1000])
+            );
+            assert_eq!(
+                write_out("abcde", Framing::Length(5000), prime),
+                format!("HEAD\r\n{}", "abcde".repeat(1000))
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_longer_than_its_length_is_an_error_not_extra_bytes() {
+        let mut writer = BodyWriter::new(
+            ProxyBody::from_static("too long"),
+            Framing::Length(3),
+            false,
+        );
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = Trickle(Vec::new());
+        assert!(matches!(
+            writer.poll_write(&mut cx, &mut out),
+            Poll::Ready(Err(WriteError::Length))
+        ));
+        assert!(out.0.is_empty());
     }
 
     #[test]

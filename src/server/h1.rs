@@ -54,9 +54,6 @@ pub type Io = TrackedIo<ClientIo>;
 /// The read buffer a new request head starts in (grown up to the head limit).
 const HEAD_BUF: usize = 1024;
 
-/// A body this small that is ready when the head is written goes in the head's write.
-const COALESCE: usize = 16 * 1024;
-
 /// The HTTP/2 connection preface (prior knowledge, RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -175,15 +172,15 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
                 // palisade's own answer, as the handler would give it: Proxy-Status, a
                 // short text body, and the connection closes.
                 let (parts, body) = err.into_response().into_parts();
-                let (mut out, framing, _) =
-                    encode_head(&parts, &body, Version::HTTP_11, false, false);
-                let mut writer = BodyWriter::new(body, framing, false);
+                let (out, framing, _) = encode_head(&parts, &body, Version::HTTP_11, false, false);
+                let mut writer = BodyWriter::new(body, framing, false).with_head(out);
+                let mut sink = WireWriter(&wire);
                 poll_fn(|cx| {
-                    writer.fill(cx, &mut out, COALESCE);
+                    writer.prime(cx);
                     Poll::Ready(())
                 })
                 .await;
-                let _ = write_all(&wire, &out).await;
+                let _ = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await;
                 close(&wire, true).await;
                 return Outcome::Closed;
             }
@@ -292,27 +289,21 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
         if !wire.lock().is_ok_and(|mut w| skip_buffered_body(&mut w)) {
             keep_alive = false;
         }
-        let (mut out, framing, keep_alive) =
+        let (out, framing, keep_alive) =
             encode_head(&parts, &body, version, head_request, keep_alive);
         drop(parts);
-        let mut writer = BodyWriter::new(body, framing, false);
+        // The head and the body frames ready now go out in one write.
+        let mut writer = BodyWriter::new(body, framing, false).with_head(out);
         poll_fn(|cx| {
-            writer.fill(cx, &mut out, COALESCE);
+            writer.prime(cx);
             Poll::Ready(())
         })
         .await;
-        if let Err(e) = write_all(&wire, &out).await {
-            tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
-            return Outcome::Closed;
-        }
-        drop(out);
         let mut sink = WireWriter(&wire);
-        if !writer.done() {
-            if let Err(e) = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await {
-                tracing::debug!(peer = %ctx.info.peer, error = %e, "the answer's body failed");
-                close(&wire, false).await;
-                return Outcome::Closed;
-            }
+        if let Err(e) = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await {
+            tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
+            close(&wire, false).await;
+            return Outcome::Closed;
         }
         drop(writer);
         if sink.flush().await.is_err() {
@@ -709,6 +700,18 @@ impl AsyncWrite for WireWriter<'_> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.with(|io| io.poll_write(cx, data))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.with(|io| io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -550,6 +550,20 @@ async fn serve_protocols(
             h1::Outcome::H2(io, read) => (io, read),
         }
     };
+    // Boxed: hyper's HTTP/2 connection state is large, and unboxed every HTTP/1
+    // connection's task would be that size.
+    Box::pin(serve_h2(io, read, info, state, activity, builder)).await;
+}
+
+/// HTTP/2 by hyper on `io`, whose first bytes `read` were already read.
+async fn serve_h2(
+    io: TrackedIo<ClientIo>,
+    read: bytes::Bytes,
+    info: ConnInfo,
+    state: Arc<ProxyState>,
+    activity: Arc<Activity>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
     activity.h2.store(true, Ordering::Relaxed);
     let service = {
         let activity = activity.clone();

@@ -43,8 +43,10 @@ use crate::proxy::headers::{self, Forwarding};
 /// `proxy_buffer_size` default is one page, and answers 502 beyond it).
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Read buffer for a response head (a small response's body usually arrives with it).
-const HEAD_BUF: usize = 8 * 1024;
+/// Read buffer for a response head: large enough that a 16 KiB answer arrives with its
+/// head in one read (8 KiB took a second `recvfrom` for it). Only requests in flight
+/// hold one, and only the pages a read fills are touched.
+const HEAD_BUF: usize = 32 * 1024;
 
 /// A request body up to this size with a known length goes in the head's write.
 const INLINE_BODY: u64 = 16 * 1024;
