@@ -4,7 +4,9 @@
 //! - `config` parses and validates the TOML file (every error with PATH:LINE:COL);
 //! - `snapshot` compiles a config into the immutable form the hot path reads, swapped whole
 //!   on reload (`arc-swap`), carrying live state over;
-//! - `server` owns listeners, the accept loop, connection timeouts and graceful drain;
+//! - `server` owns listeners, the accept loop, connection timeouts and graceful drain, and
+//!   (`server::h1`) palisade's HTTP/1.1 server codec; `http1` is what it shares with the
+//!   backend-side codec (`upstream::h1`);
 //! - `proxy::handler` is one request's life top to bottom: route, check, pick, forward, respond;
 //! - `route` matches host and path; `limit` resolves the client IP;
 //! - `upstream` holds pools, per-backend live state (atomics) and the pooled client;

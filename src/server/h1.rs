@@ -169,19 +169,9 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
                     HeadError::TooLarge => ProxyError::HeadTooLarge,
                 };
                 tracing::debug!(peer = %ctx.info.peer, error = %err, "refused a request head");
-                // palisade's own answer, as the handler would give it: Proxy-Status, a
-                // short text body, and the connection closes.
-                let (parts, body) = err.into_response().into_parts();
-                let (out, framing, _) = encode_head(&parts, &body, Version::HTTP_11, false, false);
-                let mut writer = BodyWriter::new(body, framing, false).with_head(out);
-                let mut sink = WireWriter(&wire);
-                poll_fn(|cx| {
-                    writer.prime(cx);
-                    Poll::Ready(())
-                })
-                .await;
-                let _ = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await;
-                close(&wire, true).await;
+                // Boxed, like every way out below: their state would otherwise size every
+                // connection's task.
+                Box::pin(refuse(&wire, err)).await;
                 return Outcome::Closed;
             }
             Err(Failed::Io(e)) => {
@@ -302,7 +292,7 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
         let mut sink = WireWriter(&wire);
         if let Err(e) = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await {
             tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
-            close(&wire, false).await;
+            Box::pin(close(&wire, false)).await;
             return Outcome::Closed;
         }
         drop(writer);
@@ -313,7 +303,7 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
         // 4. Another request, or the end.
         let body_read = wire.lock().is_ok_and(|w| w.body == BodyState::Done);
         if !keep_alive || !body_read {
-            close(&wire, !body_read).await;
+            Box::pin(close(&wire, !body_read)).await;
             return Outcome::Closed;
         }
         if let Ok(mut w) = wire.lock() {
@@ -628,6 +618,22 @@ fn date_line(out: &mut Vec<u8>) {
     });
 }
 
+/// Answers a head the codec refused with palisade's own error (Proxy-Status, a short text
+/// body), then closes.
+async fn refuse(wire: &SharedWire, err: ProxyError) {
+    let (parts, body) = err.into_response().into_parts();
+    let (out, framing, _) = encode_head(&parts, &body, Version::HTTP_11, false, false);
+    let mut writer = BodyWriter::new(body, framing, false).with_head(out);
+    let mut sink = WireWriter(wire);
+    poll_fn(|cx| {
+        writer.prime(cx);
+        Poll::Ready(())
+    })
+    .await;
+    let _ = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await;
+    close(wire, true).await;
+}
+
 /// Hands the socket and what was read to HTTP/2.
 fn into_h2(wire: SharedWire) -> Outcome {
     let taken = wire.lock().ok().and_then(|mut w| {
@@ -654,7 +660,9 @@ async fn close(wire: &SharedWire, linger: bool) {
     if !linger {
         return;
     }
-    let mut scratch = [0u8; 4096];
+    // On the heap: an array here would sit in every connection's task (4 KiB each), since
+    // the codec's future holds this one's state.
+    let mut scratch = vec![0u8; 4096];
     let mut total = 0usize;
     let drain = poll_fn(|cx| loop {
         let Ok(mut w) = wire.lock() else {

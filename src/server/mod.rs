@@ -2,9 +2,10 @@
 //!
 //! [`serve`] takes already-bound listeners and a shutdown future (mini-redis style), so
 //! tests bind port 0, start it, and stop it deterministically. Each connection runs in its
-//! own task with a watchdog that enforces two timeouts hyper does not give us as we want
-//! them: `header_read` (a request head must arrive within it once its first byte has) and
-//! `idle` (a connection with no request in flight and no bytes moving is closed). On
+//! own task: HTTP/1.x through palisade's codec ([`h1`]), HTTP/2 (ALPN or a prior-knowledge
+//! preface) through hyper. A watchdog around either enforces `header_read` (a request head
+//! must arrive within it once its first byte has) and `idle` (a connection with no request
+//! in flight and no bytes moving is closed). On
 //! shutdown the listeners close first, then every connection finishes gracefully:
 //! in-flight HTTP/1 requests complete with `Connection: close`, HTTP/2 connections get
 //! GOAWAY, and idle HTTP/1 keep-alive connections get [`DRAIN_GRACE`] to send one more
