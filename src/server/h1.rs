@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 
 use super::{Activity, ClientIo, TrackedIo};
 use crate::http1::{
-    decode_chunk, header_line, parse_decimal, trim, BodyWriter, Chunk, Decoded, Framing,
+    decode_chunk, header_line, parse_decimal, span, trim, BodyWriter, Chunk, Decoded, Framing,
     InvalidChunk, MAX_HEADERS, MAX_READ,
 };
 use crate::proxy::body::{BoxError, ClientBody, ProxyBody};
@@ -411,19 +411,21 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadE
     } else {
         Version::HTTP_11
     };
-    let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
-        .map_err(|_| HeadError::Invalid("invalid method"))?;
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    let target = span(parsed.path.unwrap_or("").as_bytes());
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Err(HeadError::Invalid("malformed request line"));
+    };
+    let method =
+        Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Invalid("invalid method"))?;
+    let whole = &buf[..len];
+    let target = span(whole, target.as_bytes());
     // Where each header's name and value sit, so the values can be slices of one shared
     // buffer instead of copies.
     // An ArrayVec: a zeroed array of 128 slots cost more than parsing the head, a Vec an
     // allocation.
     let mut spans = arrayvec::ArrayVec::<(usize, usize, usize, usize), MAX_HEADERS>::new();
     for h in parsed.headers.iter() {
-        let (ns, nl) = span(h.name.as_bytes());
-        let (vs, vl) = span(h.value);
+        let (ns, nl) = span(whole, h.name.as_bytes());
+        let (vs, vl) = span(whole, h.value);
         spans.push((ns, nl, vs, vl));
     }
     let count = spans.len();
@@ -949,6 +951,20 @@ mod tests {
                 .flatten()
                 .map(|h| h.request.headers().get_all(CONTENT_LENGTH).iter().count());
         assert_eq!(head, Some(1), "identical lengths are forwarded once");
+    }
+
+    #[test]
+    fn empty_header_values_are_kept_empty() {
+        let head = parse(b"GET / HTTP/1.1\r\nhost: x\r\nx-empty:\r\nx-also: \r\n\r\n")
+            .ok()
+            .flatten()
+            .map(|h| h.request);
+        let Some(request) = head else {
+            panic!("not parsed");
+        };
+        assert_eq!(request.headers()["x-empty"], "");
+        assert_eq!(request.headers()["x-also"], "");
+        assert_eq!(request.headers()["host"], "x");
     }
 
     #[test]

@@ -33,8 +33,8 @@ use tokio::net::TcpStream;
 use super::Backend;
 pub use crate::http1::Chunk;
 use crate::http1::{
-    decode_chunk, header_line, parse_decimal, trim, BodyWriter, Decoded, Framing, InvalidChunk,
-    WriteError, MAX_HEADERS, MAX_READ,
+    decode_chunk, header_line, parse_decimal, span, trim, BodyWriter, Decoded, Framing,
+    InvalidChunk, WriteError, MAX_HEADERS, MAX_READ,
 };
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::headers::{self, Forwarding};
@@ -349,16 +349,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
         };
         // Where each header's name and value sit in the head, so that the values can be
         // slices of one shared buffer instead of copies.
-        let base = buf.as_ptr() as usize;
+        let whole = &buf[..len];
         // Built in place: collecting into an ArrayVec moves its 4 KiB, a Vec allocates.
         let mut spans = arrayvec::ArrayVec::<(usize, usize, usize, usize), MAX_HEADERS>::new();
         for h in parsed.headers.iter() {
-            spans.push((
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
-            ));
+            let (ns, nl) = span(whole, h.name.as_bytes());
+            let (vs, vl) = span(whole, h.value);
+            spans.push((ns, nl, vs, vl));
         }
         let count = spans.len();
         let head = buf.split_to(len).freeze();
