@@ -42,6 +42,66 @@ pub fn trim(bytes: &[u8]) -> &[u8] {
     &bytes[start..end.max(start)]
 }
 
+/// The items of a comma-separated header value, without optional whitespace; empty items
+/// are skipped (RFC 9110 5.6.1).
+pub fn items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|item| !item.is_empty())
+}
+
+/// A Content-Length value, agreeing with `seen` (the message's earlier one, if any). A list
+/// of identical lengths is one length (RFC 9110 8.6); an empty item, anything but digits
+/// or a differing length is an error.
+pub fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, &'static str> {
+    let mut length = seen;
+    for item in value.split(|&b| b == b',') {
+        let n = parse_decimal(trim(item)).ok_or("invalid content-length")?;
+        if length.is_some_and(|m| m != n) {
+            return Err("differing content-lengths");
+        }
+        length = Some(n);
+    }
+    length.ok_or("invalid content-length")
+}
+
+/// What a Connection header's tokens say.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConnectionTokens {
+    /// `close`.
+    pub close: bool,
+    /// `keep-alive` (meaningful for HTTP/1.0).
+    pub keep_alive: bool,
+    /// `upgrade`.
+    pub upgrade: bool,
+}
+
+impl ConnectionTokens {
+    /// Adds the tokens of one Connection header line; true when it named anything but
+    /// `close` and `keep-alive`.
+    pub fn see(&mut self, value: &[u8]) -> bool {
+        let mut others = false;
+        for item in items(value) {
+            if item.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if item.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else {
+                self.upgrade |= item.eq_ignore_ascii_case(b"upgrade");
+                others = true;
+            }
+        }
+        others
+    }
+
+    /// Whether the connection stays open after the message: HTTP/1.1 unless `close`,
+    /// HTTP/1.0 only with `keep-alive` (and no `close`).
+    pub fn keep_alive(&self, version: http::Version) -> bool {
+        !self.close && (version != http::Version::HTTP_10 || self.keep_alive)
+    }
+}
+
 /// A strictly decimal number (no sign, no whitespace), as Content-Length is.
 pub fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 {
@@ -557,6 +617,46 @@ mod tests {
             Poll::Ready(Err(WriteError::Length))
         ));
         assert!(out.0.is_empty());
+    }
+
+    #[test]
+    fn connection_tokens_decide_keep_alive_whatever_their_order() {
+        let tokens = |lines: &[&str]| {
+            let mut t = ConnectionTokens::default();
+            let named: Vec<bool> = lines.iter().map(|l| t.see(l.as_bytes())).collect();
+            (t, named)
+        };
+        let (t, named) = tokens(&["keep-alive, close"]);
+        assert!(!t.keep_alive(http::Version::HTTP_10) && !t.keep_alive(http::Version::HTTP_11));
+        assert_eq!(named, [false]);
+        let (t, _) = tokens(&["close", "Keep-Alive"]);
+        assert!(
+            !t.keep_alive(http::Version::HTTP_10),
+            "close wins in any order"
+        );
+        let (t, named) = tokens(&[" Keep-Alive ", "Upgrade, x-secret"]);
+        assert!(t.keep_alive(http::Version::HTTP_10) && t.upgrade);
+        assert_eq!(named, [false, true], "the second line names other headers");
+        let (t, _) = tokens(&[",,"]);
+        assert!(t.keep_alive(http::Version::HTTP_11) && !t.keep_alive(http::Version::HTTP_10));
+    }
+
+    #[test]
+    fn content_lengths_are_one_number_or_an_error() {
+        assert_eq!(content_length(b"5", None), Ok(5));
+        assert_eq!(content_length(b"5, 5", None), Ok(5));
+        assert_eq!(content_length(b" 5 ", Some(5)), Ok(5));
+        assert_eq!(
+            content_length(b"6", Some(5)),
+            Err("differing content-lengths")
+        );
+        for bad in [&b""[..], b"5,", b"+5", b"5 5", b"0x5", b"\x0c5"] {
+            assert!(
+                content_length(bad, None).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -217,7 +217,7 @@ async fn proxy<'s>(
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // 1b. Refuse what hyper lets through but a backend could read differently.
+    // 1b. Refuse what a backend could read differently.
     check_framing(&mut req)?;
 
     // 2. Route.
@@ -258,7 +258,11 @@ async fn proxy<'s>(
     let key = upstream.hash_key(client_ip, req.headers(), req.uri().path());
     let client_version = req.version();
     let upgrade = wants_upgrade(&req);
-    let client_upgrade = upgrade.then(|| ClientUpgrade::of(&mut req));
+    let client_upgrade = if upgrade {
+        take_client_upgrade(&mut req)
+    } else {
+        None
+    };
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, upgrade);
     let authority = parts.uri.authority().map(|a| a.as_str());
@@ -559,9 +563,11 @@ async fn replayable_body(
 }
 
 /// Refuses requests whose framing or target a backend might read differently than we do
-/// (request smuggling), closing gaps hyper leaves open; hyper itself already refuses
-/// differing Content-Lengths, obs-fold, invalid header names and values and bare CRs, and
-/// keeps a single Content-Length when identical ones are repeated.
+/// (request smuggling), for HTTP/1.x and HTTP/2 alike. The HTTP/1.1 codec
+/// ([`crate::server::h1`]) already refused differing or malformed Content-Lengths,
+/// Transfer-Encoding in HTTP/1.0, obs-fold, invalid header names and values and bare CRs,
+/// and forwards identical repeated Content-Lengths as one; it leaves both framing headers
+/// in view so that this refuses them together.
 fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     let headers = req.headers_mut();
     let te = headers.get_all(http::header::TRANSFER_ENCODING);
@@ -644,62 +650,39 @@ enum BackendSide {
     Hyper(hyper::upgrade::OnUpgrade),
 }
 
-/// The client's end of a tunnel, once the 101 has been written.
-enum ClientUpgrade {
-    /// palisade's HTTP/1.1 codec hands the connection over.
-    Own(tokio::sync::oneshot::Receiver<crate::server::h1::Upgraded>),
-    /// hyper's server (not used for HTTP/1.1 today; kept for any hyper-served request).
-    Hyper(hyper::upgrade::OnUpgrade),
-}
-
-impl ClientUpgrade {
-    fn of(req: &mut Request<ClientBody>) -> Self {
-        match req
-            .extensions_mut()
-            .remove::<crate::server::h1::OnUpgrade>()
-            .and_then(|own| own.take())
-        {
-            Some(rx) => ClientUpgrade::Own(rx),
-            None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
-        }
-    }
+/// Where the client's connection arrives once the codec has written the 101 (palisade's
+/// HTTP/1.1 codec marks every upgrade request so; HTTP/2 requests never upgrade).
+fn take_client_upgrade(
+    req: &mut Request<ClientBody>,
+) -> Option<tokio::sync::oneshot::Receiver<crate::server::h1::Upgraded>> {
+    req.extensions_mut()
+        .remove::<crate::server::h1::OnUpgrade>()?
+        .take()
 }
 
 /// Copies bytes both ways between an upgraded client connection and an upgraded backend
 /// connection until either side closes.
-async fn tunnel(client: ClientUpgrade, backend: BackendSide) {
-    let result = match client {
-        ClientUpgrade::Own(rx) => match rx.await {
-            Ok(upgraded) => pipe(upgraded.io, upgraded.early, backend).await,
-            Err(_) => {
-                tracing::debug!("upgrade failed: the client connection ended first");
-                return;
-            }
-        },
-        ClientUpgrade::Hyper(on) => match on.await {
-            Ok(upgraded) => pipe(TokioIo::new(upgraded), bytes::Bytes::new(), backend).await,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return;
-            }
-        },
+async fn tunnel(
+    client: tokio::sync::oneshot::Receiver<crate::server::h1::Upgraded>,
+    backend: BackendSide,
+) {
+    let Ok(client) = client.await else {
+        tracing::debug!("upgrade failed: the client connection ended first");
+        return;
     };
-    if let Err(e) = result {
+    if let Err(e) = pipe(client, backend).await {
         tracing::debug!(error = %e, "tunnel closed");
     }
 }
 
-/// The tunnel's copying, once both ends are known. `client_early`: bytes the client sent
-/// right after its request head, already read by the codec.
-async fn pipe<C>(
-    mut client: C,
-    client_early: bytes::Bytes,
-    backend: BackendSide,
-) -> std::io::Result<()>
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+/// The tunnel's copying, once both ends are known. The client's early bytes (sent right
+/// after its request head, already read by the codec) go to the backend first.
+async fn pipe(client: crate::server::h1::Upgraded, backend: BackendSide) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
+    let crate::server::h1::Upgraded {
+        io: mut client,
+        early: client_early,
+    } = client;
     match backend {
         BackendSide::Socket(mut socket, early) => {
             if !early.is_empty() {

@@ -41,8 +41,8 @@ use tokio::sync::oneshot;
 
 use super::{Activity, ClientIo, TrackedIo};
 use crate::http1::{
-    decode_chunk, header_line, parse_decimal, span, trim, BodyWriter, Chunk, Decoded, Framing,
-    InvalidChunk, MAX_HEADERS, MAX_READ,
+    content_length, decode_chunk, header_line, parse_decimal, span, BodyWriter, Chunk,
+    ConnectionTokens, Decoded, Framing, InvalidChunk, WriteError, MAX_HEADERS, MAX_READ,
 };
 use crate::proxy::body::{BoxError, ClientBody, ProxyBody};
 use crate::proxy::{self, ConnInfo, ProxyError};
@@ -119,7 +119,7 @@ pub enum Outcome {
 }
 
 /// What the codec needs from its connection.
-pub(crate) struct Context1 {
+pub(crate) struct Connection {
     /// The proxy.
     pub(crate) state: Arc<ProxyState>,
     /// The connection's activity, for the watchdog.
@@ -128,15 +128,6 @@ pub(crate) struct Context1 {
     pub(crate) info: ConnInfo,
     /// The largest request head accepted.
     pub(crate) max_head: usize,
-}
-
-/// A request head the codec could not accept.
-#[derive(Debug, Clone, Copy)]
-enum HeadError {
-    /// 400.
-    Invalid(&'static str),
-    /// 431.
-    TooLarge,
 }
 
 /// A parsed request head.
@@ -150,7 +141,7 @@ struct Head {
 
 /// Serves HTTP/1.x requests on `io` until the connection closes (or an HTTP/2 preface
 /// arrives first).
-pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
+pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
     let wire: SharedWire = Arc::new(Mutex::new(Wire {
         io: Some(io),
         buf: BytesMut::new(),
@@ -163,11 +154,7 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
             Ok(Some(Parsed::Head(head))) => head,
             Ok(Some(Parsed::H2)) => return into_h2(wire),
             Ok(None) => return Outcome::Closed,
-            Err(Failed::Head(e)) => {
-                let err = match e {
-                    HeadError::Invalid(detail) => ProxyError::BadRequest(detail),
-                    HeadError::TooLarge => ProxyError::HeadTooLarge,
-                };
+            Err(Failed::Head(err)) => {
                 tracing::debug!(peer = %ctx.info.peer, error = %err, "refused a request head");
                 // Boxed, like every way out below: their state would otherwise size every
                 // connection's task.
@@ -257,15 +244,8 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
                 if write_all(&wire, &out).await.is_err() {
                     return Outcome::Closed;
                 }
-                let taken = wire.lock().ok().and_then(|mut w| {
-                    let io = w.io.take()?;
-                    Some(Upgraded {
-                        io,
-                        early: std::mem::take(&mut w.buf).freeze(),
-                    })
-                });
-                if let Some(upgraded) = taken {
-                    let _ = tx.send(upgraded);
+                if let Some((io, early)) = take_io(&wire) {
+                    let _ = tx.send(Upgraded { io, early });
                 }
                 return Outcome::Closed;
             }
@@ -282,23 +262,13 @@ pub(crate) async fn serve(io: Io, ctx: Context1) -> Outcome {
         let (out, framing, keep_alive) =
             encode_head(&parts, &body, version, head_request, keep_alive);
         drop(parts);
-        // The head and the body frames ready now go out in one write.
         let mut writer = BodyWriter::new(body, framing, false).with_head(out);
-        poll_fn(|cx| {
-            writer.prime(cx);
-            Poll::Ready(())
-        })
-        .await;
-        let mut sink = WireWriter(&wire);
-        if let Err(e) = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await {
+        if let Err(e) = send(&wire, &mut writer).await {
             tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
             Box::pin(close(&wire, false)).await;
             return Outcome::Closed;
         }
         drop(writer);
-        if sink.flush().await.is_err() {
-            return Outcome::Closed;
-        }
 
         // 4. Another request, or the end.
         let body_read = wire.lock().is_ok_and(|w| w.body == BodyState::Done);
@@ -321,7 +291,8 @@ enum Parsed {
 }
 
 enum Failed {
-    Head(HeadError),
+    /// Refused: 400 or 431.
+    Head(ProxyError),
     Io(io::Error),
 }
 
@@ -356,7 +327,7 @@ fn poll_head(
                     Err(e) => return Poll::Ready(Err(Failed::Head(e))),
                 }
                 if w.buf.len() >= max_head {
-                    return Poll::Ready(Err(Failed::Head(HeadError::TooLarge)));
+                    return Poll::Ready(Err(Failed::Head(ProxyError::HeadTooLarge)));
                 }
             }
         }
@@ -390,7 +361,7 @@ fn poisoned() -> io::Error {
 }
 
 /// Parses a request head at the start of `buf`, consuming it. `Ok(None)`: not complete.
-fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadError> {
+fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, ProxyError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -400,11 +371,11 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadE
     ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(_) => return Err(HeadError::Invalid("malformed head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadTooLarge),
+        Err(_) => return Err(ProxyError::BadRequest("malformed head")),
     };
     if len > max_head {
-        return Err(HeadError::TooLarge);
+        return Err(ProxyError::HeadTooLarge);
     }
     let version = if parsed.version == Some(0) {
         Version::HTTP_10
@@ -412,10 +383,10 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadE
         Version::HTTP_11
     };
     let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
-        return Err(HeadError::Invalid("malformed request line"));
+        return Err(ProxyError::BadRequest("malformed request line"));
     };
-    let method =
-        Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Invalid("invalid method"))?;
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| ProxyError::BadRequest("invalid method"))?;
     let whole = &buf[..len];
     let target = span(whole, target.as_bytes());
     // Where each header's name and value sit, so the values can be slices of one shared
@@ -431,62 +402,45 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadE
     let count = spans.len();
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
-        .map_err(|_| HeadError::Invalid("invalid request target"))?;
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
 
     let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let mut encodings = 0usize;
     let mut chunked = false;
-    let mut keep_alive = version == Version::HTTP_11;
-    let mut upgrade_token = false;
+    let mut connection = ConnectionTokens::default();
     let mut expect_continue = false;
     for &(ns, nl, vs, vl) in &spans {
         let name = HeaderName::from_bytes(&head[ns..ns + nl])
-            .map_err(|_| HeadError::Invalid("invalid header name"))?;
+            .map_err(|_| ProxyError::BadRequest("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-            .map_err(|_| HeadError::Invalid("invalid header value"))?;
+            .map_err(|_| ProxyError::BadRequest("invalid header value"))?;
         if name == CONTENT_LENGTH {
             // A list of identical values is one value (RFC 9110 8.6): forwarded once.
-            let seen = length.is_some();
-            for item in value.as_bytes().split(|&b| b == b',') {
-                let n = parse_decimal(trim(item))
-                    .ok_or(HeadError::Invalid("invalid content-length"))?;
-                if length.is_some_and(|m| m != n) {
-                    return Err(HeadError::Invalid("differing content-lengths"));
-                }
-                length = Some(n);
-            }
-            if seen {
+            let repeated = length.is_some();
+            let n = content_length(value.as_bytes(), length).map_err(ProxyError::BadRequest)?;
+            length = Some(n);
+            if repeated {
                 continue;
             }
-            if let (Some(n), Some(_)) = (length, memchr::memchr(b',', value.as_bytes())) {
+            if memchr::memchr(b',', value.as_bytes()).is_some() {
                 headers.append(CONTENT_LENGTH, HeaderValue::from(n));
                 continue;
             }
         } else if name == TRANSFER_ENCODING {
             if version == Version::HTTP_10 {
-                return Err(HeadError::Invalid("transfer-encoding in HTTP/1.0"));
+                return Err(ProxyError::BadRequest("transfer-encoding in HTTP/1.0"));
             }
             encodings += 1;
             chunked = value.as_bytes().eq_ignore_ascii_case(b"chunked");
         } else if name == CONNECTION {
-            for item in value.as_bytes().split(|&b| b == b',') {
-                let item = trim(item);
-                if item.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if item.eq_ignore_ascii_case(b"keep-alive") {
-                    if version == Version::HTTP_10 {
-                        keep_alive = true;
-                    }
-                } else if item.eq_ignore_ascii_case(b"upgrade") {
-                    upgrade_token = true;
-                }
-            }
+            connection.see(value.as_bytes());
         } else if name == EXPECT {
             expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
         }
         headers.append(name, value);
     }
+    let mut keep_alive = connection.keep_alive(version);
     let body = if encodings > 0 {
         if encodings == 1 && chunked && length.is_none() {
             BodyState::Chunked(Chunk::Size)
@@ -502,7 +456,8 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadE
             Some(n) => BodyState::Length(n),
         }
     };
-    let upgrade = upgrade_token && version == Version::HTTP_11 && headers.contains_key(UPGRADE);
+    let upgrade =
+        connection.upgrade && version == Version::HTTP_11 && headers.contains_key(UPGRADE);
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -535,13 +490,9 @@ fn encode_head(
             length = parse_decimal(value.as_bytes());
         } else if name == CONNECTION {
             has_connection = true;
-            if value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| trim(t).eq_ignore_ascii_case(b"close"))
-            {
-                keep_alive = false;
-            }
+            let mut tokens = ConnectionTokens::default();
+            tokens.see(value.as_bytes());
+            keep_alive &= !tokens.close;
         } else if name == TRANSFER_ENCODING {
             // The codec frames the body itself.
             continue;
@@ -625,27 +576,41 @@ fn date_line(out: &mut Vec<u8>) {
 async fn refuse(wire: &SharedWire, err: ProxyError) {
     let (parts, body) = err.into_response().into_parts();
     let (out, framing, _) = encode_head(&parts, &body, Version::HTTP_11, false, false);
-    let mut writer = BodyWriter::new(body, framing, false).with_head(out);
-    let mut sink = WireWriter(wire);
+    let _ = send(
+        wire,
+        &mut BodyWriter::new(body, framing, false).with_head(out),
+    )
+    .await;
+    close(wire, true).await;
+}
+
+/// Writes an answer: its head and the body frames ready now in one write, then the rest.
+async fn send(wire: &SharedWire, writer: &mut BodyWriter) -> Result<(), WriteError> {
     poll_fn(|cx| {
         writer.prime(cx);
         Poll::Ready(())
     })
     .await;
-    let _ = poll_fn(|cx| writer.poll_write(cx, &mut sink)).await;
-    close(wire, true).await;
+    let mut sink = WireWriter(wire);
+    poll_fn(|cx| writer.poll_write(cx, &mut sink)).await?;
+    sink.flush().await?;
+    Ok(())
 }
 
 /// Hands the socket and what was read to HTTP/2.
 fn into_h2(wire: SharedWire) -> Outcome {
-    let taken = wire.lock().ok().and_then(|mut w| {
-        let io = w.io.take()?;
-        Some((io, std::mem::take(&mut w.buf).freeze()))
-    });
-    match taken {
+    match take_io(&wire) {
         Some((io, read)) => Outcome::H2(io, read),
         None => Outcome::Closed,
     }
+}
+
+/// Takes the socket and the bytes read but not consumed off the connection (an upgrade,
+/// or HTTP/2): the codec is done with it.
+fn take_io(wire: &SharedWire) -> Option<(Io, Bytes)> {
+    let mut w = wire.lock().ok()?;
+    let io = w.io.take()?;
+    Some((io, std::mem::take(&mut w.buf).freeze()))
 }
 
 /// Writes all of `bytes` to the client.
@@ -801,51 +766,21 @@ type BodyPoll = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
 
 fn poll_body(w: &mut Wire, cx: &mut Context<'_>) -> BodyPoll {
     loop {
-        match w.body {
-            BodyState::Done | BodyState::Failed => return Poll::Ready(None),
-            BodyState::Length(0) => {
-                w.body = BodyState::Done;
-                return Poll::Ready(None);
+        if w.body == BodyState::Failed {
+            return Poll::Ready(None);
+        }
+        match buffered_piece(w) {
+            Err(e) => return Poll::Ready(Some(Err(e))),
+            Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+            Ok(Decoded::End(trailers)) => {
+                return Poll::Ready((!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers))))
             }
-            BodyState::Length(left) => {
-                if !w.buf.is_empty() {
-                    let n = w.buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                    let data = w.buf.split_to(n).freeze();
-                    let left = left - n as u64;
-                    w.body = if left == 0 {
-                        BodyState::Done
-                    } else {
-                        BodyState::Length(left)
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                let want = usize::try_from(left).unwrap_or(MAX_READ).min(MAX_READ);
-                match ready!(poll_fill(w, cx, want)) {
-                    Ok(0) => return Poll::Ready(Some(Err(BodyError::Truncated))),
-                    Ok(_) => {}
-                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
-                }
-            }
-            BodyState::Chunked(mut chunk) => {
-                let step = decode_chunk(&mut chunk, &mut w.buf);
-                w.body = BodyState::Chunked(chunk);
-                match step {
-                    Err(InvalidChunk) => return Poll::Ready(Some(Err(BodyError::InvalidChunk))),
-                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Decoded::End(trailers)) => {
-                        w.body = BodyState::Done;
-                        return Poll::Ready(
-                            (!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers))),
-                        );
-                    }
-                    Ok(Decoded::Again) => {}
-                    Ok(Decoded::NeedMore(want)) => match ready!(poll_fill(w, cx, want)) {
-                        Ok(0) => return Poll::Ready(Some(Err(BodyError::Truncated))),
-                        Ok(_) => {}
-                        Err(e) => return Poll::Ready(Some(Err(e.into()))),
-                    },
-                }
-            }
+            Ok(Decoded::Again) => {}
+            Ok(Decoded::NeedMore(want)) => match ready!(poll_fill(w, cx, want)) {
+                Ok(0) => return Poll::Ready(Some(Err(BodyError::Truncated))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            },
         }
     }
 }
@@ -853,30 +788,60 @@ fn poll_body(w: &mut Wire, cx: &mut Context<'_>) -> BodyPoll {
 /// Consumes what is left of an unread request body when all of it is already in the
 /// buffer, so that the connection can carry the next request. True when the body is done.
 fn skip_buffered_body(w: &mut Wire) -> bool {
+    if w.body == BodyState::Done {
+        return true;
+    }
     loop {
-        match w.body {
-            BodyState::Done => return true,
-            BodyState::Failed => return false,
-            BodyState::Length(left) => {
-                let buffered = w.buf.len() as u64;
-                if buffered < left {
-                    return false;
-                }
-                let _ = w.buf.split_to(usize::try_from(left).unwrap_or(usize::MAX));
-                w.body = BodyState::Done;
+        if w.body == BodyState::Failed {
+            return false;
+        }
+        match buffered_piece(w) {
+            Ok(Decoded::Data(_) | Decoded::Again) => {}
+            Ok(Decoded::End(_)) => return true,
+            Ok(Decoded::NeedMore(_)) => return false,
+            Err(_) => {
+                w.body = BodyState::Failed;
+                return false;
             }
-            BodyState::Chunked(mut chunk) => {
-                let step = decode_chunk(&mut chunk, &mut w.buf);
-                w.body = BodyState::Chunked(chunk);
-                match step {
-                    Ok(Decoded::Data(_) | Decoded::Again) => {}
-                    Ok(Decoded::End(_)) => w.body = BodyState::Done,
-                    Ok(Decoded::NeedMore(_)) => return false,
-                    Err(InvalidChunk) => {
-                        w.body = BodyState::Failed;
-                        return false;
-                    }
+        }
+    }
+}
+
+/// The next piece of the request body from what is already in the buffer (no reading):
+/// both the body's reader and [`skip_buffered_body`] go through here.
+fn buffered_piece(w: &mut Wire) -> Result<Decoded, BodyError> {
+    match w.body {
+        BodyState::Done | BodyState::Failed => Ok(Decoded::End(HeaderMap::new())),
+        BodyState::Length(0) => {
+            w.body = BodyState::Done;
+            Ok(Decoded::End(HeaderMap::new()))
+        }
+        BodyState::Length(left) => {
+            if w.buf.is_empty() {
+                return Ok(Decoded::NeedMore(
+                    usize::try_from(left).unwrap_or(MAX_READ).min(MAX_READ),
+                ));
+            }
+            let n = w.buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let data = w.buf.split_to(n).freeze();
+            let left = left - n as u64;
+            w.body = if left == 0 {
+                BodyState::Done
+            } else {
+                BodyState::Length(left)
+            };
+            Ok(Decoded::Data(data))
+        }
+        BodyState::Chunked(mut chunk) => {
+            let step = decode_chunk(&mut chunk, &mut w.buf);
+            w.body = BodyState::Chunked(chunk);
+            match step {
+                Err(InvalidChunk) => Err(BodyError::InvalidChunk),
+                Ok(Decoded::End(trailers)) => {
+                    w.body = BodyState::Done;
+                    Ok(Decoded::End(trailers))
                 }
+                Ok(other) => Ok(other),
             }
         }
     }
@@ -895,7 +860,7 @@ fn poll_fill(w: &mut Wire, cx: &mut Context<'_>, want: usize) -> Poll<io::Result
 mod tests {
     use super::*;
 
-    fn parse(raw: &[u8]) -> Result<Option<Head>, HeadError> {
+    fn parse(raw: &[u8]) -> Result<Option<Head>, ProxyError> {
         let mut buf = BytesMut::from(raw);
         parse_head(&mut buf, 64 * 1024)
     }

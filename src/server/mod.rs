@@ -540,7 +540,7 @@ async fn serve_protocols(
     let (io, read) = if alpn_h2 {
         (io, bytes::Bytes::new())
     } else {
-        let ctx = h1::Context1 {
+        let ctx = h1::Connection {
             state: state.clone(),
             activity: activity.clone(),
             info,
@@ -732,8 +732,6 @@ pub(crate) struct Activity {
     /// When the first byte of a request head arrived on an otherwise quiet connection
     /// (0: not reading a head).
     head_started: AtomicU64,
-    /// Requests handed to the service so far.
-    requests: AtomicU64,
     /// Asked to close once the request in flight is answered.
     close_requested: std::sync::atomic::AtomicBool,
     /// Wakes an HTTP/2 connection to say GOAWAY.
@@ -763,7 +761,6 @@ impl Activity {
             last_io: AtomicU64::new(now),
             // A new connection owes us a request head right away.
             head_started: AtomicU64::new(now),
-            requests: AtomicU64::new(0),
             close_requested: std::sync::atomic::AtomicBool::new(false),
             shutdown: tokio::sync::Notify::new(),
             h2: std::sync::atomic::AtomicBool::new(false),
@@ -791,7 +788,6 @@ impl Activity {
 
     fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         RequestGuard {
             activity: self.clone(),

@@ -31,10 +31,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Backend;
-pub use crate::http1::Chunk;
+use crate::http1::Chunk;
 use crate::http1::{
-    decode_chunk, header_line, parse_decimal, span, trim, BodyWriter, Decoded, Framing,
-    InvalidChunk, WriteError, MAX_HEADERS, MAX_READ,
+    content_length, decode_chunk, header_line, items, span, BodyWriter, ConnectionTokens, Decoded,
+    Framing, InvalidChunk, WriteError, MAX_HEADERS, MAX_READ,
 };
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::headers::{self, Forwarding};
@@ -383,20 +383,22 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
         } else if framing.chunked {
             State::Chunked(Chunk::Size)
         } else if framing.other_coding {
-            framing.keep_alive = false;
             State::Eof
         } else if let Some(n) = framing.length {
             State::Length(n)
         } else {
-            framing.keep_alive = false;
             State::Eof
         };
+        // A body that runs until the close, and a 101, end the connection's HTTP life.
+        let keep_alive = framing.connection.keep_alive(version)
+            && state != State::Eof
+            && status != StatusCode::SWITCHING_PROTOCOLS;
         return Ok(Some(Head {
             status,
             version,
             headers,
             framing: state,
-            keep_alive: framing.keep_alive && status != StatusCode::SWITCHING_PROTOCOLS,
+            keep_alive,
         }));
     }
 }
@@ -408,7 +410,7 @@ struct HeadFraming {
     chunked: bool,
     /// Transfer-Encoding ends in a coding other than chunked: the body runs until close.
     other_coding: bool,
-    keep_alive: bool,
+    connection: ConnectionTokens,
 }
 
 impl HeadFraming {
@@ -418,8 +420,7 @@ impl HeadFraming {
             length: None,
             chunked: false,
             other_coding: false,
-            // HTTP/1.0 closes unless it says keep-alive.
-            keep_alive: version == Version::HTTP_11,
+            connection: ConnectionTokens::default(),
         }
     }
 
@@ -432,16 +433,9 @@ impl HeadFraming {
                     "both content-length and transfer-encoding",
                 ));
             }
-            // A list of identical values is one value (RFC 9110 8.6); anything else is
-            // an error.
-            for item in value.as_bytes().split(|&b| b == b',') {
-                let n = parse_decimal(trim(item))
-                    .ok_or(ProtoError::InvalidHead("invalid content-length"))?;
-                if self.length.is_some_and(|m| m != n) {
-                    return Err(ProtoError::InvalidHead("differing content-lengths"));
-                }
-                self.length = Some(n);
-            }
+            self.length = Some(
+                content_length(value.as_bytes(), self.length).map_err(ProtoError::InvalidHead)?,
+            );
         } else if name == TRANSFER_ENCODING {
             if self.length.is_some() {
                 return Err(ProtoError::InvalidHead(
@@ -452,11 +446,7 @@ impl HeadFraming {
                 return Err(ProtoError::InvalidHead("transfer-encoding in HTTP/1.0"));
             }
             // Only the last coding decides; chunked anywhere but last is an error.
-            for item in value.as_bytes().split(|&b| b == b',') {
-                let item = trim(item);
-                if item.is_empty() {
-                    continue;
-                }
+            for item in items(value.as_bytes()) {
                 if self.chunked {
                     return Err(ProtoError::InvalidHead("chunked is not the last coding"));
                 }
@@ -469,20 +459,8 @@ impl HeadFraming {
             }
             return Ok(false);
         } else if name == CONNECTION {
-            let mut names_others = false;
-            for item in value.as_bytes().split(|&b| b == b',') {
-                let item = trim(item);
-                if item.eq_ignore_ascii_case(b"close") {
-                    self.keep_alive = false;
-                } else if item.eq_ignore_ascii_case(b"keep-alive") {
-                    if version == Version::HTTP_10 {
-                        self.keep_alive = true;
-                    }
-                } else if !item.is_empty() {
-                    names_others = true;
-                }
-            }
-            return Ok(names_others);
+            // Kept only when it names other headers, for the handler to remove them too.
+            return Ok(self.connection.see(value.as_bytes()));
         }
         Ok(!headers::is_hop_by_hop(name))
     }
