@@ -12,6 +12,9 @@ use palisade::app::{self, StartError};
 use palisade::config;
 use palisade::logging::{self, LogFormat};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "palisade",
