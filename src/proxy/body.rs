@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::{Body, Incoming};
 
+use crate::upstream::h1::RawHeaders;
 use crate::upstream::pool::UpstreamBody;
 
 /// The error type of [`ProxyBody`]: whatever the inner stream failed with, or [`BodyTooLarge`].
@@ -165,6 +166,26 @@ impl Replayable {
 }
 
 impl ProxyBody {
+    /// A backend's header lines kept as it wrote them (palisade's HTTP/1.1 client codec),
+    /// when this is such a backend's response body: the response's header map holds the
+    /// rest (usually nothing).
+    pub fn raw_headers(&self) -> Option<&RawHeaders> {
+        match self {
+            ProxyBody::Upstream(body) => body.raw_headers(),
+            _ => None,
+        }
+    }
+
+    /// Moves header lines kept as written into `headers`, for a sender that needs a map
+    /// (hyper's HTTP/2 server).
+    pub fn move_raw_headers(&mut self, headers: &mut http::HeaderMap) {
+        if let ProxyBody::Upstream(body) = self {
+            if let Some(raw) = body.take_raw_headers() {
+                raw.into_map(headers);
+            }
+        }
+    }
+
     /// A body of one static chunk: no allocation.
     pub fn from_static(text: &'static str) -> Self {
         ProxyBody::Full(Some(Bytes::from_static(text.as_bytes())))

@@ -147,7 +147,12 @@ fn content_length(headers: &HeaderMap) -> i64 {
 fn response_length(resp: &Response<ProxyBody>) -> i64 {
     match resp.body().size_hint().exact() {
         Some(n) if n > 0 => i64::try_from(n).unwrap_or(i64::MAX),
-        _ => content_length(resp.headers()),
+        _ => match resp.body().raw_headers() {
+            Some(raw) => raw
+                .content_length()
+                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            None => content_length(resp.headers()),
+        },
     }
 }
 
@@ -378,6 +383,10 @@ impl Template {
 }
 
 /// How one attempt ended.
+// The answer is larger than the failure (its body carries the backend's header lines):
+// boxing it would cost an allocation for every request to spare a copy of a few hundred
+// bytes once per attempt.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     /// An answer to pass on.
     Answer(Response<UpstreamBody>),

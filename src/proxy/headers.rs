@@ -38,6 +38,13 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name)
 }
 
+/// [`is_hop_by_hop`] for a name as written on the wire (any case).
+pub(crate) fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// What the upstream request needs to know about the client side.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSide {

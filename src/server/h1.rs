@@ -480,11 +480,21 @@ fn encode_head(
     head_request: bool,
     mut keep_alive: bool,
 ) -> (Vec<u8>, Framing, bool) {
-    let mut out = Vec::with_capacity(128 + parts.headers.len() * 48);
+    let raw = body.raw_headers();
+    let mut out =
+        Vec::with_capacity(128 + parts.headers.len() * 48 + raw.map_or(0, |raw| raw.byte_len()));
     let status = parts.status;
     status_line(&mut out, version, status);
     let mut length = None;
     let mut has_connection = false;
+    let mut has_date = false;
+    // A backend's lines as it wrote them (hop-by-hop ones already left out by the client
+    // codec), then whatever the map holds.
+    if let Some(raw) = raw {
+        raw.write_to(&mut out);
+        length = raw.content_length();
+        has_date = raw.has_date();
+    }
     for (name, value) in &parts.headers {
         if name == CONTENT_LENGTH {
             length = parse_decimal(value.as_bytes());
@@ -496,6 +506,8 @@ fn encode_head(
         } else if name == TRANSFER_ENCODING {
             // The codec frames the body itself.
             continue;
+        } else if name == DATE {
+            has_date = true;
         }
         header_line(&mut out, name, value.as_bytes());
     }
@@ -526,7 +538,7 @@ fn encode_head(
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
     }
-    if !parts.headers.contains_key(DATE) {
+    if !has_date {
         date_line(&mut out);
     }
     out.extend_from_slice(b"\r\n");

@@ -575,7 +575,11 @@ async fn serve_h2(
             Box::pin(async move {
                 let _request = activity.request_started();
                 let req = req.map(crate::proxy::body::ClientBody::Hyper);
-                Ok::<_, Infallible>(proxy::handle(&state, req, &info).await)
+                let resp = proxy::handle(&state, req, &info).await;
+                // hyper's HTTP/2 server writes headers from the map only.
+                let (mut parts, mut body) = resp.into_parts();
+                body.move_raw_headers(&mut parts.headers);
+                Ok::<_, Infallible>(http::Response::from_parts(parts, body))
             })
         })
     };

@@ -23,8 +23,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use arrayvec::ArrayVec;
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
@@ -235,7 +236,12 @@ pub async fn exchange(
     // A body not written to its end leaves the connection unusable.
     let reuse = parsed.keep_alive && writer.done();
     drop(writer);
+    let (map, raw) = match parsed.headers {
+        Headers::Raw(raw) => (HeaderMap::new(), Some(raw)),
+        Headers::Map(map) => (map, None),
+    };
     let mut body = ResponseBody {
+        raw,
         state: parsed.framing,
         lent: Some(Lent {
             conn,
@@ -250,7 +256,7 @@ pub async fn exchange(
     let mut resp = Response::new(body);
     *resp.status_mut() = parsed.status;
     *resp.version_mut() = parsed.version;
-    *resp.headers_mut() = parsed.headers;
+    *resp.headers_mut() = map;
     Ok(resp)
 }
 
@@ -310,7 +316,7 @@ fn encode_head(head: &RequestHead<'_>, framing: Framing) -> Vec<u8> {
 struct Head {
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
+    headers: Headers,
     framing: State,
     keep_alive: bool,
 }
@@ -357,23 +363,43 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
             let (vs, vl) = span(whole, h.value);
             spans.push((ns, nl, vs, vl));
         }
-        let count = spans.len();
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        // Which lines the client may see. Hop-by-hop headers end here (the handler would
+        // remove them again, at a hash lookup each): only a Connection header naming
+        // other headers stays, so that the handler removes those too. A 101 keeps them
+        // all for the tunnel's answer.
         let mut framing = HeadFraming::new(version);
-        for &(ns, nl, vs, vl) in &spans {
-            let name = HeaderName::from_bytes(&head[ns..ns + nl])
-                .map_err(|_| ProtoError::InvalidHead("invalid header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-                .map_err(|_| ProtoError::InvalidHead("invalid header value"))?;
-            // Hop-by-hop headers end here (the handler would remove them again, at a hash
-            // lookup each): only a Connection header naming other headers stays, so that
-            // the handler removes those too. A 101 keeps them all for the tunnel's answer.
-            if framing.see(&name, &value)? || status == StatusCode::SWITCHING_PROTOCOLS {
-                headers.append(name, value);
-            }
+        let mut keep = [false; MAX_HEADERS];
+        let mut date = false;
+        let mut names_others = false;
+        for (i, &(ns, nl, vs, vl)) in spans.iter().enumerate() {
+            let name = &head[ns..ns + nl];
+            let line = framing.see(name, &head[vs..vs + vl])?;
+            keep[i] = switching || line != Line::HopByHop;
+            names_others |= line == Line::NamesOthers;
+            date |= name.eq_ignore_ascii_case(b"date");
         }
-        let state = if status == StatusCode::SWITCHING_PROTOCOLS {
+        let raw = if switching || names_others {
+            None
+        } else {
+            RawHeaders::new(&head, &spans, &keep, date, framing.length)
+        };
+        let headers = match raw {
+            Some(raw) => Headers::Raw(raw),
+            None => {
+                let mut map = HeaderMap::with_capacity(spans.len());
+                for (&(ns, nl, vs, vl), _) in spans.iter().zip(keep).filter(|(_, k)| *k) {
+                    let name = HeaderName::from_bytes(&head[ns..ns + nl])
+                        .map_err(|_| ProtoError::InvalidHead("invalid header name"))?;
+                    let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                        .map_err(|_| ProtoError::InvalidHead("invalid header value"))?;
+                    map.append(name, value);
+                }
+                Headers::Map(map)
+            }
+        };
+        let state = if switching {
             State::Upgrade
         } else if head_request
             || status == StatusCode::NO_CONTENT
@@ -390,9 +416,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
             State::Eof
         };
         // A body that runs until the close, and a 101, end the connection's HTTP life.
-        let keep_alive = framing.connection.keep_alive(version)
-            && state != State::Eof
-            && status != StatusCode::SWITCHING_PROTOCOLS;
+        let keep_alive =
+            framing.connection.keep_alive(version) && state != State::Eof && !switching;
         return Ok(Some(Head {
             status,
             version,
@@ -401,6 +426,142 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
             keep_alive,
         }));
     }
+}
+
+/// How many runs of consecutive kept lines a response head may have for its lines to be
+/// passed on as the backend wrote them; more (hop-by-hop lines scattered among the
+/// others) and it is parsed into a header map instead.
+const RAW_RUNS: usize = 4;
+
+/// A response's header lines as the backend wrote them, hop-by-hop lines left out.
+/// palisade's HTTP/1.1 server codec copies them into its answer as they are (a few slices
+/// of one buffer): no header map is built, hashed, walked and dropped for each response.
+/// Used when the response is not a 101, every line ends in CRLF and no Connection header
+/// names other headers; otherwise the response carries a header map as before. An HTTP/2
+/// client's answer turns them into a map first ([`RawHeaders::into_map`]).
+#[derive(Debug)]
+pub struct RawHeaders {
+    /// The whole response head.
+    head: Bytes,
+    /// Byte ranges of `head` to copy, each whole lines ending in CRLF.
+    runs: ArrayVec<(u32, u32), RAW_RUNS>,
+    date: bool,
+    length: Option<u64>,
+}
+
+impl RawHeaders {
+    /// The kept lines of `head` (`keep[i]` for the header at `spans[i]`), or `None` when
+    /// they cannot be passed on as they are.
+    fn new(
+        head: &Bytes,
+        spans: &[(usize, usize, usize, usize)],
+        keep: &[bool],
+        date: bool,
+        length: Option<u64>,
+    ) -> Option<Self> {
+        if !spans.is_empty() && !head.ends_with(b"\r\n\r\n") {
+            return None;
+        }
+        let mut runs = ArrayVec::new();
+        let mut open: Option<u32> = None;
+        for (i, &(ns, ..)) in spans.iter().enumerate() {
+            // Every line, the status line included, must end in CRLF (httparse takes a
+            // bare LF too).
+            if ns < 2 || &head[ns - 2..ns] != b"\r\n" {
+                return None;
+            }
+            let start = u32::try_from(ns).ok()?;
+            match (keep[i], open) {
+                (true, None) => open = Some(start),
+                (false, Some(from)) => {
+                    runs.try_push((from, start)).ok()?;
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(from) = open {
+            let end = u32::try_from(head.len() - 2).ok()?;
+            runs.try_push((from, end)).ok()?;
+        }
+        Some(RawHeaders {
+            head: head.clone(),
+            runs,
+            date,
+            length,
+        })
+    }
+
+    /// Appends the lines, each ending in CRLF.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for &(from, to) in &self.runs {
+            out.extend_from_slice(&self.head[from as usize..to as usize]);
+        }
+    }
+
+    /// How many bytes [`RawHeaders::write_to`] appends.
+    pub fn byte_len(&self) -> usize {
+        self.runs.iter().map(|&(f, t)| (t - f) as usize).sum()
+    }
+
+    /// Whether there is a Date line.
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    /// The Content-Length the backend declared.
+    pub fn content_length(&self) -> Option<u64> {
+        self.length
+    }
+
+    /// Appends the lines to `map` as headers (names lower-cased, values sharing the head's
+    /// bytes).
+    pub fn into_map(self, map: &mut HeaderMap) {
+        for &(from, to) in &self.runs {
+            let mut at = from as usize;
+            let to = to as usize;
+            while at < to {
+                let end = memchr::memmem::find(&self.head[at..to], b"\r\n").map_or(to, |i| at + i);
+                let line = &self.head[at..end];
+                if let Some(colon) = memchr::memchr(b':', line) {
+                    let value = trim_ows(&line[colon + 1..]);
+                    let (vs, vl) = span(&self.head, value);
+                    let name = HeaderName::from_bytes(&line[..colon]);
+                    let value = HeaderValue::from_maybe_shared(self.head.slice(vs..vs + vl));
+                    // httparse checked both already.
+                    if let (Ok(name), Ok(value)) = (name, value) {
+                        map.append(name, value);
+                    }
+                }
+                at = end + 2;
+            }
+        }
+    }
+}
+
+/// `value` without leading and trailing spaces and tabs.
+fn trim_ows(value: &[u8]) -> &[u8] {
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.iter().position(|b| !ows(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
+/// A final response head's headers: as written (the usual case), or a map.
+enum Headers {
+    Raw(RawHeaders),
+    Map(HeaderMap),
+}
+
+/// What a header line of a response head is to the client side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Passed on.
+    Keep,
+    /// Hop-by-hop: not passed on.
+    HopByHop,
+    /// A Connection header naming other headers: kept, for the handler to remove those.
+    NamesOthers,
 }
 
 /// What a response head's headers say about its framing and its connection.
@@ -424,19 +585,19 @@ impl HeadFraming {
         }
     }
 
-    /// Takes in one header line; `Ok(false)`: a hop-by-hop header the client must not see.
-    fn see(&mut self, name: &HeaderName, value: &HeaderValue) -> Result<bool, ProtoError> {
+    /// Takes in one header line (`name` in any case).
+    fn see(&mut self, name: &[u8], value: &[u8]) -> Result<Line, ProtoError> {
         let version = self.version;
-        if name == CONTENT_LENGTH {
+        if name.eq_ignore_ascii_case(b"content-length") {
             if self.chunked || self.other_coding {
                 return Err(ProtoError::InvalidHead(
                     "both content-length and transfer-encoding",
                 ));
             }
-            self.length = Some(
-                content_length(value.as_bytes(), self.length).map_err(ProtoError::InvalidHead)?,
-            );
-        } else if name == TRANSFER_ENCODING {
+            self.length =
+                Some(content_length(value, self.length).map_err(ProtoError::InvalidHead)?);
+            Ok(Line::Keep)
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if self.length.is_some() {
                 return Err(ProtoError::InvalidHead(
                     "both content-length and transfer-encoding",
@@ -446,7 +607,7 @@ impl HeadFraming {
                 return Err(ProtoError::InvalidHead("transfer-encoding in HTTP/1.0"));
             }
             // Only the last coding decides; chunked anywhere but last is an error.
-            for item in items(value.as_bytes()) {
+            for item in items(value) {
                 if self.chunked {
                     return Err(ProtoError::InvalidHead("chunked is not the last coding"));
                 }
@@ -457,12 +618,19 @@ impl HeadFraming {
                     self.other_coding = true;
                 }
             }
-            return Ok(false);
-        } else if name == CONNECTION {
+            Ok(Line::HopByHop)
+        } else if name.eq_ignore_ascii_case(b"connection") {
             // Kept only when it names other headers, for the handler to remove them too.
-            return Ok(self.connection.see(value.as_bytes()));
+            Ok(if self.connection.see(value) {
+                Line::NamesOthers
+            } else {
+                Line::HopByHop
+            })
+        } else if headers::is_hop_by_hop_name(name) {
+            Ok(Line::HopByHop)
+        } else {
+            Ok(Line::Keep)
         }
-        Ok(!headers::is_hop_by_hop(name))
     }
 }
 
@@ -493,6 +661,9 @@ struct Lent {
 /// it closes the connection (the rest of the response is still on the wire).
 #[derive(Debug)]
 pub struct ResponseBody {
+    /// The response's header lines as the backend wrote them (else they are in the
+    /// response's header map).
+    raw: Option<RawHeaders>,
     state: State,
     lent: Option<Lent>,
     /// Bytes read and not yet yielded.
@@ -510,6 +681,16 @@ impl ResponseBody {
                 lent.backend.pool.put(lent.conn);
             }
         }
+    }
+
+    /// The response's header lines as the backend wrote them, when they were kept so.
+    pub fn raw_headers(&self) -> Option<&RawHeaders> {
+        self.raw.as_ref()
+    }
+
+    /// Takes the header lines kept as written (to turn them into a map).
+    pub fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+        self.raw.take()
     }
 
     /// After a 101: the backend's socket and any bytes it already sent past the head.
@@ -733,5 +914,77 @@ mod tests {
             head(b"HTTP/1.1 200 OK\r\ncontent-le", false),
             Ok(None)
         ));
+    }
+
+    fn lines_of(raw: &[u8]) -> Option<String> {
+        match head(raw, false).ok()??.headers {
+            Headers::Raw(raw) => {
+                let mut out = Vec::new();
+                raw.write_to(&mut out);
+                Some(String::from_utf8_lossy(&out).into_owned())
+            }
+            Headers::Map(_) => None,
+        }
+    }
+
+    #[test]
+    fn header_lines_pass_as_written_when_they_can() {
+        let written = lines_of(
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nA:  1 \r\n\
+              Transfer-Encoding: chunked\r\nDate: d\r\n\r\n",
+        );
+        assert_eq!(
+            written.as_deref(),
+            Some("Server: x\r\nA:  1 \r\nDate: d\r\n")
+        );
+        assert_eq!(
+            lines_of(b"HTTP/1.1 204 No Content\r\n\r\n").as_deref(),
+            Some("")
+        );
+        // Bare LF line ends, a Connection header naming other headers, more runs than
+        // RAW_RUNS, and a 101: a header map instead.
+        let mapped: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\nServer: x\n\n",
+            b"HTTP/1.1 200 OK\r\nConnection: x-a\r\nX-A: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\na: 1\r\nte: x\r\nb: 1\r\nte: x\r\nc: 1\r\nte: x\r\n\
+              d: 1\r\nte: x\r\ne: 1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+        ];
+        for raw in mapped {
+            let parsed = head(raw, false).ok().flatten();
+            assert!(
+                matches!(parsed.map(|h| h.headers), Some(Headers::Map(_))),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let Some(Headers::Map(map)) = head(mapped[2], false).ok().flatten().map(|h| h.headers)
+        else {
+            panic!("mapped");
+        };
+        let names: Vec<&str> = map.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+    }
+
+    #[test]
+    fn lines_kept_as_written_become_a_map_for_http2() {
+        let Some(Headers::Raw(raw)) = head(
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nKeep-Alive: 5\r\nX-Pad:\t 1 2 \r\n\
+              Set-Cookie: a\r\nEmpty:\r\nSet-Cookie: b\r\n\r\n",
+            false,
+        )
+        .ok()
+        .flatten()
+        .map(|h| h.headers) else {
+            panic!("raw");
+        };
+        let mut map = HeaderMap::new();
+        raw.into_map(&mut map);
+        assert_eq!(map.len(), 5, "{map:?}");
+        assert_eq!(map["server"], "x");
+        assert_eq!(map["x-pad"], "1 2");
+        assert_eq!(map["empty"], "");
+        let cookies: Vec<_> = map.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a", "b"]);
     }
 }

@@ -243,6 +243,22 @@ impl UpstreamBody {
         }
     }
 
+    /// The header lines palisade's own codec kept as the backend wrote them.
+    pub fn raw_headers(&self) -> Option<&h1::RawHeaders> {
+        match &self.inner {
+            Inner::Own(body) => body.raw_headers(),
+            Inner::Hyper(_) => None,
+        }
+    }
+
+    /// Takes the header lines kept as written.
+    pub fn take_raw_headers(&mut self) -> Option<h1::RawHeaders> {
+        match &mut self.inner {
+            Inner::Own(body) => body.take_raw_headers(),
+            Inner::Hyper(_) => None,
+        }
+    }
+
     /// After a 101 on a plain HTTP/1.1 connection: the backend's socket, and the bytes it
     /// already sent past the head. `None` for hyper's bodies (use `hyper::upgrade::on`).
     pub fn take_upgrade(&mut self) -> Option<(TcpStream, Bytes)> {

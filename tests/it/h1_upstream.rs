@@ -489,3 +489,111 @@ async fn request_bodies_are_framed_for_the_backend_as_they_arrive() {
         "every request reused the one connection"
     );
 }
+
+/// A backend answer with mixed-case names, padded values, repeated fields, its own Date
+/// and hop-by-hop lines scattered among the others.
+const DECORATED: &[u8] = b"HTTP/1.1 200 OK\r\n\
+    Server: Scripted\r\n\
+    Keep-Alive: timeout=5\r\n\
+    X-Mixed-Case:  padded value \t\r\n\
+    Connection: keep-alive\r\n\
+    Set-Cookie: a=1\r\n\
+    Content-Length: 2\r\n\
+    Date: Tue, 01 Dec 2026 00:00:00 GMT\r\n\
+    Set-Cookie: b=2\r\n\
+    \r\nok";
+
+/// A backend that answers every request on a connection with `answer`.
+async fn answering(answer: &'static [u8]) -> Scripted {
+    Scripted::start(move |mut stream| async move {
+        while request_head(&mut stream).await.is_some() {
+            if stream.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http1_client_gets_the_backends_header_lines_as_written_minus_hop_by_hop() {
+    let backend = answering(DECORATED).await;
+    let proxy = proxy_for(&backend).await;
+    let (answer, _) = common::raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+    assert_eq!(body, "ok");
+    let lines: Vec<&str> = head.split("\r\n").collect();
+    assert_eq!(lines[0], "HTTP/1.1 200 OK");
+    // In order, spelled as the backend spelled them; the hop-by-hop lines are gone, and
+    // the codec adds only its own Connection: close (the client asked for it).
+    assert_eq!(
+        &lines[1..7],
+        [
+            "Server: Scripted",
+            "X-Mixed-Case:  padded value \t",
+            "Set-Cookie: a=1",
+            "Content-Length: 2",
+            "Date: Tue, 01 Dec 2026 00:00:00 GMT",
+            "Set-Cookie: b=2",
+        ],
+        "{head}"
+    );
+    assert_eq!(lines[7..], ["connection: close"], "{head}");
+}
+
+#[tokio::test]
+async fn an_http2_client_gets_the_same_headers_as_fields() {
+    let backend = answering(DECORATED).await;
+    let proxy = proxy_for(&backend).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(
+            http::Request::get(proxy.url("/"))
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("response");
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h["server"], "Scripted");
+    assert_eq!(h["x-mixed-case"], "padded value");
+    assert_eq!(h["date"], "Tue, 01 Dec 2026 00:00:00 GMT");
+    let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert!(
+        h.get("keep-alive").is_none() && h.get("connection").is_none(),
+        "{h:?}"
+    );
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, Bytes::from_static(b"ok"));
+}
+
+#[tokio::test]
+async fn headers_a_backends_connection_header_names_are_not_passed_on() {
+    let backend = answering(
+        b"HTTP/1.1 200 OK\r\nConnection: X-Hop, keep-alive\r\n\
+          X-Hop: secret\r\nX-Stay: yes\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = proxy_for(&backend).await;
+    for _ in 0..2 {
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.text(), "ok");
+        assert_eq!(answer.header("x-stay"), Some("yes"));
+        assert_eq!(answer.header("x-hop"), None);
+        assert_eq!(answer.header("connection"), None);
+    }
+    assert_eq!(backend.accepted(), 1, "the connection was kept");
+}
