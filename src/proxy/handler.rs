@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, CONNECTION, CONTENT_LENGTH, UPGRADE};
+use http::header::{HeaderMap, CONTENT_LENGTH};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{ClientBody, ProxyBody, Replayable};
 use super::error::ProxyError;
-use super::headers::{self, ClientSide, Forwarding};
+use super::headers::{self, ClientSide, Forwarding, Seen};
 use crate::clock::now_ns;
 use crate::health::{self, Transition};
 use crate::limit::client_ip;
@@ -45,6 +45,9 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`.
     pub proto: &'static str,
+    /// The headers palisade's HTTP/1.1 codec saw in this request's head (per request;
+    /// `None` for HTTP/2).
+    pub seen: Option<Seen>,
 }
 
 /// Answers one client request: the backend's response, or palisade's own error answer.
@@ -223,12 +226,13 @@ async fn proxy<'s>(
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // 1b. Refuse what a backend could read differently.
-    check_framing(&mut req)?;
+    check_framing(&mut req, conn.seen)?;
 
     // 2. Route.
+    let host = req.headers().get(http::header::HOST).cloned();
     let route = snapshot
         .routes
-        .find(request_host(&req), req.uri().path())
+        .find(request_host(&req, host.as_ref()), req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
     trace.route = Some(route);
     let upstream = snapshot
@@ -277,8 +281,10 @@ async fn proxy<'s>(
             ip: client_ip,
             proto: conn.proto,
             version: client_version,
+            seen: conn.seen,
         },
         authority,
+        host,
     );
     trace.request_id = Some(forwarding.request_id.clone());
     let path_and_query = upstream_path(&parts.uri, route)?;
@@ -469,14 +475,16 @@ async fn attempt_once<'s>(
     let backend = &upstream.backends[index];
     trace.backend = Some(backend);
     trace.attempts += 1;
+    // One clock read for the attempt's start, its deadline and the pool's idle check.
     let started = Instant::now();
+    let deadline = deadline(started, upstream.response_timeout());
     let sent = if template.direct {
         let head = template.head(backend);
-        let send = upstream.send_direct(index, &head, body.attempt());
-        tokio::time::timeout(upstream.response_timeout(), send).await
+        let send = upstream.send_direct(index, &head, body.attempt(), started);
+        tokio::time::timeout_at(deadline, send).await
     } else {
         let req = template.request(backend, body.attempt(), last)?;
-        tokio::time::timeout(upstream.response_timeout(), upstream.send_client(req)).await
+        tokio::time::timeout_at(deadline, upstream.send_client(req)).await
     };
     drop(in_flight);
     let outcome = match sent {
@@ -528,6 +536,13 @@ async fn attempt_once<'s>(
     Ok(outcome)
 }
 
+/// `timeout` after `started`, capped at a year so that the sum cannot overflow.
+fn deadline(started: Instant, timeout: Duration) -> tokio::time::Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 86_400);
+    let at = started.checked_add(timeout.min(YEAR)).unwrap_or(started);
+    tokio::time::Instant::from_std(at)
+}
+
 /// Exponential backoff with full jitter: a random wait up to `base` x 2^(attempt-1),
 /// capped at `max`.
 fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
@@ -577,10 +592,13 @@ async fn replayable_body(
 /// Transfer-Encoding in HTTP/1.0, obs-fold, invalid header names and values and bare CRs,
 /// and forwards identical repeated Content-Lengths as one; it leaves both framing headers
 /// in view so that this refuses them together.
-fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+fn check_framing<B>(req: &mut Request<B>, seen: Option<Seen>) -> Result<(), ProxyError> {
     let headers = req.headers_mut();
-    let te = headers.get_all(http::header::TRANSFER_ENCODING);
-    let mut te_values = te.iter();
+    let te = match seen {
+        Some(seen) if !seen.transfer_encoding => None,
+        _ => Some(headers.get_all(http::header::TRANSFER_ENCODING)),
+    };
+    let mut te_values = te.iter().flat_map(|te| te.iter());
     if let Some(first) = te_values.next() {
         if headers.contains_key(CONTENT_LENGTH) {
             return Err(ProxyError::BadRequest(
@@ -596,7 +614,10 @@ fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         }
     }
     if req.version() == Version::HTTP_11 {
-        let hosts = req.headers().get_all(http::header::HOST).iter().count();
+        let hosts = match seen {
+            Some(seen) => usize::from(seen.hosts),
+            None => req.headers().get_all(http::header::HOST).iter().count(),
+        };
         if hosts > 1 || (hosts == 0 && req.uri().authority().is_none()) {
             return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
         }
@@ -604,12 +625,16 @@ fn check_framing<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// The host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
+/// The host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header
+/// (`host`).
+fn request_host<'a, B>(
+    req: &'a Request<B>,
+    host: Option<&'a http::HeaderValue>,
+) -> Option<&'a str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
+        .or_else(|| host?.to_str().ok())
 }
 
 /// The body length the client declared (0 for no body); rejects one already over the limit
@@ -626,17 +651,15 @@ fn declared_length(req: &Request<ClientBody>, max_body: u64) -> Result<Option<u6
     Ok(Some(len))
 }
 
-/// An HTTP/1.1 `Connection: upgrade` request naming a protocol (WebSocket and the like).
+/// An HTTP/1.1 `Connection: upgrade` GET naming a protocol (WebSocket and the like):
+/// palisade's HTTP/1.1 codec marks every such request with where its connection will go
+/// ([`crate::server::h1::OnUpgrade`]); HTTP/2 requests never upgrade.
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.method() == Method::GET
-        && req.headers().contains_key(UPGRADE)
-        && req.headers().get_all(CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+    req.method() == Method::GET
+        && req
+            .extensions()
+            .get::<crate::server::h1::OnUpgrade>()
+            .is_some()
 }
 
 /// The path and query the backend sees (the route's prefix stripped when it says so).

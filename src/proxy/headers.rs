@@ -45,6 +45,36 @@ pub(crate) fn is_hop_by_hop_name(name: &[u8]) -> bool {
         .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
+/// Which headers palisade's HTTP/1.1 codec saw in a request head while parsing it, so
+/// that the handler looks up only headers that are there (each lookup hashes the name).
+/// Where no codec counted (HTTP/2 requests, through hyper) there is none: look them up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Host lines (saturating).
+    pub hosts: u8,
+    /// Any Transfer-Encoding line.
+    pub transfer_encoding: bool,
+    /// Any X-Request-Id line.
+    pub request_id: bool,
+    /// Any X-Forwarded-For line.
+    pub forwarded_for: bool,
+}
+
+impl Seen {
+    /// Counts one header name.
+    pub fn see(&mut self, name: &HeaderName) {
+        if *name == HOST {
+            self.hosts = self.hosts.saturating_add(1);
+        } else if *name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if *name == X_REQUEST_ID {
+            self.request_id = true;
+        } else if *name == X_FORWARDED_FOR {
+            self.forwarded_for = true;
+        }
+    }
+}
+
 /// What the upstream request needs to know about the client side.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSide {
@@ -54,6 +84,8 @@ pub struct ClientSide {
     pub proto: &'static str,
     /// The HTTP version the client spoke.
     pub version: Version,
+    /// The headers the codec saw, when it counted them.
+    pub seen: Option<Seen>,
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
@@ -125,9 +157,15 @@ impl Forwarding {
     /// The forwarding headers for a request with `headers`. `authority` is the request
     /// URI's authority (HTTP/2 clients send no Host header): it becomes the Host header
     /// when there is none, so the backend sees the name the client used.
-    pub fn new(headers: &mut HeaderMap, client: &ClientSide, authority: Option<&str>) -> Self {
-        let host = match headers.get(HOST) {
-            Some(host) => Some(host.clone()),
+    /// `host` is the request's Host header, which the caller looked up already.
+    pub fn new(
+        headers: &mut HeaderMap,
+        client: &ClientSide,
+        authority: Option<&str>,
+        host: Option<HeaderValue>,
+    ) -> Self {
+        let host = match host {
+            Some(host) => Some(host),
             None => {
                 // Rare (HTTP/2 clients): the one change made to the map itself.
                 let value = authority.and_then(|a| HeaderValue::from_str(a).ok());
@@ -137,12 +175,18 @@ impl Forwarding {
                 value
             }
         };
-        let (request_id, new_request_id) = match headers.get(&X_REQUEST_ID) {
+        let seen = client.seen;
+        let sent_id = match seen {
+            Some(seen) if !seen.request_id => None,
+            _ => headers.get(&X_REQUEST_ID),
+        };
+        let (request_id, new_request_id) = match sent_id {
             Some(id) if is_valid_request_id(id.as_bytes()) => (id.clone(), false),
             _ => (new_request_id(), true),
         };
+        let chain = seen.is_none_or(|seen| seen.forwarded_for);
         Forwarding {
-            forwarded_for: forwarded_for(headers, client.ip),
+            forwarded_for: forwarded_for(headers, client.ip, chain),
             proto: HeaderValue::from_static(client.proto),
             forwarded_host: host,
             via: via_value(client.version),
@@ -204,7 +248,8 @@ pub fn add_forwarding(
     client: &ClientSide,
     authority: Option<&str>,
 ) -> HeaderValue {
-    let forwarding = Forwarding::new(headers, client, authority);
+    let host = headers.get(HOST).cloned();
+    let forwarding = Forwarding::new(headers, client, authority, host);
     forwarding.apply(headers);
     forwarding.request_id
 }
@@ -235,11 +280,14 @@ pub(crate) fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 }
 
 /// The `X-Forwarded-For` value: the client's list (several lines folded into one, the
-/// order kept) with `ip` appended.
-fn forwarded_for(headers: &HeaderMap, ip: IpAddr) -> Option<HeaderValue> {
+/// order kept) with `ip` appended; just `ip` without `chain` (the client sent none).
+fn forwarded_for(headers: &HeaderMap, ip: IpAddr, chain: bool) -> Option<HeaderValue> {
     let mut buf = [0u8; 64];
     let ip_text = ip_text(ip, &mut buf);
     let len = ip_text.len();
+    if !chain {
+        return HeaderValue::from_bytes(ip_text).ok();
+    }
 
     let existing = headers.get_all(&X_FORWARDED_FOR);
     let mut values = existing.iter();
@@ -340,6 +388,7 @@ mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
             proto: "http",
             version: Version::HTTP_11,
+            seen: None,
         }
     }
 

@@ -45,6 +45,7 @@ use crate::http1::{
     ConnectionTokens, Decoded, Framing, InvalidChunk, WriteError, MAX_HEADERS, MAX_READ,
 };
 use crate::proxy::body::{BoxError, ClientBody, ProxyBody};
+use crate::proxy::headers::Seen;
 use crate::proxy::{self, ConnInfo, ProxyError};
 use crate::snapshot::ProxyState;
 
@@ -137,6 +138,8 @@ struct Head {
     keep_alive: bool,
     expect_continue: bool,
     upgrade: bool,
+    /// Which headers the handler would otherwise look up are there.
+    seen: Seen,
 }
 
 /// Serves HTTP/1.x requests on `io` until the connection closes (or an HTTP/2 preface
@@ -176,6 +179,7 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
             mut keep_alive,
             expect_continue,
             upgrade,
+            seen,
         } = *head;
         let (parts, ()) = request.into_parts();
         let version = parts.version;
@@ -210,7 +214,11 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
         }
         // Boxed: the handler's future is large and exists only while a request is in
         // flight; unboxed it would sit in every idle connection.
-        let mut answer = Box::pin(proxy::handle(&ctx.state, req, &ctx.info));
+        let info = ConnInfo {
+            seen: Some(seen),
+            ..ctx.info
+        };
+        let mut answer = Box::pin(proxy::handle(&ctx.state, req, &info));
         let resp = match continue_rx {
             None => (&mut answer).await,
             Some(mut rx) => {
@@ -410,11 +418,13 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Proxy
     let mut chunked = false;
     let mut connection = ConnectionTokens::default();
     let mut expect_continue = false;
+    let mut seen = Seen::default();
     for &(ns, nl, vs, vl) in &spans {
         let name = HeaderName::from_bytes(&head[ns..ns + nl])
             .map_err(|_| ProxyError::BadRequest("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
             .map_err(|_| ProxyError::BadRequest("invalid header value"))?;
+        seen.see(&name);
         if name == CONTENT_LENGTH {
             // A list of identical values is one value (RFC 9110 8.6): forwarded once.
             let repeated = length.is_some();
@@ -469,6 +479,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Proxy
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11,
         upgrade,
+        seen,
     }))
 }
 

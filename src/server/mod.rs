@@ -439,7 +439,11 @@ async fn serve_io(
         inner: stream,
         activity: activity.clone(),
     };
-    let info = ConnInfo { peer, proto };
+    let info = ConnInfo {
+        peer,
+        proto,
+        seen: None,
+    };
     let conn = serve_protocols(
         io,
         info,

@@ -277,18 +277,20 @@ impl Upstream {
     }
 
     /// Sends one request to backend `index` through its own pool (plain HTTP/1.1
-    /// upstreams, [`Upstream::direct`]).
+    /// upstreams, [`Upstream::direct`]); `now` is the attempt's start.
     pub async fn send_direct(
         &self,
         index: usize,
         head: &h1::RequestHead<'_>,
         body: crate::proxy::body::ProxyBody,
+        now: std::time::Instant,
     ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
         pool::send(
             &self.backends[index],
             head,
             body,
             self.config.timeouts.connect,
+            now,
         )
         .await
     }

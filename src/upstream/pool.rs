@@ -166,7 +166,7 @@ impl StdError for SendError {
 }
 
 /// Sends a request (`head` and `body`) to `backend` over an idle connection of its pool or
-/// a new one. A pooled connection that turns out to be closed before the
+/// a new one (`now`: the attempt's start, for the idle connections' age). A pooled connection that turns out to be closed before the
 /// request was written is discarded and the request goes on the next one, so a backend
 /// closing idle connections costs no failed request.
 pub async fn send(
@@ -174,8 +174,8 @@ pub async fn send(
     head: &h1::RequestHead<'_>,
     mut body: ProxyBody,
     connect_timeout: Duration,
+    now: Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    let now = Instant::now();
     loop {
         let (conn, pooled) = match backend.pool.take(now) {
             Some(conn) => (conn, true),

@@ -610,3 +610,44 @@ async fn at_max_connections_with_none_idle_a_new_connection_is_refused() {
         assert_eq!(b.await.expect("busy"), 200, "a busy connection was evicted");
     }
 }
+
+#[tokio::test]
+async fn http2_requests_get_the_same_forwarding_headers() {
+    // HTTP/2 requests come through hyper, not palisade's HTTP/1.1 codec, so nothing says
+    // in advance which headers they carry: the handler looks each one up.
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let ask = |headers: &[(&'static str, &'static str)]| {
+        let mut req = http::Request::get(proxy.url("/headers"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Full::default()).expect("request");
+        let client = client.clone();
+        async move {
+            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .expect("in time")
+                .expect("response");
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).expect("json")
+        }
+    };
+    let json = ask(&[
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-request-id", "req-42"),
+    ])
+    .await;
+    let h = &json["headers"];
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-request-id"], "req-42");
+    assert_eq!(h["via"], "2 palisade");
+    let json = ask(&[]).await;
+    let h = &json["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-request-id"].as_str().map(str::len), Some(32));
+}
