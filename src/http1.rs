@@ -81,6 +81,15 @@ impl ConnectionTokens {
     /// Adds the tokens of one Connection header line; true when it named anything but
     /// `close` and `keep-alive`.
     pub fn see(&mut self, value: &[u8]) -> bool {
+        // The usual values, whole, without splitting the list.
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            self.keep_alive = true;
+            return false;
+        }
+        if value.eq_ignore_ascii_case(b"close") {
+            self.close = true;
+            return false;
+        }
         let mut others = false;
         for item in items(value) {
             if item.eq_ignore_ascii_case(b"close") {

@@ -347,17 +347,28 @@ pub fn is_valid_request_id(id: &[u8]) -> bool {
 
 /// A fresh random request id: 32 lowercase hex digits (128 bits from a thread-local RNG).
 pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; 32];
-    // Two 64-bit halves: shifting a u128 per digit cost twice as much.
-    for half in buf.chunks_exact_mut(16) {
-        let bits = fastrand::u64(..);
-        for (i, byte) in half.iter_mut().enumerate() {
-            *byte = HEX[((bits >> (i * 4)) & 0xf) as usize];
-        }
-    }
+    buf[..16].copy_from_slice(&hex_digits(fastrand::u64(..)));
+    buf[16..].copy_from_slice(&hex_digits(fastrand::u64(..)));
     // Hex digits are always a valid header value.
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The 16 nibbles of `bits` as lowercase hex digits, all at once (8 bytes at a time
+/// instead of a table lookup per digit). The digits come out in an order of their own,
+/// which is all a random id needs.
+fn hex_digits(bits: u64) -> [u8; 16] {
+    const LOW_NIBBLES: u64 = 0x0f0f_0f0f_0f0f_0f0f;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let hex = |nibbles: u64| {
+        // Bytes 0..=15; those above 9 get b'a' - b'0' - 10 more on top of b'0'.
+        let over_nine = ((nibbles + 6 * ONES) >> 4) & ONES;
+        (nibbles + b'0' as u64 * ONES + over_nine * u64::from(b'a' - b'0' - 10)).to_le_bytes()
+    };
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&hex(bits & LOW_NIBBLES));
+    out[8..].copy_from_slice(&hex((bits >> 4) & LOW_NIBBLES));
+    out
 }
 
 #[cfg(test)]
@@ -474,5 +485,18 @@ mod tests {
         assert!(!is_valid_request_id(&[b'a'; 129]));
         assert!(!is_valid_request_id(b""));
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn hex_digits_cover_every_nibble_exactly() {
+        // Every nibble value appears once in this number, so every digit once.
+        let digits = hex_digits(0xfedc_ba98_7654_3210);
+        let mut sorted = digits;
+        sorted.sort_unstable();
+        assert_eq!(&sorted, b"0123456789abcdef");
+        assert_eq!(&hex_digits(0), b"0000000000000000");
+        assert_eq!(&hex_digits(u64::MAX), b"ffffffffffffffff");
+        let id = new_request_id();
+        assert!(id.len() == 32 && id.as_bytes().iter().all(u8::is_ascii_hexdigit));
     }
 }
