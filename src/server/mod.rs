@@ -18,9 +18,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -466,68 +466,124 @@ async fn serve_io(
     // Accepted just before the listener closed: its request is on its way (closing now
     // would reset it), so it gets the grace an idle keep-alive connection gets.
     let mut grace_armed = draining;
-    loop {
-        tokio::select! {
-            () = conn.as_mut() => break,
-            changed = stop.changed(), if !draining => {
-                draining = true;
-                if changed.is_err() {
-                    continue;
-                }
-                if activity.h2.load(Ordering::Relaxed)
-                    || activity.in_flight.load(Ordering::Relaxed) > 0
-                {
-                    // HTTP/2 says GOAWAY (race-free by design); an HTTP/1 request in
-                    // flight gets `Connection: close` on its answer.
-                    closing = true;
-                    if activity.request_close() {
-                        break;
+    // Made once and polled until they fire: a `changed()` or `notified()` made anew for
+    // every poll registered with, and then left, a waiter list under its lock each time,
+    // and the shutdown watch's lists are shared by every connection.
+    let stop_changed = stop.changed();
+    tokio::pin!(stop_changed);
+    let evicted = activity.evict.notified();
+    tokio::pin!(evicted);
+    // The watchers are polled with a waker of their own, and only after it was woken:
+    // the connection's task wakes a few times per request for its I/O, and polling the
+    // watchers each time cost about 1k instructions per request.
+    let watch = Arc::new(WatchWaker {
+        woken: AtomicBool::new(true),
+        task: std::sync::Mutex::new(Waker::noop().clone()),
+    });
+    let watch_waker = Waker::from(watch.clone());
+    let mut task_waker: Option<Waker> = None;
+    std::future::poll_fn(|cx| {
+        if conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if !task_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            task_waker = Some(cx.waker().clone());
+            if let Ok(mut task) = watch.task.lock() {
+                task.clone_from(cx.waker());
+            }
+            watch.woken.store(true, Ordering::Release);
+        }
+        let mut wcx = Context::from_waker(&watch_waker);
+        while watch.woken.swap(false, Ordering::AcqRel) {
+            if !draining {
+                if let Poll::Ready(changed) = stop_changed.as_mut().poll(&mut wcx) {
+                    // Never polled again: `draining` stays set.
+                    draining = true;
+                    if changed.is_ok() {
+                        if activity.h2.load(Ordering::Relaxed)
+                            || activity.in_flight.load(Ordering::Relaxed) > 0
+                        {
+                            // HTTP/2 says GOAWAY (race-free by design); an HTTP/1 request
+                            // in flight gets `Connection: close` on its answer.
+                            closing = true;
+                            if activity.request_close() {
+                                return Poll::Ready(());
+                            }
+                        } else {
+                            // An idle HTTP/1 connection: closing it now races a client
+                            // that is sending its next request. Its next answer says
+                            // `Connection: close`; one that stays quiet is closed after
+                            // DRAIN_GRACE.
+                            grace.as_mut().reset((Instant::now() + DRAIN_GRACE).into());
+                            grace_armed = true;
+                            watch.woken.store(true, Ordering::Release);
+                        }
                     }
-                } else {
-                    // An idle HTTP/1 connection: closing it now races a client that is
-                    // sending its next request. Its next answer says `Connection: close`;
-                    // one that stays quiet is closed after DRAIN_GRACE.
-                    grace.as_mut().reset((Instant::now() + DRAIN_GRACE).into());
-                    grace_armed = true;
                 }
             }
-            () = &mut grace, if grace_armed => {
+            if grace_armed && grace.as_mut().poll(&mut wcx).is_ready() {
                 grace_armed = false;
                 if !closing {
                     closing = true;
                     if activity.request_close() {
-                        break;
+                        return Poll::Ready(());
                     }
                 }
             }
-            () = activity.evict.notified() => {
+            if evicted.as_mut().poll(&mut wcx).is_ready() {
                 tracing::debug!(%peer, "closing an idle connection to make room under max_connections");
-                break;
+                return Poll::Ready(());
             }
-            () = &mut watchdog => {
+            if watchdog.as_mut().poll(&mut wcx).is_ready() {
                 match activity.check(limits) {
                     Verdict::Fine(next) => watchdog.as_mut().reset(next.into()),
                     Verdict::HeadTooSlow => {
                         tracing::debug!(%peer, "request head not received within header_read; closing");
-                        break;
+                        return Poll::Ready(());
                     }
                     Verdict::Idle => {
                         tracing::debug!(%peer, "idle timeout; closing");
                         if closing {
-                            break;
+                            return Poll::Ready(());
                         }
                         closing = true;
                         if activity.request_close() {
-                            break;
+                            return Poll::Ready(());
                         }
-                        // A graceful close that does not finish within another `idle` is forced.
+                        // A graceful close that does not finish within another `idle` is
+                        // forced.
                         watchdog.as_mut().reset((Instant::now() + limits.idle).into());
                     }
                 }
+                // Polled again, so that the timer holds the waker for its new deadline.
+                watch.woken.store(true, Ordering::Release);
             }
         }
-    }
+        Poll::Pending
+    })
+    .await;
     drop(registered);
+}
+
+/// The waker a connection's watchers (drain, eviction, timers) are polled with: it notes
+/// that one of them may have fired, then wakes the connection's task.
+struct WatchWaker {
+    woken: AtomicBool,
+    /// The connection task's waker.
+    task: std::sync::Mutex<Waker>,
+}
+
+impl std::task::Wake for WatchWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Ok(task) = self.task.lock() {
+            task.wake_by_ref();
+        }
+    }
 }
 
 /// HTTP/2 on a connection, by hyper: from the start (ALPN `h2`), or after the codec saw
