@@ -1,6 +1,7 @@
 //! The `palisade` command line: parse arguments, call into the library, map outcomes to exit
 //! codes (0 clean, 1 config or start error, 2 usage error).
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,7 +14,65 @@ use palisade::config;
 use palisade::logging::{self, LogFormat};
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: Allocator = Allocator;
+
+/// mimalloc, asked for plain memory whenever the alignment allows. The mimalloc crate asks
+/// for aligned memory on every allocation, and mimalloc 3 serves an aligned request above
+/// 1 KiB whose size is not a power of two by over-allocating (callgrind: about 1k
+/// instructions per proxied request, for the request's future and read buffers). Every
+/// mimalloc block is at least 8-byte aligned (block sizes are whole words, pages start
+/// 16-byte aligned), so a request that needs no more gets `mi_malloc`.
+struct Allocator;
+
+/// The alignment every `mi_malloc` block has.
+const PLAIN_ALIGN: usize = 8;
+
+// SAFETY: each method hands memory from mimalloc back to mimalloc: `mi_malloc`,
+// `mi_zalloc` and `mi_realloc` blocks are 8-byte aligned and used only for layouts that
+// ask no more; any other layout goes to the mimalloc crate's own (aligned) calls; every
+// block, however allocated, is freed by `mi_free`, which is what the crate's `dealloc`
+// calls.
+unsafe impl GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.align() <= PLAIN_ALIGN {
+            // SAFETY: any size is valid for mi_malloc; the block is aligned enough.
+            unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() }
+        } else {
+            // SAFETY: the caller's contract for `alloc`, passed on.
+            unsafe { mimalloc::MiMalloc.alloc(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.align() <= PLAIN_ALIGN {
+            // SAFETY: as for `alloc`; mi_zalloc zeroes the block.
+            unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() }
+        } else {
+            // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+            unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, so from mimalloc (mi_free takes any
+        // mimalloc block).
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.align() <= PLAIN_ALIGN {
+            // SAFETY: `ptr` is a live mimalloc block; the new block keeps 8-byte alignment.
+            unsafe { libmimalloc_sys::mi_realloc(ptr.cast(), new_size).cast() }
+        } else {
+            // SAFETY: the caller's contract for `realloc`, passed on.
+            unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+        }
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
