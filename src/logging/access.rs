@@ -5,11 +5,12 @@
 //! timestamp formatted from scratch): more than the rest of the request. Here the line is
 //! written into a per-thread batch, strings are copied in runs between the rare bytes
 //! JSON must escape, and the date part of the timestamp is formatted once per second.
-//! Every 20 ms a flusher thread hands each thread's batch to the same background writer
-//! as every other log line (so lines never interleave mid-line): handing over each line
-//! woke the writer thread per request (a futex wake, its spinning `sched_yield`s, and a
-//! `write` per line on the proxy's core). The output is the line `tracing` wrote: the
-//! same keys in the same order.
+//! Every 20 ms a flusher thread writes each thread's batch to stderr, where every other
+//! log line goes, holding stderr's lock for the whole batch (so lines never interleave
+//! mid-line with the log writer's): handing over each line woke the writer thread per
+//! request (a futex wake, its spinning `sched_yield`s, and a `write` per line on the
+//! proxy's core), and handing batches to that writer copied each of them into its queue.
+//! The output is the line `tracing` wrote: the same keys in the same order.
 
 use std::cell::RefCell;
 use std::io::Write as _;
@@ -17,22 +18,19 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing_appender::non_blocking::NonBlocking;
-
-/// How often the batches of every thread go to the writer.
+/// How often the batches of every thread are written.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
-/// A thread's batch is handed to the writer at once when it grows past this (bounded
-/// memory under a burst; the writer's queue makes the thread wait when it is full).
+/// A thread's batch is written at once, by that thread, when it grows past this (bounded
+/// memory under a burst).
 const MAX_BATCH: usize = 1 << 20;
 
-/// One thread's lines not yet handed to the writer. Its lock is taken by that thread for
+/// One thread's lines not yet written. Its lock is taken by that thread for
 /// each line and by the flusher every [`FLUSH_EVERY`]: never contended in practice, and no
 /// lock shared by the request threads.
 type Batch = Arc<Mutex<Vec<u8>>>;
 
 struct Sink {
-    writer: NonBlocking,
     /// Whether the log filter lets access lines through, read once at install (the
     /// filter is set once per process); None when it can change (span directives).
     enabled: Option<bool>,
@@ -42,14 +40,13 @@ struct Sink {
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
-/// Routes access lines to `writer` from now on (the JSON log's writer), and starts the
-/// thread that hands the batched lines to it. Without it, the handler logs access lines
+/// Routes access lines to stderr from now on (where the JSON log goes), and starts the
+/// thread that writes the batched lines. Without it, the handler logs access lines
 /// through `tracing` (text format, tests, embedders).
-pub fn install(writer: NonBlocking, level: &str) {
+pub fn install(level: &str) {
     let enabled = (!level.contains('['))
         .then(|| tracing::enabled!(target: "palisade::access", tracing::Level::INFO));
     let sink = Sink {
-        writer,
         enabled,
         batches: Mutex::new(Vec::new()),
     };
@@ -75,8 +72,8 @@ pub fn enabled() -> Option<bool> {
     SINK.get().and_then(|sink| sink.enabled)
 }
 
-/// Hands every thread's batched lines to the writer (every 20 ms, and at exit:
-/// the log guard calls it before the writer's own flush).
+/// Writes every thread's batched lines (every 20 ms, and at exit: the log guard calls it
+/// before the log writer's own flush).
 pub fn flush() {
     let Some(sink) = SINK.get() else {
         return;
@@ -84,25 +81,25 @@ pub fn flush() {
     let Ok(mut all) = sink.batches.lock() else {
         return;
     };
-    let mut writer = sink.writer.clone();
     all.retain(|batch| {
         // Checked before the batch is taken: a thread that ends after this keeps its
         // batch here for the next round; one that ended before adds nothing more, so this
         // last flush of its batch is complete and the batch is forgotten.
         let alive = Arc::strong_count(batch) > 1;
         if let Ok(mut lines) = batch.lock() {
-            hand_over(&mut writer, &mut lines);
+            hand_over(&mut lines);
         }
         alive
     });
 }
 
-/// Gives `lines` to the writer (which copies them into its queue) and empties them,
-/// keeping their capacity for the next batch.
-fn hand_over(writer: &mut NonBlocking, lines: &mut Vec<u8>) {
+/// Writes `lines` to stderr in one locked `write_all` (no other log line lands inside
+/// them) and empties them, keeping their capacity for the next batch.
+fn hand_over(lines: &mut Vec<u8>) {
     if !lines.is_empty() {
-        // The writer only fails once its thread is gone (the process is exiting).
-        let _ = writer.write_all(lines);
+        // Nowhere to report a failing stderr; the lines are dropped as tracing's writer
+        // would drop them.
+        let _ = std::io::stderr().lock().write_all(lines);
         lines.clear();
     }
 }
@@ -170,7 +167,7 @@ pub fn write(line: &Line<'_>) -> bool {
             let now = clock.wall(line.finished);
             format(&mut lines, clock, now, line);
             if lines.len() >= MAX_BATCH {
-                hand_over(&mut sink.writer.clone(), &mut lines);
+                hand_over(&mut lines);
             }
             true
         })

@@ -44,7 +44,6 @@ pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> 
             64 * 1024,
             std::io::stderr(),
         ));
-    let access_writer = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -61,7 +60,7 @@ pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> 
     // JSON access lines skip tracing's formatter (see `access`); text ones, for people,
     // keep it.
     if format == LogFormat::Json {
-        access::install(access_writer, level);
+        access::install(level);
     }
     Ok(Some(LogGuard { _worker: guard }))
 }
