@@ -154,27 +154,22 @@ pub struct Forwarding {
 }
 
 impl Forwarding {
-    /// The forwarding headers for a request with `headers`. `authority` is the request
-    /// URI's authority (HTTP/2 clients send no Host header): it becomes the Host header
-    /// when there is none, so the backend sees the name the client used.
-    /// `host` is the request's Host header, which the caller looked up already.
+    /// The forwarding headers for a request with `headers`, whose Host header `host` the
+    /// caller looked up already. `authority` is the request URI's authority (HTTP/2
+    /// clients send no Host header): it becomes the Host header when there is none, so
+    /// the backend sees the name the client used.
     pub fn new(
         headers: &mut HeaderMap,
         client: &ClientSide,
         authority: Option<&str>,
         host: Option<HeaderValue>,
     ) -> Self {
-        let host = match host {
-            Some(host) => Some(host),
-            None => {
-                // Rare (HTTP/2 clients): the one change made to the map itself.
-                let value = authority.and_then(|a| HeaderValue::from_str(a).ok());
-                if let Some(value) = &value {
-                    headers.insert(HOST, value.clone());
-                }
-                value
-            }
-        };
+        let host = host.or_else(|| {
+            // Rare (HTTP/2 clients): the one change made to the map itself.
+            let value = HeaderValue::from_str(authority?).ok()?;
+            headers.insert(HOST, value.clone());
+            Some(value)
+        });
         let seen = client.seen;
         let sent_id = match seen {
             Some(seen) if !seen.request_id => None,

@@ -212,12 +212,12 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
                 .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
             upgrade_tx = Some(tx);
         }
-        // Boxed: the handler's future is large and exists only while a request is in
-        // flight; unboxed it would sit in every idle connection.
         let info = ConnInfo {
             seen: Some(seen),
             ..ctx.info
         };
+        // Boxed: the handler's future is large and exists only while a request is in
+        // flight; unboxed it would sit in every idle connection.
         let mut answer = Box::pin(proxy::handle(&ctx.state, req, &info));
         let resp = match continue_rx {
             None => (&mut answer).await,

@@ -495,30 +495,30 @@ async fn serve_io(
         }
         let mut wcx = Context::from_waker(&watch_waker);
         while watch.woken.swap(false, Ordering::AcqRel) {
-            if !draining {
-                if let Poll::Ready(changed) = stop_changed.as_mut().poll(&mut wcx) {
-                    // Never polled again: `draining` stays set.
-                    draining = true;
-                    if changed.is_ok() {
-                        if activity.h2.load(Ordering::Relaxed)
-                            || activity.in_flight.load(Ordering::Relaxed) > 0
-                        {
-                            // HTTP/2 says GOAWAY (race-free by design); an HTTP/1 request
-                            // in flight gets `Connection: close` on its answer.
-                            closing = true;
-                            if activity.request_close() {
-                                return Poll::Ready(());
-                            }
-                        } else {
-                            // An idle HTTP/1 connection: closing it now races a client
-                            // that is sending its next request. Its next answer says
-                            // `Connection: close`; one that stays quiet is closed after
-                            // DRAIN_GRACE.
-                            grace.as_mut().reset((Instant::now() + DRAIN_GRACE).into());
-                            grace_armed = true;
-                            watch.woken.store(true, Ordering::Release);
-                        }
+            // Not polled again once it has fired: `draining` stays set.
+            let stopped = if draining {
+                Poll::Pending
+            } else {
+                stop_changed.as_mut().poll(&mut wcx)
+            };
+            if let Poll::Ready(changed) = stopped {
+                draining = true;
+                let busy = activity.h2.load(Ordering::Relaxed)
+                    || activity.in_flight.load(Ordering::Relaxed) > 0;
+                if changed.is_ok() && busy {
+                    // HTTP/2 says GOAWAY (race-free by design); an HTTP/1 request in
+                    // flight gets `Connection: close` on its answer.
+                    closing = true;
+                    if activity.request_close() {
+                        return Poll::Ready(());
                     }
+                } else if changed.is_ok() {
+                    // An idle HTTP/1 connection: closing it now races a client that is
+                    // sending its next request. Its next answer says `Connection: close`;
+                    // one that stays quiet is closed after DRAIN_GRACE.
+                    grace.as_mut().reset((Instant::now() + DRAIN_GRACE).into());
+                    grace_armed = true;
+                    watch.woken.store(true, Ordering::Release);
                 }
             }
             if grace_armed && grace.as_mut().poll(&mut wcx).is_ready() {

@@ -34,8 +34,8 @@ use tokio::net::TcpStream;
 use super::Backend;
 use crate::http1::Chunk;
 use crate::http1::{
-    content_length, decode_chunk, header_line, items, span, BodyWriter, ConnectionTokens, Decoded,
-    Framing, InvalidChunk, WriteError, MAX_HEADERS, MAX_READ,
+    content_length, decode_chunk, header_line, items, span, trim, BodyWriter, ConnectionTokens,
+    Decoded, Framing, InvalidChunk, WriteError, MAX_HEADERS, MAX_READ,
 };
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::headers::{self, Forwarding};
@@ -524,7 +524,7 @@ impl RawHeaders {
                 let end = memchr::memmem::find(&self.head[at..to], b"\r\n").map_or(to, |i| at + i);
                 let line = &self.head[at..end];
                 if let Some(colon) = memchr::memchr(b':', line) {
-                    let value = trim_ows(&line[colon + 1..]);
+                    let value = trim(&line[colon + 1..]);
                     let (vs, vl) = span(&self.head, value);
                     let name = HeaderName::from_bytes(&line[..colon]);
                     let value = HeaderValue::from_maybe_shared(self.head.slice(vs..vs + vl));
@@ -537,14 +537,6 @@ impl RawHeaders {
             }
         }
     }
-}
-
-/// `value` without leading and trailing spaces and tabs.
-fn trim_ows(value: &[u8]) -> &[u8] {
-    let ows = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = value.iter().position(|b| !ows(b)).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
-    &value[start..end]
 }
 
 /// A final response head's headers: as written (the usual case), or a map.

@@ -161,9 +161,7 @@ async fn trailers_of_a_chunked_response_reach_an_http2_client() {
     })
     .await;
     let proxy = proxy_for(&backend).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let client = common::h2_client();
     let resp = tokio::time::timeout(
         Duration::from_secs(10),
         client.request(
@@ -550,9 +548,7 @@ async fn an_http1_client_gets_the_backends_header_lines_as_written_minus_hop_by_
 async fn an_http2_client_gets_the_same_headers_as_fields() {
     let backend = answering(DECORATED).await;
     let proxy = proxy_for(&backend).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let client = common::h2_client();
     let resp = tokio::time::timeout(
         Duration::from_secs(10),
         client.request(

@@ -68,9 +68,7 @@ async fn an_h2c_upstream_passes_trailers_end_to_end() {
         "[[routes]]\nupstream = \"grpc\"\n[upstreams.grpc]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{backend}\" }}]\n"
     ))
     .await;
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let client = common::h2_client();
     let req = http::Request::post(proxy.url("/helloworld.Greeter/SayHello"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")

@@ -363,9 +363,7 @@ async fn requests_over_the_body_limit_get_413() {
 async fn h2c_prior_knowledge_clients_are_served() {
     let a = Echo::start("a").await;
     let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let client = h2_client();
     let resp = client
         .request(
             http::Request::get(proxy.url("/h2?x=1"))
@@ -617,9 +615,7 @@ async fn http2_requests_get_the_same_forwarding_headers() {
     // in advance which headers they carry: the handler looks each one up.
     let a = Echo::start("a").await;
     let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let client = h2_client();
     let ask = |headers: &[(&'static str, &'static str)]| {
         let mut req = http::Request::get(proxy.url("/headers"));
         for (name, value) in headers {

@@ -281,6 +281,13 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// A client that speaks HTTP/2 with prior knowledge (h2c) to plain-HTTP URLs.
+pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 /// Sends `req` with a fresh client and collects the answer.
 pub async fn send(req: http::Request<Full<Bytes>>) -> Answer {
     let resp = tokio::time::timeout(Duration::from_secs(20), client().request(req))
