@@ -173,6 +173,9 @@ impl ProxyError {
 
     /// Classifies a failed upstream exchange from the client's error.
     pub fn from_upstream(err: &crate::upstream::pool::SendError) -> ProxyError {
+        if matches!(err, crate::upstream::pool::SendError::TimedOut) {
+            return ProxyError::ResponseTimeout;
+        }
         let mut source = err.source();
         while let Some(cause) = source {
             if cause.is::<BodyTooLarge>() {

@@ -30,7 +30,7 @@ use crate::limit::client_ip;
 use crate::route::Route;
 use crate::snapshot::{ProxyState, Snapshot};
 use crate::upstream::h1::RequestHead;
-use crate::upstream::pool::UpstreamBody;
+use crate::upstream::pool::{SendError, UpstreamBody};
 use crate::upstream::{Backend, PickError, Tried, Upstream};
 
 /// Request bodies up to this size are read before forwarding, so that they can be sent
@@ -480,19 +480,27 @@ async fn attempt_once<'s>(
     let deadline = deadline(started, upstream.response_timeout());
     let sent = if template.direct {
         let head = template.head(backend);
-        let send = upstream.send_direct(index, &head, body.attempt(), started);
-        tokio::time::timeout_at(deadline, send).await
+        upstream
+            .send_direct(index, &head, body.attempt(), started, deadline)
+            .await
     } else {
         let req = template.request(backend, body.attempt(), last)?;
-        tokio::time::timeout_at(deadline, upstream.send_client(req)).await
+        upstream.send_client(req, deadline).await
     };
     drop(in_flight);
     let outcome = match sent {
-        Ok(Ok(resp)) => {
+        Ok(resp) => {
             backend.record_latency(started.elapsed());
             Outcome::Answer(resp)
         }
-        Ok(Err(err)) => {
+        Err(SendError::TimedOut) => {
+            tracing::warn!(upstream = %upstream.name, backend = %backend.addr, "upstream response timed out");
+            Outcome::Failed {
+                error: ProxyError::ResponseTimeout,
+                sent: true,
+            }
+        }
+        Err(err) => {
             let error = ProxyError::from_upstream(&err);
             if matches!(error, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
                 // The client's fault (its body), not the backend's: no strike, no retry.
@@ -502,13 +510,6 @@ async fn attempt_once<'s>(
             Outcome::Failed {
                 sent: !err.is_connect(),
                 error,
-            }
-        }
-        Err(_elapsed) => {
-            tracing::warn!(upstream = %upstream.name, backend = %backend.addr, "upstream response timed out");
-            Outcome::Failed {
-                error: ProxyError::ResponseTimeout,
-                sent: true,
             }
         }
     };

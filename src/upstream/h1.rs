@@ -16,7 +16,7 @@
 //! reused. Interim 1xx responses are skipped; a 101 hands the socket to the tunnel.
 
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -30,6 +30,7 @@ use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::Backend;
 use crate::http1::Chunk;
@@ -56,12 +57,19 @@ const INLINE_BODY: u64 = 16 * 1024;
 #[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
+    /// The response deadline, made once per connection and moved on for each request:
+    /// moving a registered deadline later is one atomic operation, where a timer made per
+    /// request took the timer wheel's lock to register it and again to cancel it.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
-    /// Wraps a connected socket.
+    /// Wraps a connected socket (inside the runtime: the timer needs its time driver).
     pub fn new(io: TcpStream) -> Self {
-        Conn { io }
+        Conn {
+            io,
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+        }
     }
 
     /// Whether an idle connection can carry a request: the backend has not closed it and
@@ -127,6 +135,9 @@ pub enum Failure {
     NotSent(ProxyBody, io::Error),
     /// The request may have reached the backend.
     Failed(ProtoError),
+    /// The response head had not arrived by the deadline (the request may have reached
+    /// the backend).
+    TimedOut,
 }
 
 impl fmt::Debug for Failure {
@@ -134,6 +145,7 @@ impl fmt::Debug for Failure {
         match self {
             Failure::NotSent(_, e) => f.debug_tuple("NotSent").field(e).finish(),
             Failure::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+            Failure::TimedOut => f.write_str("TimedOut"),
         }
     }
 }
@@ -156,14 +168,15 @@ pub struct RequestHead<'a> {
     pub default_host: &'a str,
 }
 
-/// Sends a request with `head` and `body` on `conn` and reads the response head. The
-/// response body keeps the connection and gives it back to `backend`'s pool once read
-/// to its end.
+/// Sends a request with `head` and `body` on `conn` and reads the response head, which
+/// must arrive by `deadline`. The response body keeps the connection and gives it back to
+/// `backend`'s pool once read to its end.
 pub async fn exchange(
     mut conn: Conn,
     head: &RequestHead<'_>,
     mut body: ProxyBody,
     backend: &Arc<Backend>,
+    deadline: Instant,
 ) -> Result<Response<ResponseBody>, Failure> {
     let framing = if body.is_end_stream() {
         Framing::None
@@ -184,12 +197,18 @@ pub async fn exchange(
             }
         }
     }
-    if let Err(e) = conn.io.write_all(&out).await {
-        // A head cut short is never acted on: the request can go elsewhere.
-        if let (Some(bytes), ProxyBody::Full(chunk)) = (inlined, &mut body) {
-            *chunk = Some(bytes);
+    conn.timer.as_mut().reset(deadline);
+    let Conn { io, timer } = &mut conn;
+    match within(timer.as_mut(), io.write_all(&out)).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            // A head cut short is never acted on: the request can go elsewhere.
+            if let (Some(bytes), ProxyBody::Full(chunk)) = (inlined, &mut body) {
+                *chunk = Some(bytes);
+            }
+            return Err(Failure::NotSent(body, e));
         }
-        return Err(Failure::NotSent(body, e));
+        None => return Err(Failure::TimedOut),
     }
     drop(out);
 
@@ -200,11 +219,11 @@ pub async fn exchange(
         BodyWriter::new(body, framing, true)
     };
     let mut buf = BytesMut::with_capacity(HEAD_BUF);
-    let parsed = poll_fn(|cx| {
+    let parsing = poll_fn(|cx| {
         // The body is written while the response is awaited: a backend may answer early
         // (413, 401, a redirect) without reading the whole body.
         if !writer.done() {
-            if let Poll::Ready(Err(e)) = writer.poll_write(cx, &mut conn.io) {
+            if let Poll::Ready(Err(e)) = writer.poll_write(cx, io) {
                 return Poll::Ready(Err(e.into()));
             }
         }
@@ -217,7 +236,7 @@ pub async fn exchange(
             }
             buf.reserve(HEAD_BUF);
             let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut conn.io),
+                Pin::new(&mut *io),
                 cx,
                 &mut buf
             ))?;
@@ -229,9 +248,17 @@ pub async fn exchange(
                 }));
             }
         }
-    })
-    .await
-    .map_err(Failure::Failed)?;
+    });
+    let parsed = match within(timer.as_mut(), parsing).await {
+        Some(parsed) => parsed.map_err(Failure::Failed)?,
+        None => return Err(Failure::TimedOut),
+    };
+    // The timer stays registered until its deadline (moved on by the next request): poll
+    // it once with a waker that does nothing, so that it no longer holds this request's
+    // task.
+    let _ = timer
+        .as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()));
 
     // A body not written to its end leaves the connection unusable.
     let reuse = parsed.keep_alive && writer.done();
@@ -258,6 +285,16 @@ pub async fn exchange(
     *resp.version_mut() = parsed.version;
     *resp.headers_mut() = map;
     Ok(resp)
+}
+
+/// Polls `fut`, and `timer` while `fut` is pending: `None` when the timer fires first.
+async fn within<F: Future>(mut timer: Pin<&mut Sleep>, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(out) => Poll::Ready(Some(out)),
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+    })
+    .await
 }
 
 /// The request head, ready to write.

@@ -284,6 +284,7 @@ impl Upstream {
         head: &h1::RequestHead<'_>,
         body: crate::proxy::body::ProxyBody,
         now: std::time::Instant,
+        deadline: tokio::time::Instant,
     ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
         pool::send(
             &self.backends[index],
@@ -291,19 +292,22 @@ impl Upstream {
             body,
             self.config.timeouts.connect,
             now,
+            deadline,
         )
         .await
     }
 
     /// Sends one request (absolute URI) through hyper-util's client (TLS and h2c
-    /// upstreams).
+    /// upstreams), waiting for the response head until `deadline`.
     pub async fn send_client(
         &self,
         req: http::Request<crate::proxy::body::ProxyBody>,
+        deadline: tokio::time::Instant,
     ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
-        match self.client.request(req).await {
-            Ok(resp) => Ok(resp.map(pool::UpstreamBody::hyper)),
-            Err(e) => Err(pool::SendError::Client(e)),
+        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp.map(pool::UpstreamBody::hyper)),
+            Ok(Err(e)) => Err(pool::SendError::Client(e)),
+            Err(_elapsed) => Err(pool::SendError::TimedOut),
         }
     }
 

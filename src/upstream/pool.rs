@@ -129,6 +129,8 @@ pub enum SendError {
     Exchange(h1::ProtoError),
     /// hyper-util's client failed (TLS and h2c upstreams).
     Client(hyper_util::client::legacy::Error),
+    /// The response head had not arrived by the response deadline.
+    TimedOut,
 }
 
 impl SendError {
@@ -136,7 +138,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Exchange(_) => false,
+            SendError::Exchange(_) | SendError::TimedOut => false,
             SendError::Client(e) => e.is_connect(),
         }
     }
@@ -151,6 +153,7 @@ impl fmt::Display for SendError {
                 Some(cause) => write!(f, "{e}: {cause}"),
                 None => write!(f, "{e}"),
             },
+            SendError::TimedOut => f.write_str("no response head before the response timeout"),
         }
     }
 }
@@ -161,20 +164,23 @@ impl StdError for SendError {
             SendError::Connect(e) => Some(e),
             SendError::Exchange(e) => Some(e),
             SendError::Client(e) => Some(e),
+            SendError::TimedOut => None,
         }
     }
 }
 
 /// Sends a request (`head` and `body`) to `backend` over an idle connection of its pool or
-/// a new one (`now`: the attempt's start, for the idle connections' age). A pooled connection that turns out to be closed before the
-/// request was written is discarded and the request goes on the next one, so a backend
-/// closing idle connections costs no failed request.
+/// a new one (`now`: the attempt's start, for the idle connections' age), and waits for
+/// the response head until `deadline`. A pooled connection that turns out to be closed
+/// before the request was written is discarded and the request goes on the next one, so a
+/// backend closing idle connections costs no failed request.
 pub async fn send(
     backend: &Arc<Backend>,
     head: &h1::RequestHead<'_>,
     mut body: ProxyBody,
     connect_timeout: Duration,
     now: Instant,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
     loop {
         let (conn, pooled) = match backend.pool.take(now) {
@@ -182,25 +188,35 @@ pub async fn send(
             // Boxed: connecting is the rare path, and its state would otherwise sit in
             // every request's future.
             None => (
-                Box::pin(connect(&backend.addr, connect_timeout)).await?,
+                Box::pin(connect(&backend.addr, connect_timeout, deadline)).await?,
                 false,
             ),
         };
-        match h1::exchange(conn, head, body, backend).await {
+        match h1::exchange(conn, head, body, backend, deadline).await {
             Ok(resp) => return Ok(resp.map(UpstreamBody::own)),
             // Not written: the connection was gone already. Try the next one.
             Err(h1::Failure::NotSent(back, _)) if pooled => body = back,
             Err(h1::Failure::NotSent(_, e)) => return Err(SendError::Connect(e)),
             Err(h1::Failure::Failed(e)) => return Err(SendError::Exchange(e)),
+            Err(h1::Failure::TimedOut) => return Err(SendError::TimedOut),
         }
     }
 }
 
-/// Opens a connection to `addr` (`host:port`).
-async fn connect(addr: &str, timeout: Duration) -> Result<Conn, SendError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// Opens a connection to `addr` (`host:port`) within `timeout`, and before the response
+/// `deadline` (`SendError::TimedOut` when that comes first).
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+) -> Result<Conn, SendError> {
+    let limit = tokio::time::Instant::now()
+        .checked_add(timeout)
+        .map_or(deadline, |at| at.min(deadline));
+    let stream = match tokio::time::timeout_at(limit, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(SendError::Connect(e)),
+        Err(_) if limit == deadline => return Err(SendError::TimedOut),
         Err(_) => {
             return Err(SendError::Connect(io::Error::new(
                 io::ErrorKind::TimedOut,

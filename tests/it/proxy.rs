@@ -264,6 +264,35 @@ async fn a_slow_backend_gives_504_after_the_response_timeout() {
 }
 
 #[tokio::test]
+async fn the_response_timeout_counts_from_each_request_on_a_kept_connection() {
+    // A pooled connection keeps one timer and moves its deadline on for each request.
+    let a = Echo::start("kept").await;
+    let cfg = single_upstream(
+        &[(a.addr, 1)],
+        "[upstreams.app.timeouts]\nresponse = \"400ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    // One after another on the pooled connection: together far past the timeout, each
+    // well within it.
+    for _ in 0..6 {
+        assert_eq!(get(&proxy.url("/delay/150")).await.status, 200);
+    }
+    // Idle past the last request's deadline: its timer fires with no request waiting.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(get(&proxy.url("/delay/10")).await.status, 200);
+    // And the next slow answer is still cut at the timeout.
+    let started = Instant::now();
+    let answer = get(&proxy.url("/delay/3000")).await;
+    assert_eq!(answer.status, 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(get(&proxy.url("/delay/10")).await.status, 200);
+}
+
+#[tokio::test]
 async fn backend_statuses_and_bodies_pass_through() {
     let a = Echo::start("a").await;
     let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
