@@ -459,7 +459,7 @@ impl BodyWriter {
     fn finish(&mut self) -> Result<(), WriteError> {
         self.ended = true;
         match self.framing {
-            Framing::Chunked => self.queue.push_back(Bytes::from_static(b"0\r\n\r\n")),
+            Framing::Chunked => self.push(Bytes::from_static(b"0\r\n\r\n")),
             Framing::Length(n) if n != self.written => return Err(WriteError::Length),
             _ => {}
         }
@@ -468,6 +468,17 @@ impl BodyWriter {
 
     /// Queues one frame's bytes, framed; refuses data past a declared length (on the
     /// wire it would read as the start of the next message).
+    /// Queues `piece` after what is queued; a small one goes straight into the head while
+    /// nothing of the head is written and nothing is queued (no queue allocated for a
+    /// small answer's only frame).
+    fn push(&mut self, piece: Bytes) {
+        if self.head_written == 0 && self.queue.is_empty() && piece.len() <= COPY_MAX {
+            self.head.extend_from_slice(&piece);
+        } else {
+            self.queue.push_back(piece);
+        }
+    }
+
     fn take(&mut self, frame: Frame<Bytes>) -> Result<(), WriteError> {
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
@@ -481,11 +492,11 @@ impl BodyWriter {
                 if self.framing == Framing::Chunked {
                     let mut size = itoa_hex(data.len());
                     size.extend_from_slice(b"\r\n");
-                    self.queue.push_back(Bytes::from(size));
-                    self.queue.push_back(data);
-                    self.queue.push_back(Bytes::from_static(b"\r\n"));
+                    self.push(Bytes::from(size));
+                    self.push(data);
+                    self.push(Bytes::from_static(b"\r\n"));
                 } else {
-                    self.queue.push_back(data);
+                    self.push(data);
                 }
             }
             Err(frame) => {
@@ -498,7 +509,7 @@ impl BodyWriter {
                         }
                     }
                     last.extend_from_slice(b"\r\n");
-                    self.queue.push_back(Bytes::from(last));
+                    self.push(Bytes::from(last));
                     self.ended = true;
                 }
             }
@@ -609,6 +620,34 @@ mod tests {
                 write_out("abcde", Framing::Length(5000), prime),
                 format!("HEAD\r\n{}", "abcde".repeat(1000))
             );
+        }
+    }
+
+    #[test]
+    fn small_frames_before_and_after_a_large_one_keep_their_order() {
+        let big = "x".repeat(5000);
+        for (framing, expected) in [
+            (
+                Framing::Chunked,
+                format!("HEAD\r\n2\r\nab\r\n1388\r\n{big}\r\n2\r\ncd\r\n0\r\n\r\n"),
+            ),
+            (Framing::Length(5004), format!("HEAD\r\nab{big}cd")),
+        ] {
+            let mut writer =
+                BodyWriter::new(ProxyBody::Empty, framing, false).with_head(b"HEAD\r\n".to_vec());
+            for piece in ["ab", big.as_str(), "cd"] {
+                assert!(writer
+                    .take(Frame::data(Bytes::copy_from_slice(piece.as_bytes())))
+                    .is_ok());
+            }
+            assert!(writer.finish().is_ok());
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let mut out = Trickle(Vec::new());
+            assert!(matches!(
+                writer.poll_write(&mut cx, &mut out),
+                Poll::Ready(Ok(()))
+            ));
+            assert_eq!(String::from_utf8(out.0).unwrap_or_default(), expected);
         }
     }
 

@@ -93,7 +93,7 @@ struct Trace<'s> {
     backend: Option<&'s Backend>,
     attempts: u32,
     client_ip: Option<std::net::IpAddr>,
-    request_id: Option<http::HeaderValue>,
+    request_id: Option<headers::FieldValue>,
 }
 
 /// The parts of a request the access log prints, kept before the request moves on.

@@ -143,12 +143,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// them inserted into the map ([`Forwarding::apply`]).
 #[derive(Debug, Clone)]
 pub struct Forwarding {
-    forwarded_for: Option<HeaderValue>,
+    forwarded_for: Option<FieldValue>,
     proto: HeaderValue,
     forwarded_host: Option<HeaderValue>,
     via: HeaderValue,
     /// The request id sent upstream.
-    pub request_id: HeaderValue,
+    pub request_id: FieldValue,
     /// The client sent no valid id: ours replaces whatever it sent.
     new_request_id: bool,
 }
@@ -176,7 +176,9 @@ impl Forwarding {
             _ => headers.get(&X_REQUEST_ID),
         };
         let (request_id, new_request_id) = match sent_id {
-            Some(id) if is_valid_request_id(id.as_bytes()) => (id.clone(), false),
+            Some(id) if is_valid_request_id(id.as_bytes()) => {
+                (FieldValue::Shared(id.clone()), false)
+            }
             _ => (new_request_id(), true),
         };
         let chain = seen.is_none_or(|seen| seen.forwarded_for);
@@ -192,17 +194,17 @@ impl Forwarding {
 
     /// Each header this adds, in the order they are written. `Via` is added to the
     /// client's hops; every other name replaces the client's ([`Forwarding::replaces`]).
-    pub fn each(&self, mut f: impl FnMut(&'static HeaderName, &HeaderValue)) {
+    pub fn each(&self, mut f: impl FnMut(&'static HeaderName, &[u8])) {
         if let Some(value) = &self.forwarded_for {
-            f(&X_FORWARDED_FOR, value);
+            f(&X_FORWARDED_FOR, value.as_bytes());
         }
-        f(&X_FORWARDED_PROTO, &self.proto);
+        f(&X_FORWARDED_PROTO, self.proto.as_bytes());
         if let Some(host) = &self.forwarded_host {
-            f(&X_FORWARDED_HOST, host);
+            f(&X_FORWARDED_HOST, host.as_bytes());
         }
-        f(&VIA, &self.via);
+        f(&VIA, self.via.as_bytes());
         if self.new_request_id {
-            f(&X_REQUEST_ID, &self.request_id);
+            f(&X_REQUEST_ID, self.request_id.as_bytes());
         }
     }
 
@@ -227,10 +229,14 @@ impl Forwarding {
             headers.remove(&X_FORWARDED_HOST);
         }
         self.each(|name, value| {
+            // Valid values by construction (checked, or made of digits and address text).
+            let Ok(value) = HeaderValue::from_bytes(value) else {
+                return;
+            };
             if *name == VIA {
-                headers.append(name, value.clone());
+                headers.append(name, value);
             } else {
-                headers.insert(name, value.clone());
+                headers.insert(name, value);
             }
         });
     }
@@ -242,11 +248,57 @@ pub fn add_forwarding(
     headers: &mut HeaderMap,
     client: &ClientSide,
     authority: Option<&str>,
-) -> HeaderValue {
+) -> FieldValue {
     let host = headers.get(HOST).cloned();
     let forwarding = Forwarding::new(headers, client, authority, host);
     forwarding.apply(headers);
     forwarding.request_id
+}
+
+/// The longest value kept inline: a full IPv6 address as text is 45 bytes.
+const INLINE_MAX: usize = 46;
+
+/// A forwarding header's value: the client's (sharing its request head's bytes), or one
+/// made for this request and kept inline (a request id, an address), so that making one
+/// allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldValue {
+    /// The client's value, or a longer one made from it.
+    Shared(HeaderValue),
+    /// A short value made here.
+    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+}
+
+impl FieldValue {
+    /// `text` kept inline; `None` when it is longer than the inline room.
+    fn inline(text: &[u8]) -> Option<Self> {
+        let mut bytes = [0u8; INLINE_MAX];
+        bytes.get_mut(..text.len())?.copy_from_slice(text);
+        Some(FieldValue::Inline {
+            len: text.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The value's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            FieldValue::Shared(value) => value.as_bytes(),
+            FieldValue::Inline { len, bytes } => &bytes[..usize::from(*len)],
+        }
+    }
+}
+
+impl PartialEq<&str> for FieldValue {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl PartialEq<FieldValue> for HeaderValue {
+    fn eq(&self, other: &FieldValue) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
 }
 
 fn via_value(version: Version) -> HeaderValue {
@@ -276,24 +328,24 @@ pub(crate) fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 
 /// The `X-Forwarded-For` value: the client's list (several lines folded into one, the
 /// order kept) with `ip` appended; just `ip` without `chain` (the client sent none).
-fn forwarded_for(headers: &HeaderMap, ip: IpAddr, chain: bool) -> Option<HeaderValue> {
+fn forwarded_for(headers: &HeaderMap, ip: IpAddr, chain: bool) -> Option<FieldValue> {
     let mut buf = [0u8; 64];
     let ip_text = ip_text(ip, &mut buf);
     let len = ip_text.len();
     if !chain {
-        return HeaderValue::from_bytes(ip_text).ok();
+        return FieldValue::inline(ip_text);
     }
 
     let existing = headers.get_all(&X_FORWARDED_FOR);
     let mut values = existing.iter();
     let value = match (values.next(), values.next()) {
-        (None, _) => HeaderValue::from_bytes(ip_text),
+        (None, _) => return FieldValue::inline(ip_text),
         (Some(one), None) => {
             let mut joined = Vec::with_capacity(one.len() + 2 + len);
             joined.extend_from_slice(one.as_bytes());
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(ip_text);
-            HeaderValue::from_bytes(&joined)
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
         }
         (Some(_), Some(_)) => {
             let mut joined = Vec::new();
@@ -302,10 +354,10 @@ fn forwarded_for(headers: &HeaderMap, ip: IpAddr, chain: bool) -> Option<HeaderV
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(ip_text);
-            HeaderValue::from_bytes(&joined)
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
         }
     };
-    value.ok()
+    value.ok().map(FieldValue::Shared)
 }
 
 /// Writes `a.b.c.d` into `buf` (at least 15 bytes); returns the length.
@@ -341,12 +393,11 @@ pub fn is_valid_request_id(id: &[u8]) -> bool {
 }
 
 /// A fresh random request id: 32 lowercase hex digits (128 bits from a thread-local RNG).
-pub fn new_request_id() -> HeaderValue {
-    let mut buf = [0u8; 32];
-    buf[..16].copy_from_slice(&hex_digits(fastrand::u64(..)));
-    buf[16..].copy_from_slice(&hex_digits(fastrand::u64(..)));
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+pub fn new_request_id() -> FieldValue {
+    let mut bytes = [0u8; INLINE_MAX];
+    bytes[..16].copy_from_slice(&hex_digits(fastrand::u64(..)));
+    bytes[16..32].copy_from_slice(&hex_digits(fastrand::u64(..)));
+    FieldValue::Inline { len: 32, bytes }
 }
 
 /// The 16 nibbles of `bits` as lowercase hex digits, all at once (8 bytes at a time
@@ -447,7 +498,24 @@ mod tests {
         assert_eq!(h["host"], "api.example.com:8080");
         assert_eq!(h["via"], "1.1 palisade");
         assert_eq!(h["x-request-id"], id);
-        assert_eq!(id.len(), 32);
+        assert_eq!(id.as_bytes().len(), 32);
+    }
+
+    #[test]
+    fn the_longest_ipv6_text_is_kept_whole() {
+        let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap();
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, &ClientSide { ip, ..client() }, None);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"
+        );
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1")]);
+        add_forwarding(&mut h, &ClientSide { ip, ..client() }, None);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "1.1.1.1, ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"
+        );
     }
 
     #[test]
@@ -492,6 +560,6 @@ mod tests {
         assert_eq!(&hex_digits(0), b"0000000000000000");
         assert_eq!(&hex_digits(u64::MAX), b"ffffffffffffffff");
         let id = new_request_id();
-        assert!(id.len() == 32 && id.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        assert!(id.as_bytes().len() == 32 && id.as_bytes().iter().all(u8::is_ascii_hexdigit));
     }
 }

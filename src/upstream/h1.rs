@@ -326,7 +326,7 @@ fn encode_head(head: &RequestHead<'_>, framing: Framing) -> Vec<u8> {
         header_line(&mut out, &HOST, head.default_host.as_bytes());
     }
     head.forwarding
-        .each(|name, value| header_line(&mut out, name, value.as_bytes()));
+        .each(|name, value| header_line(&mut out, name, value));
     match framing {
         Framing::None => {
             // RFC 9110 8.6: a request whose method defines a body says it has none.
