@@ -475,13 +475,13 @@ async fn attempt_once<'s>(
     let backend = &upstream.backends[index];
     trace.backend = Some(backend);
     trace.attempts += 1;
-    // One clock read for the attempt's start, its deadline and the pool's idle check.
+    // One clock read for the attempt's start and its deadline.
     let started = Instant::now();
     let deadline = deadline(started, upstream.response_timeout());
     let sent = if template.direct {
         let head = template.head(backend);
         upstream
-            .send_direct(index, &head, body.attempt(), started, deadline)
+            .send_direct(index, &head, body.attempt(), deadline)
             .await
     } else {
         let req = template.request(backend, body.attempt(), last)?;

@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::clock::{instant_at, nanos, now_ns};
+use crate::clock::{coarse_ns, instant_at, nanos, now_ns};
 
 pub mod h1;
 use crate::proxy::{self, ConnInfo};
@@ -819,7 +819,7 @@ enum Verdict {
 
 impl Activity {
     fn new() -> Self {
-        let now = now_ns();
+        let now = coarse_ns();
         Activity {
             in_flight: AtomicU32::new(0),
             last_io: AtomicU64::new(now),
@@ -859,7 +859,7 @@ impl Activity {
     }
 
     fn on_read(&self) {
-        let now = now_ns();
+        let now = coarse_ns();
         self.last_io.store(now, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0 {
             let _ =
@@ -869,7 +869,7 @@ impl Activity {
     }
 
     fn on_write(&self) {
-        self.last_io.store(now_ns(), Ordering::Relaxed);
+        self.last_io.store(coarse_ns(), Ordering::Relaxed);
     }
 
     fn check(&self, limits: ConnLimits) -> Verdict {
@@ -903,7 +903,7 @@ struct RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.activity.last_io.store(now_ns(), Ordering::Relaxed);
+        self.activity.last_io.store(coarse_ns(), Ordering::Relaxed);
     }
 }
 

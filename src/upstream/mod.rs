@@ -236,7 +236,8 @@ impl Upstream {
 
     fn pick(&self, key: u64, tried: &Tried) -> Option<usize> {
         let backends = &self.backends;
-        let now = crate::clock::now_ns();
+        // Coarse: availability and slow start move in seconds; one tick late is nothing.
+        let now = crate::clock::coarse_ns();
         let window = crate::clock::nanos(crate::health::SLOW_START);
         let cap = self.cap;
         let open = |i: usize| backends[i].in_flight() < cap;
@@ -283,7 +284,6 @@ impl Upstream {
         index: usize,
         head: &h1::RequestHead<'_>,
         body: crate::proxy::body::ProxyBody,
-        now: std::time::Instant,
         deadline: tokio::time::Instant,
     ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
         pool::send(
@@ -291,7 +291,6 @@ impl Upstream {
             head,
             body,
             self.config.timeouts.connect,
-            now,
             deadline,
         )
         .await

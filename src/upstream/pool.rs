@@ -18,7 +18,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 
 use super::h1::{self, Conn};
 use super::Backend;
+use crate::clock;
 use crate::proxy::body::{BoxError, ProxyBody};
 
 /// How long an unused connection stays open (nginx's `keepalive_timeout` is 60 s; backends
@@ -43,7 +44,8 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// When it was given back ([`clock::coarse_ns`]).
+    since: u64,
 }
 
 /// The idle connections of one backend.
@@ -67,10 +69,11 @@ impl Pool {
     }
 
     /// The newest idle connection that is still open and not too old.
-    fn take(&self, now: Instant) -> Option<Conn> {
+    fn take(&self) -> Option<Conn> {
+        let now = clock::coarse_ns();
         loop {
             let idle = self.idle.lock().ok()?.pop()?;
-            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT && idle.conn.is_open() {
+            if now.saturating_sub(idle.since) < clock::nanos(IDLE_TIMEOUT) && idle.conn.is_open() {
                 return Some(idle.conn);
             }
             // Closed by the backend, or idle too long: dropping it closes it.
@@ -79,14 +82,14 @@ impl Pool {
 
     /// Gives a connection back for the next request (closing it when the pool is full).
     pub(super) fn put(&self, conn: Conn) {
-        let now = Instant::now();
+        let now = clock::coarse_ns();
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
         // The oldest connection sits at the bottom of the stack; retire it once it aged.
         if idle
             .first()
-            .is_some_and(|old| now.saturating_duration_since(old.since) >= IDLE_TIMEOUT)
+            .is_some_and(|old| now.saturating_sub(old.since) >= clock::nanos(IDLE_TIMEOUT))
         {
             idle.remove(0);
         }
@@ -98,11 +101,11 @@ impl Pool {
     /// Closes the connections that were idle for [`IDLE_TIMEOUT`] or that the backend
     /// closed (run every few seconds, so that an unused pool does not hold sockets open).
     pub fn sweep(&self) {
-        let now = Instant::now();
+        let now = clock::coarse_ns();
         let stale: Vec<Idle> = match self.idle.lock() {
             Ok(mut idle) => {
                 let (keep, stale) = std::mem::take(&mut *idle).into_iter().partition(|i| {
-                    now.saturating_duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_open()
+                    now.saturating_sub(i.since) < clock::nanos(IDLE_TIMEOUT) && i.conn.is_open()
                 });
                 *idle = keep;
                 stale
@@ -170,8 +173,7 @@ impl StdError for SendError {
 }
 
 /// Sends a request (`head` and `body`) to `backend` over an idle connection of its pool or
-/// a new one (`now`: the attempt's start, for the idle connections' age), and waits for
-/// the response head until `deadline`. A pooled connection that turns out to be closed
+/// a new one, and waits for the response head until `deadline`. A pooled connection that turns out to be closed
 /// before the request was written is discarded and the request goes on the next one, so a
 /// backend closing idle connections costs no failed request.
 pub async fn send(
@@ -179,11 +181,10 @@ pub async fn send(
     head: &h1::RequestHead<'_>,
     mut body: ProxyBody,
     connect_timeout: Duration,
-    now: Instant,
     deadline: tokio::time::Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
     loop {
-        let (conn, pooled) = match backend.pool.take(now) {
+        let (conn, pooled) = match backend.pool.take() {
             Some(conn) => (conn, true),
             // Boxed: connecting is the rare path, and its state would otherwise sit in
             // every request's future.
