@@ -165,17 +165,21 @@ for name in palisade nginx haproxy; do
 done
 
 hz=$(getconf CLK_TCK)
+# CPU 0's busy ticks (everything but idle and iowait), as peers.sh counts its us/req.
+core_busy() { awk '/^cpu0 / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 results="$work/rounds.txt"
 : >"$results"
 for r in $(seq "$rounds"); do
   for name in palisade nginx haproxy; do
     pid=${pid_of[$name]}
     read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    c0=$(core_busy)
     out=$(taskset -c 1 timeout $((duration + 10)) wrk -t1 -c64 -d"${duration}s" \
       "http://127.0.0.1:${port_of[$name]}$path" 2>&1)
+    c1=$(core_busy)
     read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
     reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-    echo "$r $name ${reqs:-0} $((u1 - u0)) $((s1 - s0))" >>"$results"
+    echo "$r $name ${reqs:-0} $((u1 - u0)) $((s1 - s0)) $((c1 - c0))" >>"$results"
     echo "round $r $name: ${reqs:-0} requests"
   done
 done
@@ -185,23 +189,26 @@ import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
 hz, path = int(sys.argv[2]), sys.argv[3]
 per = {}
-for r, name, reqs, user, system in rows:
+for r, name, reqs, user, system, core in rows:
     reqs = int(reqs)
     if reqs > 0:
         us = 1e6 / hz / reqs
-        per.setdefault(name, []).append((int(user) * us, int(system) * us))
+        per.setdefault(name, []).append((int(user) * us, int(system) * us, int(core) * us))
 med = {}
 print(f"path {path}: CPU microseconds per request, medians of {len(rows) // 3} rounds")
-print(f"{'proxy':10} {'user':>7} {'system':>7} {'total':>7} {'user %':>7}")
+print("user, system: the proxy process's own time; core: all of CPU 0's busy time (what")
+print("peers.sh's us/req counts: also softirq work not charged to the process)")
+print(f"{'proxy':10} {'user':>7} {'system':>7} {'total':>7} {'user %':>7} {'core':>7}")
 for name in ("palisade", "nginx", "haproxy"):
     if name not in per:
         print(f"{name:10} (no requests)")
         continue
-    u = statistics.median(x for x, _ in per[name])
-    s = statistics.median(x for _, x in per[name])
-    t = statistics.median(x + y for x, y in per[name])
+    u = statistics.median(x[0] for x in per[name])
+    s = statistics.median(x[1] for x in per[name])
+    t = statistics.median(x[0] + x[1] for x in per[name])
+    c = statistics.median(x[2] for x in per[name])
     med[name] = (u, s, t)
-    print(f"{name:10} {u:7.2f} {s:7.2f} {t:7.2f} {u / t:7.0%}")
+    print(f"{name:10} {u:7.2f} {s:7.2f} {t:7.2f} {u / t:7.0%} {c:7.2f}")
 if "palisade" in med and "nginx" in med:
     pu, ps, pt = med["palisade"]
     print(f"palisade vs nginx by total: {med['nginx'][2] / pt:.2f}x; "
