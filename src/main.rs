@@ -27,32 +27,57 @@ struct Allocator;
 /// The alignment every `mi_malloc` block has.
 const PLAIN_ALIGN: usize = 8;
 
+/// Alignments up to this are first tried with a plain block (see [`Allocator::alloc`]).
+const TRY_PLAIN_ALIGN: usize = 4096;
+
 // SAFETY: each method hands memory from mimalloc back to mimalloc: `mi_malloc`,
 // `mi_zalloc` and `mi_realloc` blocks are 8-byte aligned and used only for layouts that
-// ask no more; any other layout goes to the mimalloc crate's own (aligned) calls; every
-// block, however allocated, is freed by `mi_free`, which is what the crate's `dealloc`
-// calls.
+// ask no more, or after checking that the block happens to have the alignment asked for;
+// any other layout goes to the mimalloc crate's own (aligned) calls; every block, however
+// allocated, is freed by `mi_free`, which is what the crate's `dealloc` calls.
 unsafe impl GlobalAlloc for Allocator {
+    /// Layouts aligned to more than 8 bytes (tokio's task cells are 128-byte aligned)
+    /// first take a plain block and keep it when it happens to be aligned: for a size
+    /// above its small sizes that is not a power of two, mimalloc 3's aligned call
+    /// allocates `size + align - 1`, which moved a connection's 3,584-byte task cell into
+    /// the 4 KiB size class (+512 bytes per connection); plain blocks of a size class
+    /// that is a multiple of the alignment usually are aligned already.
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.align() <= PLAIN_ALIGN {
             // SAFETY: any size is valid for mi_malloc; the block is aligned enough.
-            unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() }
-        } else {
-            // SAFETY: the caller's contract for `alloc`, passed on.
-            unsafe { mimalloc::MiMalloc.alloc(layout) }
+            return unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() };
         }
+        if layout.align() <= TRY_PLAIN_ALIGN && layout.size() >= layout.align() {
+            // SAFETY: any size is valid for mi_malloc.
+            let p: *mut u8 = unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() };
+            if p.is_null() || p.align_offset(layout.align()) == 0 {
+                return p;
+            }
+            // SAFETY: `p` is the live mimalloc block just allocated, not handed out.
+            unsafe { libmimalloc_sys::mi_free(p.cast()) };
+        }
+        // SAFETY: the caller's contract for `alloc`, passed on.
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if layout.align() <= PLAIN_ALIGN {
             // SAFETY: as for `alloc`; mi_zalloc zeroes the block.
-            unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() }
-        } else {
-            // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
-            unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+            return unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() };
         }
+        if layout.align() <= TRY_PLAIN_ALIGN && layout.size() >= layout.align() {
+            // SAFETY: as for `alloc`.
+            let p: *mut u8 = unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() };
+            if p.is_null() || p.align_offset(layout.align()) == 0 {
+                return p;
+            }
+            // SAFETY: `p` is the live mimalloc block just allocated, not handed out.
+            unsafe { libmimalloc_sys::mi_free(p.cast()) };
+        }
+        // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
     }
 
     #[inline]
