@@ -262,6 +262,38 @@ async fn one_request(addr: SocketAddr) -> std::io::Result<()> {
 }
 
 #[tokio::test]
+async fn a_keep_alive_connection_that_stays_quiet_at_drain_is_closed_after_the_grace() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.expect("connect");
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: drain.test\r\n\r\n")
+        .await
+        .expect("write");
+    let first = read_head(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+    // Drain starts while the connection is idle, and the client sends nothing more: the
+    // connection is closed once the grace (1 s) has passed, and the drain ends.
+    let started = std::time::Instant::now();
+    let draining = tokio::spawn(proxy.shutdown());
+    let mut rest = Vec::new();
+    let eof = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    assert!(
+        eof.is_ok(),
+        "a quiet connection was not closed during the drain"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the grace: {:?}",
+        started.elapsed()
+    );
+    tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .expect("drain finished")
+        .expect("drain task");
+}
+
+#[tokio::test]
 async fn a_keep_alive_connection_idle_at_drain_gets_one_more_answer_then_close() {
     let a = Echo::start("a").await;
     let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
