@@ -466,8 +466,6 @@ impl BodyWriter {
         Ok(())
     }
 
-    /// Queues one frame's bytes, framed; refuses data past a declared length (on the
-    /// wire it would read as the start of the next message).
     /// Queues `piece` after what is queued; a small one goes straight into the head while
     /// nothing of the head is written and nothing is queued (no queue allocated for a
     /// small answer's only frame).
@@ -479,6 +477,8 @@ impl BodyWriter {
         }
     }
 
+    /// Queues one frame's bytes, framed; refuses data past a declared length (on the
+    /// wire it would read as the start of the next message).
     fn take(&mut self, frame: Frame<Bytes>) -> Result<(), WriteError> {
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}

@@ -2,6 +2,7 @@
 //! codes (0 clean, 1 config or start error, 2 usage error).
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,40 +45,22 @@ unsafe impl GlobalAlloc for Allocator {
     /// that is a multiple of the alignment usually are aligned already.
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.align() <= PLAIN_ALIGN {
-            // SAFETY: any size is valid for mi_malloc; the block is aligned enough.
-            return unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() };
+        // SAFETY: mi_malloc takes any size.
+        match plain_block(layout, |size| unsafe { libmimalloc_sys::mi_malloc(size) }) {
+            Some(p) => p,
+            // SAFETY: the caller's contract for `alloc`, passed on.
+            None => unsafe { mimalloc::MiMalloc.alloc(layout) },
         }
-        if layout.align() <= TRY_PLAIN_ALIGN && layout.size() >= layout.align() {
-            // SAFETY: any size is valid for mi_malloc.
-            let p: *mut u8 = unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() };
-            if p.is_null() || p.align_offset(layout.align()) == 0 {
-                return p;
-            }
-            // SAFETY: `p` is the live mimalloc block just allocated, not handed out.
-            unsafe { libmimalloc_sys::mi_free(p.cast()) };
-        }
-        // SAFETY: the caller's contract for `alloc`, passed on.
-        unsafe { mimalloc::MiMalloc.alloc(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.align() <= PLAIN_ALIGN {
-            // SAFETY: as for `alloc`; mi_zalloc zeroes the block.
-            return unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() };
+        // SAFETY: mi_zalloc takes any size (and zeroes the block).
+        match plain_block(layout, |size| unsafe { libmimalloc_sys::mi_zalloc(size) }) {
+            Some(p) => p,
+            // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+            None => unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) },
         }
-        if layout.align() <= TRY_PLAIN_ALIGN && layout.size() >= layout.align() {
-            // SAFETY: as for `alloc`.
-            let p: *mut u8 = unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() };
-            if p.is_null() || p.align_offset(layout.align()) == 0 {
-                return p;
-            }
-            // SAFETY: `p` is the live mimalloc block just allocated, not handed out.
-            unsafe { libmimalloc_sys::mi_free(p.cast()) };
-        }
-        // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
-        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
     }
 
     #[inline]
@@ -97,6 +80,24 @@ unsafe impl GlobalAlloc for Allocator {
             unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
         }
     }
+}
+
+/// A block from `plain` (mi_malloc or mi_zalloc) for `layout` when one will do: always
+/// for alignments up to 8; for larger ones up to 4 KiB when the block happens to be
+/// aligned (else it is freed again). `None`: use mimalloc's aligned call.
+#[inline]
+fn plain_block(layout: Layout, plain: impl FnOnce(usize) -> *mut c_void) -> Option<*mut u8> {
+    let align = layout.align();
+    if align > TRY_PLAIN_ALIGN || (align > PLAIN_ALIGN && layout.size() < align) {
+        return None;
+    }
+    let p: *mut u8 = plain(layout.size()).cast();
+    if align <= PLAIN_ALIGN || p.is_null() || p.align_offset(align) == 0 {
+        return Some(p);
+    }
+    // SAFETY: `p` is the live mimalloc block just allocated, not handed out.
+    unsafe { libmimalloc_sys::mi_free(p.cast()) };
+    None
 }
 
 #[derive(Debug, Parser)]

@@ -30,7 +30,7 @@ use crate::limit::client_ip;
 use crate::route::Route;
 use crate::snapshot::{ProxyState, Snapshot};
 use crate::upstream::h1::RequestHead;
-use crate::upstream::pool::{SendError, UpstreamBody};
+use crate::upstream::pool::UpstreamBody;
 use crate::upstream::{Backend, PickError, Tried, Upstream};
 
 /// Request bodies up to this size are read before forwarding, so that they can be sent
@@ -492,13 +492,6 @@ async fn attempt_once<'s>(
         Ok(resp) => {
             backend.record_latency(started.elapsed());
             Outcome::Answer(resp)
-        }
-        Err(SendError::TimedOut) => {
-            tracing::warn!(upstream = %upstream.name, backend = %backend.addr, "upstream response timed out");
-            Outcome::Failed {
-                error: ProxyError::ResponseTimeout,
-                sent: true,
-            }
         }
         Err(err) => {
             let error = ProxyError::from_upstream(&err);

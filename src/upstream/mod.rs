@@ -278,7 +278,7 @@ impl Upstream {
     }
 
     /// Sends one request to backend `index` through its own pool (plain HTTP/1.1
-    /// upstreams, [`Upstream::direct`]); `now` is the attempt's start.
+    /// upstreams, [`Upstream::direct`]), waiting for the response head until `deadline`.
     pub async fn send_direct(
         &self,
         index: usize,

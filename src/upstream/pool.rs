@@ -48,6 +48,13 @@ struct Idle {
     since: u64,
 }
 
+impl Idle {
+    /// Idle for less than [`IDLE_TIMEOUT`] at `now` ([`clock::coarse_ns`]).
+    fn is_fresh(&self, now: u64) -> bool {
+        now.saturating_sub(self.since) < clock::nanos(IDLE_TIMEOUT)
+    }
+}
+
 /// The idle connections of one backend.
 #[derive(Default)]
 pub struct Pool {
@@ -73,7 +80,7 @@ impl Pool {
         let now = clock::coarse_ns();
         loop {
             let idle = self.idle.lock().ok()?.pop()?;
-            if now.saturating_sub(idle.since) < clock::nanos(IDLE_TIMEOUT) && idle.conn.is_open() {
+            if idle.is_fresh(now) && idle.conn.is_open() {
                 return Some(idle.conn);
             }
             // Closed by the backend, or idle too long: dropping it closes it.
@@ -87,10 +94,7 @@ impl Pool {
             return;
         };
         // The oldest connection sits at the bottom of the stack; retire it once it aged.
-        if idle
-            .first()
-            .is_some_and(|old| now.saturating_sub(old.since) >= clock::nanos(IDLE_TIMEOUT))
-        {
+        if idle.first().is_some_and(|old| !old.is_fresh(now)) {
             idle.remove(0);
         }
         if idle.len() < MAX_IDLE {
@@ -104,9 +108,9 @@ impl Pool {
         let now = clock::coarse_ns();
         let stale: Vec<Idle> = match self.idle.lock() {
             Ok(mut idle) => {
-                let (keep, stale) = std::mem::take(&mut *idle).into_iter().partition(|i| {
-                    now.saturating_sub(i.since) < clock::nanos(IDLE_TIMEOUT) && i.conn.is_open()
-                });
+                let (keep, stale) = std::mem::take(&mut *idle)
+                    .into_iter()
+                    .partition(|i| i.is_fresh(now) && i.conn.is_open());
                 *idle = keep;
                 stale
             }
@@ -173,9 +177,9 @@ impl StdError for SendError {
 }
 
 /// Sends a request (`head` and `body`) to `backend` over an idle connection of its pool or
-/// a new one, and waits for the response head until `deadline`. A pooled connection that turns out to be closed
-/// before the request was written is discarded and the request goes on the next one, so a
-/// backend closing idle connections costs no failed request.
+/// a new one, and waits for the response head until `deadline`. A pooled connection that
+/// turns out to be closed before the request was written is discarded and the request
+/// goes on the next one, so a backend closing idle connections costs no failed request.
 pub async fn send(
     backend: &Arc<Backend>,
     head: &h1::RequestHead<'_>,

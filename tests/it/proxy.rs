@@ -292,6 +292,70 @@ async fn the_response_timeout_counts_from_each_request_on_a_kept_connection() {
     assert_eq!(get(&proxy.url("/delay/10")).await.status, 200);
 }
 
+/// A backend that never completes a connection: its listener's accept queue (backlog 0)
+/// is full, so the kernel drops further SYNs and connecting to it hangs. The listener and
+/// the connection filling its queue must live as long as the test.
+fn unanswering_backend() -> (tokio::net::TcpListener, std::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let filler = std::net::TcpStream::connect(addr).expect("fill the accept queue");
+    (listener, filler)
+}
+
+#[tokio::test]
+async fn a_backend_that_never_accepts_gives_502_after_the_connect_timeout() {
+    let (listener, _filler) = unanswering_backend();
+    let addr = listener.local_addr().expect("addr");
+    let cfg = single_upstream(
+        &[(addr, 1)],
+        "[upstreams.app.timeouts]\nconnect = \"300ms\"\nresponse = \"10s\"\n\
+         [upstreams.app.retry]\nattempts = 0",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let started = Instant::now();
+    let answer = get(&proxy.url("/")).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(
+        answer.header("proxy-status"),
+        Some("palisade; error=connection_timeout")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_response_timeout_also_bounds_connecting() {
+    // The response deadline runs from the attempt's start, connecting included: when it
+    // comes before the connect timeout, the answer is the response timeout's 504.
+    let (listener, _filler) = unanswering_backend();
+    let addr = listener.local_addr().expect("addr");
+    let cfg = single_upstream(
+        &[(addr, 1)],
+        "[upstreams.app.timeouts]\nconnect = \"10s\"\nresponse = \"300ms\"\n\
+         [upstreams.app.retry]\nattempts = 0",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let started = Instant::now();
+    let answer = get(&proxy.url("/")).await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(
+        answer.header("proxy-status"),
+        Some("palisade; error=http_response_timeout")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn backend_statuses_and_bodies_pass_through() {
     let a = Echo::start("a").await;
