@@ -306,22 +306,26 @@ fn unanswering_backend() -> (tokio::net::TcpListener, std::net::TcpStream) {
     (listener, filler)
 }
 
-#[tokio::test]
-async fn a_backend_that_never_accepts_gives_502_after_the_connect_timeout() {
+/// Asks once through a proxy whose only backend never completes a connection, with the
+/// given connect and response timeouts and no retries: the answer must be `status` with
+/// `error` in Proxy-Status, well before the longer of the two timeouts (10 s).
+async fn ask_an_unanswering_backend(connect: &str, response: &str, status: u16, error: &str) {
     let (listener, _filler) = unanswering_backend();
     let addr = listener.local_addr().expect("addr");
     let cfg = single_upstream(
         &[(addr, 1)],
-        "[upstreams.app.timeouts]\nconnect = \"300ms\"\nresponse = \"10s\"\n\
-         [upstreams.app.retry]\nattempts = 0",
+        &format!(
+            "[upstreams.app.timeouts]\nconnect = \"{connect}\"\nresponse = \"{response}\"\n\
+             [upstreams.app.retry]\nattempts = 0"
+        ),
     );
     let proxy = Proxy::start(&cfg).await;
     let started = Instant::now();
     let answer = get(&proxy.url("/")).await;
-    assert_eq!(answer.status, 502);
+    assert_eq!(answer.status, status);
     assert_eq!(
         answer.header("proxy-status"),
-        Some("palisade; error=connection_timeout")
+        Some(format!("palisade; error={error}").as_str())
     );
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -331,29 +335,15 @@ async fn a_backend_that_never_accepts_gives_502_after_the_connect_timeout() {
 }
 
 #[tokio::test]
+async fn a_backend_that_never_accepts_gives_502_after_the_connect_timeout() {
+    ask_an_unanswering_backend("300ms", "10s", 502, "connection_timeout").await;
+}
+
+#[tokio::test]
 async fn the_response_timeout_also_bounds_connecting() {
     // The response deadline runs from the attempt's start, connecting included: when it
     // comes before the connect timeout, the answer is the response timeout's 504.
-    let (listener, _filler) = unanswering_backend();
-    let addr = listener.local_addr().expect("addr");
-    let cfg = single_upstream(
-        &[(addr, 1)],
-        "[upstreams.app.timeouts]\nconnect = \"10s\"\nresponse = \"300ms\"\n\
-         [upstreams.app.retry]\nattempts = 0",
-    );
-    let proxy = Proxy::start(&cfg).await;
-    let started = Instant::now();
-    let answer = get(&proxy.url("/")).await;
-    assert_eq!(answer.status, 504);
-    assert_eq!(
-        answer.header("proxy-status"),
-        Some("palisade; error=http_response_timeout")
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        started.elapsed()
-    );
+    ask_an_unanswering_backend("10s", "300ms", 504, "http_response_timeout").await;
 }
 
 #[tokio::test]
