@@ -528,9 +528,107 @@ fn itoa_hex(n: usize) -> Vec<u8> {
     out
 }
 
+/// For the fuzz targets (`fuzz/`, built with the `fuzzing` feature): feeds `raw` into a
+/// read buffer in pieces of the sizes `sizes` gives (the rest at once when it runs out),
+/// calling `step` after each piece until it returns a result, then again on what is left
+/// (pipelined messages). A result starting with `error` or `end` stops it. Returns each
+/// result with how many bytes of `raw` had been consumed by then, and `incomplete` when the
+/// input ran out inside a message.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_read(
+    raw: &[u8],
+    sizes: &mut dyn Iterator<Item = usize>,
+    mut step: impl FnMut(&mut BytesMut) -> Option<String>,
+) -> Vec<String> {
+    let mut buf = BytesMut::new();
+    let mut at = 0;
+    let mut results = Vec::new();
+    loop {
+        if let Some(result) = step(&mut buf) {
+            let stop = result.starts_with("error") || result.starts_with("end");
+            results.push(format!("{result} @{}", at - buf.len()));
+            if stop {
+                return results;
+            }
+            continue;
+        }
+        if at == raw.len() {
+            results.push(format!("incomplete @{}", at - buf.len()));
+            return results;
+        }
+        let n = sizes.next().unwrap_or(raw.len()).clamp(1, raw.len() - at);
+        buf.extend_from_slice(&raw[at..at + n]);
+        at += n;
+    }
+}
+
+/// For the fuzz targets: decodes `raw` as a chunked body once with all of it in the
+/// buffer and once arriving in pieces (sizes from `cuts`), and panics when the data, the
+/// trailers, the error or where the body ends differ. Inputs longer than 4 KiB are
+/// skipped: the chunk-size line's limit is counted in buffered bytes.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_chunked(cuts: &[u8], raw: &[u8]) {
+    if raw.len() > 4096 {
+        return;
+    }
+    let decode = |sizes: &mut dyn Iterator<Item = usize>| {
+        let mut chunk = Chunk::Size;
+        let mut data = Vec::new();
+        let results = fuzz_read(raw, sizes, |buf| loop {
+            match decode_chunk(&mut chunk, buf) {
+                Ok(Decoded::Data(piece)) => {
+                    assert!(!piece.is_empty(), "an empty data piece");
+                    data.extend_from_slice(&piece);
+                }
+                Ok(Decoded::Again) => {}
+                Ok(Decoded::NeedMore(want)) => {
+                    assert!(want > 0, "needs more, but asks for nothing");
+                    return None;
+                }
+                Ok(Decoded::End(trailers)) => return Some(format!("end {trailers:?}")),
+                Err(InvalidChunk) => return Some("error".into()),
+            }
+        });
+        (data, results)
+    };
+    let whole = decode(&mut std::iter::once(raw.len()));
+    let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
+    let pieces = decode(&mut sizes);
+    assert_eq!(whole, pieces, "whole vs in pieces");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every input in `fuzz/seeds/` (the fuzz targets' starting points and each input that
+    /// once found a bug) through the fuzz targets' checks.
+    #[test]
+    fn fuzz_seeds_pass_the_fuzz_checks() {
+        type Target = fn(&[u8], &[u8]);
+        let targets: [(&str, Target); 3] = [
+            ("request_head", crate::server::h1::fuzz_request_heads),
+            ("response_head", crate::upstream::h1::fuzz_response_heads),
+            ("chunked", fuzz_chunked),
+        ];
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        for (name, target) in targets {
+            let mut count = 0;
+            for entry in
+                std::fs::read_dir(seeds.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+            {
+                let path = entry
+                    .map(|e| e.path())
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let data =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let (cuts, raw) = data.split_at(data.len().min(8));
+                target(cuts, raw);
+                count += 1;
+            }
+            assert!(count >= 10, "{name}: only {count} seeds");
+        }
+    }
 
     #[test]
     fn chunk_sizes_are_strict_hex() {

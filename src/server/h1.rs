@@ -339,9 +339,6 @@ fn poll_head(
                     Ok(None) => {}
                     Err(e) => return Poll::Ready(Err(Failed::Head(e))),
                 }
-                if w.buf.len() >= max_head {
-                    return Poll::Ready(Err(Failed::Head(ProxyError::HeadTooLarge)));
-                }
             }
         }
         let Some(io) = w.io.as_mut() else {
@@ -373,23 +370,28 @@ fn poisoned() -> io::Error {
     io::Error::other("connection state poisoned")
 }
 
-/// Parses a request head at the start of `buf`, consuming it. `Ok(None)`: not complete.
+/// Parses a request head at the start of `buf`, consuming it. `Ok(None)`: not complete
+/// (and shorter than `max_head`).
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, ProxyError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
+    // Only the first `max_head` bytes are looked at, however many have arrived: which
+    // error a long head gets (too large, or malformed past the limit) must not depend on
+    // how its bytes were split into reads (found by fuzzing).
+    let window = &buf[..buf.len().min(max_head)];
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
         &mut parsed,
-        buf,
+        window,
         &mut slots,
     ) {
         Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if window.len() == max_head => {
+            return Err(ProxyError::HeadTooLarge)
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadTooLarge),
         Err(_) => return Err(ProxyError::BadRequest("malformed head")),
     };
-    if len > max_head {
-        return Err(ProxyError::HeadTooLarge);
-    }
     let version = if parsed.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -884,6 +886,85 @@ fn poll_fill(w: &mut Wire, cx: &mut Context<'_>, want: usize) -> Poll<io::Result
     tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut w.buf)
 }
 
+/// For the fuzz targets (`fuzz/`, built with the `fuzzing` feature): parses `raw` as
+/// request heads the way a connection reads them, once with all of it in the buffer and
+/// once arriving in pieces (sizes from `cuts`), and panics when the two disagree or when a
+/// head says something inconsistent (its framing, or which headers the handler may skip
+/// looking up).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_request_heads(cuts: &[u8], raw: &[u8]) {
+    // Smaller than the inputs can be, so that the limit is exercised too.
+    const MAX_HEAD: usize = 1024;
+    let whole = crate::http1::fuzz_read(raw, &mut std::iter::once(raw.len()), |buf| {
+        read_head(buf, MAX_HEAD)
+    });
+    let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
+    let pieces = crate::http1::fuzz_read(raw, &mut sizes, |buf| read_head(buf, MAX_HEAD));
+    assert_eq!(whole, pieces, "whole vs in pieces");
+}
+
+/// One head as [`poll_head`] reads it (the size limit included), described for comparison.
+#[cfg(any(test, feature = "fuzzing"))]
+fn read_head(buf: &mut BytesMut, max_head: usize) -> Option<String> {
+    match parse_head(buf, max_head) {
+        Ok(Some(head)) => {
+            check_head(&head);
+            Some(format!(
+                "{:?} {:?} keep_alive={} continue={} upgrade={} {:?}",
+                head.request,
+                head.body,
+                head.keep_alive,
+                head.expect_continue,
+                head.upgrade,
+                head.seen,
+            ))
+        }
+        Ok(None) => None,
+        Err(e) => Some(format!("error: {e:?}")),
+    }
+}
+
+/// What the handler relies on in a parsed head.
+#[cfg(any(test, feature = "fuzzing"))]
+fn check_head(head: &Head) {
+    use http::header::HOST;
+    let headers = head.request.headers();
+    let count = |name| headers.get_all(name).iter().count();
+    assert_eq!(
+        usize::from(head.seen.hosts),
+        count(HOST).min(255),
+        "host lines"
+    );
+    assert_eq!(
+        head.seen.transfer_encoding,
+        headers.contains_key(TRANSFER_ENCODING)
+    );
+    assert_eq!(
+        head.seen.request_id,
+        headers.contains_key(&crate::proxy::headers::X_REQUEST_ID)
+    );
+    assert_eq!(
+        head.seen.forwarded_for,
+        headers.contains_key("x-forwarded-for")
+    );
+    assert!(count(CONTENT_LENGTH) <= 1, "one content-length forwarded");
+    match head.body {
+        BodyState::Chunked(Chunk::Size) => {
+            assert_eq!(count(TRANSFER_ENCODING), 1);
+            assert!(!headers.contains_key(CONTENT_LENGTH));
+        }
+        BodyState::Length(n) => {
+            assert!(n > 0);
+            assert!(!headers.contains_key(TRANSFER_ENCODING));
+        }
+        BodyState::Done => {}
+        other => panic!("a new head's body is {other:?}"),
+    }
+    if headers.contains_key(TRANSFER_ENCODING) && head.body == BodyState::Done {
+        assert!(!head.keep_alive, "refused framing closes the connection");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -891,6 +972,25 @@ mod tests {
     fn parse(raw: &[u8]) -> Result<Option<Head>, ProxyError> {
         let mut buf = BytesMut::from(raw);
         parse_head(&mut buf, 64 * 1024)
+    }
+
+    #[test]
+    fn a_head_past_the_limit_is_too_large_whatever_follows() {
+        let limit = 1024;
+        let mut raw = b"GET / HTTP/1.1\r\nhost: x\r\nx-long: ".to_vec();
+        raw.resize(limit + 100, b'a');
+        // Malformed only past the limit: too large, as when the bytes come in small reads
+        // (it was "malformed" when they all arrived in one).
+        raw.extend_from_slice(b"\x01\r\n\r\n");
+        for arrived in [raw.len(), limit] {
+            let mut buf = BytesMut::from(&raw[..arrived]);
+            assert!(
+                matches!(parse_head(&mut buf, limit), Err(ProxyError::HeadTooLarge)),
+                "{arrived} bytes"
+            );
+        }
+        let mut buf = BytesMut::from(&raw[..limit - 1]);
+        assert!(matches!(parse_head(&mut buf, limit), Ok(None)));
     }
 
     #[test]

@@ -228,11 +228,8 @@ pub async fn exchange(
             }
         }
         loop {
-            if let Some(head) = parse_head(&mut buf, head_request)? {
+            if let Some(head) = parse_head(&mut buf, head_request, MAX_HEAD)? {
                 return Poll::Ready(Ok(head));
-            }
-            if buf.len() >= MAX_HEAD {
-                return Poll::Ready(Err(ProtoError::HeadTooLarge));
             }
             buf.reserve(HEAD_BUF);
             let n = ready!(tokio_util::io::poll_read_buf(
@@ -359,19 +356,30 @@ struct Head {
 }
 
 /// Parses a response head at the start of `buf`, consuming it. Interim (1xx) responses
-/// other than 101 are consumed and skipped. `Ok(None)`: the head is not complete yet.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ProtoError> {
+/// other than 101 are consumed and skipped. `Ok(None)`: the head is not complete yet (and
+/// shorter than `limit`).
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    limit: usize,
+) -> Result<Option<Head>, ProtoError> {
     loop {
         // Uninitialised slots: filling 128 of them for every response cost more than
         // parsing the head.
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
+        // Only the first `limit` bytes are looked at: whether a long head is accepted
+        // must not depend on how its bytes were split into reads (found by fuzzing).
+        let window = &buf[..buf.len().min(limit)];
         let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
             &mut parsed,
-            buf,
+            window,
             &mut slots,
         ) {
             Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if window.len() == limit => {
+                return Err(ProtoError::HeadTooLarge)
+            }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(ProtoError::InvalidHead("too many header lines"))
@@ -844,13 +852,116 @@ impl Body for ResponseBody {
     }
 }
 
+/// For the fuzz targets (`fuzz/`, built with the `fuzzing` feature): parses `raw` as
+/// response heads (to a HEAD request when `cuts` starts with an odd byte) the way an
+/// exchange reads them, once with all of it in the buffer and once arriving in pieces
+/// (sizes from `cuts`), and panics when the two disagree, or when header lines passed on
+/// as written are not exactly the head's end-to-end lines.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_response_heads(cuts: &[u8], raw: &[u8]) {
+    // Smaller than the inputs can be, so that the limit is exercised too.
+    const LIMIT: usize = 1024;
+    let head_request = cuts.first().is_some_and(|b| b & 1 == 1);
+    let step = |buf: &mut BytesMut| match parse_head(buf, head_request, LIMIT) {
+        Ok(Some(head)) => Some(describe(head)),
+        Ok(None) => None,
+        Err(e) => Some(format!("error: {e:?}")),
+    };
+    let whole = crate::http1::fuzz_read(raw, &mut std::iter::once(raw.len()), step);
+    let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
+    let pieces = crate::http1::fuzz_read(raw, &mut sizes, step);
+    assert_eq!(whole, pieces, "whole vs in pieces");
+}
+
+/// A parsed response head, checked and described for comparison (its headers as the map
+/// an HTTP/2 client's answer would get).
+#[cfg(any(test, feature = "fuzzing"))]
+fn describe(head: Head) -> String {
+    let mut map = HeaderMap::new();
+    match head.headers {
+        Headers::Map(m) => map = m,
+        Headers::Raw(raw) => {
+            check_raw(&raw);
+            raw.into_map(&mut map);
+        }
+    }
+    format!(
+        "{} {:?} {:?} keep_alive={} {map:?}",
+        head.status, head.version, head.framing, head.keep_alive
+    )
+}
+
+/// The lines a [`RawHeaders`] writes are whole CRLF lines, and exactly the head's header
+/// lines that are not hop-by-hop, as written; its map has the same fields.
+#[cfg(any(test, feature = "fuzzing"))]
+fn check_raw(raw: &RawHeaders) {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    assert!(
+        matches!(response.parse(&raw.head), Ok(httparse::Status::Complete(n)) if n == raw.head.len()),
+        "the kept head parses whole"
+    );
+    let expected: Vec<(Vec<u8>, Vec<u8>)> = response
+        .headers
+        .iter()
+        .filter(|h| !headers::is_hop_by_hop_name(h.name.as_bytes()))
+        .map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec()))
+        .collect();
+    let mut out = Vec::new();
+    raw.write_to(&mut out);
+    assert_eq!(out.len(), raw.byte_len());
+    out.extend_from_slice(b"\r\n");
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let written: Vec<(Vec<u8>, Vec<u8>)> = match httparse::parse_headers(&out, &mut slots) {
+        Ok(httparse::Status::Complete((n, fields))) if n == out.len() => fields
+            .iter()
+            .map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec()))
+            .collect(),
+        other => panic!("written lines do not parse: {other:?}"),
+    };
+    assert_eq!(written, expected, "lines passed on as written");
+    assert!(
+        !out[..out.len() - 2]
+            .windows(2)
+            .any(|w| w[1] == b'\n' && w[0] != b'\r'),
+        "a bare LF passed on"
+    );
+    assert_eq!(
+        raw.has_date(),
+        expected
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(b"date"))
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn head(raw: &[u8], head_request: bool) -> Result<Option<Head>, ProtoError> {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, head_request)
+        parse_head(&mut buf, head_request, MAX_HEAD)
+    }
+
+    #[test]
+    fn a_head_past_the_limit_is_refused_however_it_arrives() {
+        let mut raw = b"HTTP/1.1 200 OK\r\nx-long: ".to_vec();
+        raw.resize(MAX_HEAD + 100, b'a');
+        raw.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        // All of it in one read (it used to be accepted when it arrived so) and only the
+        // first MAX_HEAD bytes of it.
+        for arrived in [raw.len(), MAX_HEAD] {
+            let mut buf = BytesMut::from(&raw[..arrived]);
+            assert!(
+                matches!(
+                    parse_head(&mut buf, false, MAX_HEAD),
+                    Err(ProtoError::HeadTooLarge)
+                ),
+                "{arrived} bytes"
+            );
+        }
+        let mut buf = BytesMut::from(&raw[..MAX_HEAD - 1]);
+        assert!(matches!(parse_head(&mut buf, false, MAX_HEAD), Ok(None)));
     }
 
     #[test]

@@ -1,0 +1,10 @@
+#![no_main]
+//! The input's first 8 bytes say where the reads split it; the rest is the bytes that
+//! arrive. See `palisade::http1::fuzz_chunked`.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let (cuts, raw) = data.split_at(data.len().min(8));
+    palisade::http1::fuzz_chunked(cuts, raw);
+});
