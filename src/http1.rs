@@ -597,6 +597,187 @@ pub fn fuzz_chunked(cuts: &[u8], raw: &[u8]) {
     assert_eq!(whole, pieces, "whole vs in pieces");
 }
 
+/// For the fuzz targets: writes a head and a body through a [`BodyWriter`] the way the
+/// codecs do, frames and writes interleaved as `ops` says (the socket taking a few bytes
+/// per write and sometimes none; a write that finds no frame waiting ends the body), and
+/// panics unless what reached the socket is the head, then the body's bytes framed as
+/// declared (a chunked body decodes to them and its trailers), or a length error when
+/// the body and its declared length differ.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_body_writer(ops: &[u8]) {
+    let Some((&first, ops)) = ops.split_first() else {
+        return;
+    };
+    // (kind, argument) pairs: a data frame, a trailers frame (the body's end), or writes.
+    let frame_len = |arg: u8| usize::from(arg) * 61 % 6000;
+    let mut total = 0u64;
+    for pair in ops.chunks_exact(2) {
+        match pair[0] % 3 {
+            0 => total += frame_len(pair[1]) as u64,
+            2 => break,
+            _ => {}
+        }
+    }
+    let framing = match first % 3 {
+        0 => Framing::Chunked,
+        1 => Framing::Length((total + u64::from(first / 3 % 3)).saturating_sub(1)),
+        _ => Framing::Close,
+    };
+    let trailers = first & 0x40 != 0;
+    let head = vec![b'H'; usize::from(first >> 4 & 7) * 700];
+    let mut writer = BodyWriter::new(ProxyBody::Empty, framing, trailers).with_head(head.clone());
+    let mut socket = Budget::default();
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut data = Vec::new();
+    let mut sent_trailers = None;
+    let mut failed = None;
+    let mut counter = 0u8;
+    for pair in ops.chunks_exact(2) {
+        let (kind, arg) = (pair[0], pair[1]);
+        let step = match kind % 3 {
+            0 => {
+                let piece: Vec<u8> = (0..frame_len(arg))
+                    .map(|_| {
+                        counter = counter.wrapping_add(1);
+                        counter
+                    })
+                    .collect();
+                data.extend_from_slice(&piece);
+                writer.take(Frame::data(Bytes::from(piece)))
+            }
+            1 => {
+                socket.per_call = usize::from(arg % 50) + 1;
+                socket.calls = usize::from(kind / 3 % 4) + 1;
+                match writer.poll_write(&mut cx, &mut socket) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => Ok(()),
+                }
+            }
+            _ => {
+                let mut map = HeaderMap::new();
+                map.insert("x-t", HeaderValue::from(u16::from(arg)));
+                sent_trailers = Some(map.clone());
+                writer.take(Frame::trailers(map))
+            }
+        };
+        if let Err(e) = step {
+            failed = Some(e);
+            break;
+        }
+        // Trailers end the body; so does a write that found no frame waiting (the body
+        // here is empty, so the writer polls it to its end).
+        if sent_trailers.is_some() || writer.ended {
+            break;
+        }
+    }
+    if failed.is_none() && !writer.ended {
+        failed = writer.finish().err();
+    }
+    if failed.is_none() {
+        // The rest in larger writes (short ones were tried above): the fuzzer stays fast.
+        socket.calls = usize::MAX;
+        socket.per_call = socket.per_call.max(1) * 64;
+        match writer.poll_write(&mut cx, &mut socket) {
+            Poll::Ready(Ok(())) => assert!(writer.done()),
+            other => panic!("the last write: {other:?}"),
+        }
+    }
+    let declared = match framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    let sent = data.len() as u64;
+    if let Some(e) = failed {
+        assert!(
+            matches!(e, WriteError::Length) && declared.is_some_and(|n| n != sent),
+            "{e:?} with {framing:?}, {sent} bytes"
+        );
+        return;
+    }
+    assert!(
+        declared.is_none_or(|n| n == sent),
+        "a wrong length not refused"
+    );
+    let written = &socket.out;
+    assert!(written.starts_with(&head), "the head first");
+    let body = &written[head.len()..];
+    if framing != Framing::Chunked {
+        assert!(body == data.as_slice(), "the body's bytes as they were");
+        return;
+    }
+    let mut buf = BytesMut::from(body);
+    let mut chunk = Chunk::Size;
+    let mut decoded = Vec::new();
+    let got_trailers = loop {
+        match decode_chunk(&mut chunk, &mut buf) {
+            Ok(Decoded::Data(piece)) => decoded.extend_from_slice(&piece),
+            Ok(Decoded::Again) => {}
+            Ok(Decoded::End(map)) => break map,
+            other => panic!("the chunked body does not decode: {other:?}"),
+        }
+    };
+    assert!(buf.is_empty(), "bytes after the chunked body");
+    assert!(decoded == data, "the chunked body decodes to its bytes");
+    let expected = sent_trailers.filter(|_| trailers).unwrap_or_default();
+    assert_eq!(got_trailers, expected);
+}
+
+/// A socket that takes at most `per_call` bytes per write, for `calls` writes, then is
+/// not writable.
+#[cfg(any(test, feature = "fuzzing"))]
+#[derive(Default)]
+struct Budget {
+    out: Vec<u8>,
+    per_call: usize,
+    calls: usize,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl AsyncWrite for Budget {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.calls == 0 {
+            return Poll::Pending;
+        }
+        self.calls -= 1;
+        let mut left = self.per_call.max(1);
+        let mut n = 0;
+        for buf in bufs {
+            let take = buf.len().min(left);
+            self.out.extend_from_slice(&buf[..take]);
+            n += take;
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,11 +786,25 @@ mod tests {
     /// once found a bug) through the fuzz targets' checks.
     #[test]
     fn fuzz_seeds_pass_the_fuzz_checks() {
-        type Target = fn(&[u8], &[u8]);
-        let targets: [(&str, Target); 3] = [
-            ("request_head", crate::server::h1::fuzz_request_heads),
-            ("response_head", crate::upstream::h1::fuzz_response_heads),
-            ("chunked", fuzz_chunked),
+        /// The targets that take where the reads split the input from its first 8 bytes.
+        fn split(data: &[u8]) -> (&[u8], &[u8]) {
+            data.split_at(data.len().min(8))
+        }
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 4] = [
+            ("request_head", |d| {
+                let (cuts, raw) = split(d);
+                crate::server::h1::fuzz_request_heads(cuts, raw)
+            }),
+            ("response_head", |d| {
+                let (cuts, raw) = split(d);
+                crate::upstream::h1::fuzz_response_heads(cuts, raw)
+            }),
+            ("chunked", |d| {
+                let (cuts, raw) = split(d);
+                fuzz_chunked(cuts, raw)
+            }),
+            ("body_writer", fuzz_body_writer),
         ];
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
         for (name, target) in targets {
@@ -622,8 +817,7 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
                 let data =
                     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                let (cuts, raw) = data.split_at(data.len().min(8));
-                target(cuts, raw);
+                target(&data);
                 count += 1;
             }
             assert!(count >= 10, "{name}: only {count} seeds");
@@ -645,47 +839,12 @@ mod tests {
         }
     }
 
-    /// Takes at most 5 bytes per write, across the buffers of a vectored one.
-    struct Trickle(Vec<u8>);
-
-    impl AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            data: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let n = data.len().min(5);
-            self.0.extend_from_slice(&data[..n]);
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let mut n = 0;
-            for buf in bufs {
-                let take = buf.len().min(5 - n);
-                self.0.extend_from_slice(&buf[..take]);
-                n += take;
-                if n == 5 {
-                    break;
-                }
-            }
-            Poll::Ready(Ok(n))
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
+    /// A socket that takes at most 5 bytes per write, across the buffers of a vectored one.
+    fn trickle() -> Budget {
+        Budget {
+            out: Vec::new(),
+            per_call: 5,
+            calls: usize::MAX,
         }
     }
 
@@ -697,13 +856,13 @@ mod tests {
         if prime {
             writer.prime(&mut cx);
         }
-        let mut out = Trickle(Vec::new());
+        let mut out = trickle();
         assert!(matches!(
             writer.poll_write(&mut cx, &mut out),
             Poll::Ready(Ok(()))
         ));
         assert!(writer.done());
-        String::from_utf8(out.0).unwrap_or_default()
+        String::from_utf8(out.out).unwrap_or_default()
     }
 
     #[test]
@@ -740,12 +899,12 @@ mod tests {
             }
             assert!(writer.finish().is_ok());
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            let mut out = Trickle(Vec::new());
+            let mut out = trickle();
             assert!(matches!(
                 writer.poll_write(&mut cx, &mut out),
                 Poll::Ready(Ok(()))
             ));
-            assert_eq!(String::from_utf8(out.0).unwrap_or_default(), expected);
+            assert_eq!(String::from_utf8(out.out).unwrap_or_default(), expected);
         }
     }
 
@@ -757,12 +916,12 @@ mod tests {
             false,
         );
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut out = Trickle(Vec::new());
+        let mut out = trickle();
         assert!(matches!(
             writer.poll_write(&mut cx, &mut out),
             Poll::Ready(Err(WriteError::Length))
         ));
-        assert!(out.0.is_empty());
+        assert!(out.out.is_empty());
     }
 
     #[test]
