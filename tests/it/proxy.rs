@@ -347,6 +347,90 @@ async fn the_response_timeout_also_bounds_connecting() {
 }
 
 #[tokio::test]
+async fn the_response_timeout_bounds_sending_a_body_the_backend_never_reads() {
+    // The backend accepts and then reads nothing (a small receive buffer), while the client
+    // streams a body far larger than every socket buffer between them: the proxy stays
+    // stuck writing until the response deadline, which must end the attempt as it ends
+    // waiting for a head.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(16).expect("listen");
+    let backend = listener.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            kept.push(stream);
+        }
+    });
+    let cfg = single_upstream(
+        &[(backend, 1)],
+        "[upstreams.app.timeouts]\nresponse = \"400ms\"\n[upstreams.app.retry]\nattempts = 0\n\
+         [server.limits]\nmax_body_bytes = 0",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let addr = proxy.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        let total: usize = 256 << 20;
+        let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {total}\r\n\r\n");
+        client.write_all(head.as_bytes()).expect("head");
+        let mut writer = client.try_clone().expect("clone");
+        // Streams until the proxy stops taking it (it answers, then closes) or all is sent.
+        let feeder = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < total && writer.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let started = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let waited = started.elapsed();
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        let sent = feeder.join().expect("feeder");
+        (
+            String::from_utf8_lossy(&got).into_owned(),
+            waited,
+            sent,
+            total,
+        )
+    })
+    .await
+    .expect("client");
+    let (head, waited, sent, total) = answer;
+    assert!(
+        head.starts_with("HTTP/1.1 504 "),
+        "got {head:?} after {waited:?}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("proxy-status: palisade; error=http_response_timeout"),
+        "{head}"
+    );
+    assert!(waited < Duration::from_secs(3), "took {waited:?}");
+    assert!(
+        sent < total,
+        "the body was not stuck: all {sent} bytes went"
+    );
+    held.abort();
+}
+
+#[tokio::test]
 async fn backend_statuses_and_bodies_pass_through() {
     let a = Echo::start("a").await;
     let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
