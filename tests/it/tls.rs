@@ -165,6 +165,46 @@ async fn https_with_sni_alpn_http1_and_h2() {
 }
 
 #[tokio::test]
+async fn a_tls_handshake_that_stalls_is_closed_at_header_read() {
+    let a = make_cert(&["a.test"]);
+    let dir = temp_dir("stall");
+    write_pair(&dir, "a", &a);
+    write_pair(&dir, "b", &make_cert(&["b.test"]));
+    let echo = Echo::start("e").await;
+    let path = tls_config(&dir, echo.addr);
+    let config = std::fs::read_to_string(&path).expect("read config");
+    std::fs::write(
+        &path,
+        format!("[server.timeouts]\nheader_read = \"500ms\"\n{config}"),
+    )
+    .expect("config");
+    let (_proxy, tls) = Proxy::start_with_tls(&path).await;
+    let addr = tls[&"127.0.0.1:8443".parse().expect("addr")];
+
+    // Nothing at all, then a ClientHello's record header and no more: both end at the
+    // header_read deadline (a slowloris on the handshake), not before, not never.
+    for sent in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00][..]] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(sent).await.expect("write");
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "{sent:?}: not closed: {read:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+            "{sent:?}: closed after {waited:?}"
+        );
+    }
+    // A client that completes its handshake is served as before.
+    let stream = handshake(addr, "a.test", client_config(&[&a], &[])).await;
+    assert_eq!(served_cert(&stream), a.der);
+}
+
+#[tokio::test]
 async fn a_reload_serves_new_certificates_and_a_broken_one_keeps_the_old() {
     let (a, b) = (make_cert(&["a.test"]), make_cert(&["b.test"]));
     let dir = temp_dir("reload");
