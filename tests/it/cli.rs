@@ -120,28 +120,6 @@ async fn demo_serves_round_robin_over_three_echo_backends() {
     stop_gracefully(child);
 }
 
-/// Sends SIGTERM and expects a clean exit (code 0) within a few seconds.
-fn stop_gracefully(mut child: ChildGuard) {
-    let pid = child.0.id().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            assert_eq!(status.code(), Some(0), "exit after SIGTERM");
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 /// Runs palisade with `config`, sends one request to `path`, stops it, and returns its
 /// stderr.
 async fn run_and_capture(config: &str, path: &str) -> String {
@@ -152,22 +130,7 @@ async fn run_and_capture(config: &str, path: &str) -> String {
 async fn run_and_capture_n(config: &str, path: &str, n: usize) -> String {
     let (_dir, file) = write_config(&format!("access-{}.toml", common::free_port()), config);
     let log = file.with_extension("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args([
-            "run",
-            "-c",
-            &file.to_string_lossy(),
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn");
-    let child = ChildGuard(child);
+    let child = spawn_logged(&file, &log, "info");
     let port: u16 = config
         .split("127.0.0.1:")
         .nth(1)

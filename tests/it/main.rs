@@ -19,6 +19,7 @@ mod h1_server;
 mod h1_upstream;
 mod h2;
 mod memory;
+mod mutation;
 mod pool;
 mod proxy;
 mod reload;

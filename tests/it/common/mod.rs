@@ -416,6 +416,47 @@ pub fn spawn_palisade(args: &[&str]) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// Sends SIGTERM and expects a clean exit (code 0) within a few seconds.
+pub fn stop_gracefully(mut child: ChildGuard) {
+    let pid = child.0.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            assert_eq!(status.code(), Some(0), "exit after SIGTERM");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Runs `palisade run -c config` with JSON logs at `level` written to the file `log`.
+pub fn spawn_logged(config: &Path, log: &Path, level: &str) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args([
+            "run",
+            "-c",
+            &config.to_string_lossy(),
+            "--log-format",
+            "json",
+        ])
+        .args(["--log-level", level])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn palisade");
+    ChildGuard(child)
+}
+
 /// Waits until something accepts connections on `addr`.
 pub async fn wait_listening(addr: SocketAddr) {
     let up = eventually(Duration::from_secs(20), async || {
