@@ -92,7 +92,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
     };
     let dns_task = tokio::spawn(dns::refresh_forever(state.clone(), resolver));
-    let (admin_stop, admin_task) = spawn_admin(admin_listener, state.clone());
+    let (admin_stop, admin_task) = spawn_admin_following(admin_listener, state.clone());
     crate::sdnotify::ready();
     let shutdown = async {
         shutdown_signal().await;
@@ -219,6 +219,56 @@ fn spawn_admin(
     let task = tokio::spawn(admin::serve(listener, state, async {
         let _ = rx.await;
     }));
+    (tx, task)
+}
+
+/// [`spawn_admin`], moving the admin API when a reload changes `admin.listen`: the new
+/// address is bound first (if that fails, the old one stays, with an error logged), then
+/// the old listener stops accepting (its open connections finish).
+fn spawn_admin_following(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut addr = state.snapshot().config.admin.listen;
+        let (mut current_stop, mut current) = spawn_admin(listener, state.clone());
+        let mut changes = state.subscribe();
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        let _ = (&mut stop).await;
+                        break;
+                    }
+                    let wanted = state.snapshot().config.admin.listen;
+                    if wanted == addr {
+                        continue;
+                    }
+                    match server::bind(wanted) {
+                        Ok(listener) => {
+                            tracing::info!(addr = %wanted, "admin listen address changed: listening");
+                            let (next_stop, next) = spawn_admin(listener, state.clone());
+                            let _ = std::mem::replace(&mut current_stop, next_stop).send(());
+                            // The old one finishes on its own.
+                            drop(std::mem::replace(&mut current, next));
+                            addr = wanted;
+                        }
+                        Err(e) => tracing::error!(
+                            addr = %wanted, error = %e,
+                            "cannot listen on the new admin address; the admin API stays on {addr}"
+                        ),
+                    }
+                }
+            }
+        }
+        let _ = current_stop.send(());
+        let _ = current.await;
+    });
     (tx, task)
 }
 

@@ -135,13 +135,15 @@ async fn serve_inner(
     // Every connection task holds a clone of `done_tx`; when all are dropped, `recv`
     // returns None: all connections are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let mut accept_tasks: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    // Keyed by the configured address and whether it is a TLS one: a reload opens and
+    // closes both kinds.
+    let mut accept_tasks: HashMap<(SocketAddr, bool), JoinHandle<()>> = HashMap::new();
     let registry: Registry = Arc::default();
-    let mut tls_tasks = Vec::new();
     for listener in listeners {
         let Ok(addr) = listener.socket.local_addr() else {
             continue;
         };
+        let key = (listener.tls.unwrap_or(addr), listener.tls.is_some());
         let task = tokio::spawn(accept_loop(
             listener.socket,
             state.clone(),
@@ -150,11 +152,7 @@ async fn serve_inner(
             registry.clone(),
             listener.tls,
         ));
-        if listener.tls.is_some() {
-            tls_tasks.push(task);
-        } else {
-            accept_tasks.insert(addr, task);
-        }
+        accept_tasks.insert(key, task);
     }
     let mut changes = state.subscribe();
     tokio::pin!(shutdown);
@@ -165,34 +163,40 @@ async fn serve_inner(
                 if changed.is_err() {
                     continue;
                 }
-                let wanted: HashSet<SocketAddr> =
-                    state.snapshot().config.server.listen.iter().copied().collect();
-                accept_tasks.retain(|addr, task| {
-                    let keep = wanted.contains(addr);
+                let config = state.snapshot().config.clone();
+                let wanted: HashSet<(SocketAddr, bool)> = config
+                    .server
+                    .listen
+                    .iter()
+                    .map(|&addr| (addr, false))
+                    .chain(config.server.tls.iter().map(|t| (t.listen, true)))
+                    .collect();
+                accept_tasks.retain(|&(addr, tls), task| {
+                    let keep = wanted.contains(&(addr, tls));
                     if !keep {
-                        tracing::info!(%addr, "listen address removed: closing the listener");
+                        tracing::info!(%addr, tls, "listen address removed: closing the listener");
                         task.abort();
                     }
                     keep
                 });
-                for addr in wanted {
-                    if accept_tasks.contains_key(&addr) {
+                for (addr, tls) in wanted {
+                    if accept_tasks.contains_key(&(addr, tls)) {
                         continue;
                     }
                     match bind(addr) {
                         Ok(listener) => {
-                            tracing::info!(%addr, "listen address added: listening");
+                            tracing::info!(%addr, tls, "listen address added: listening");
                             let task = tokio::spawn(accept_loop(
                                 listener,
                                 state.clone(),
                                 stop_rx.clone(),
                                 done_tx.clone(),
                                 registry.clone(),
-                                None,
+                                tls.then_some(addr),
                             ));
-                            accept_tasks.insert(addr, task);
+                            accept_tasks.insert((addr, tls), task);
                         }
-                        Err(e) => tracing::error!(%addr, error = %e, "cannot listen on the new address"),
+                        Err(e) => tracing::error!(%addr, tls, error = %e, "cannot listen on the new address"),
                     }
                 }
             }
@@ -203,7 +207,7 @@ async fn serve_inner(
     state.start_draining();
     warn_if_queued_connections_would_reset();
     let _ = stop_tx.send(true);
-    for task in accept_tasks.into_values().chain(tls_tasks) {
+    for task in accept_tasks.into_values() {
         task.abort();
         let _ = task.await;
     }

@@ -191,6 +191,11 @@ async fn listeners_open_and_close_as_server_listen_changes() {
     let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("addr") };
     wait_listening(addr(p1)).await;
     assert_eq!(get(&format!("http://{}/", addr(p1))).await.status, 200);
+    // The admin API answers once the config file is watched (it starts after the watcher).
+    assert_eq!(
+        get(&format!("http://{}/healthz", addr(admin))).await.status,
+        200
+    );
 
     std::fs::write(&path, config(&[p1, p2])).expect("write");
     wait_listening(addr(p2)).await;
@@ -206,6 +211,41 @@ async fn listeners_open_and_close_as_server_listen_changes() {
         "the removed listen address still accepts connections"
     );
     assert_eq!(get(&format!("http://{}/", addr(p2))).await.status, 200);
+}
+
+#[tokio::test]
+async fn the_admin_api_moves_when_admin_listen_changes() {
+    let a = Echo::start("a").await;
+    let (port, admin1, admin2) = (free_port(), free_port(), free_port());
+    let config = |admin: u16| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            routes_to(&[a.addr], "/")
+        )
+    };
+    let (_dir, path) = temp_config("admin-listen", &config(admin1));
+    let _child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("addr") };
+    wait_listening(addr(admin1)).await;
+    assert_eq!(
+        get(&format!("http://{}/healthz", addr(admin1)))
+            .await
+            .status,
+        200
+    );
+
+    std::fs::write(&path, config(admin2)).expect("write");
+    wait_listening(addr(admin2)).await;
+    let status = get(&format!("http://{}/status", addr(admin2))).await;
+    assert_eq!(status.status, 200);
+    assert_eq!(status.json()["generation"], 2);
+    let closed = eventually(Duration::from_secs(3), async || {
+        tokio::net::TcpStream::connect(addr(admin1)).await.is_err()
+    })
+    .await;
+    assert!(closed, "the old admin address still accepts connections");
+    // The proxy itself was not disturbed.
+    assert_eq!(get(&format!("http://{}/", addr(port))).await.status, 200);
 }
 
 #[tokio::test]

@@ -204,6 +204,74 @@ async fn a_tls_handshake_that_stalls_is_closed_at_header_read() {
     assert_eq!(served_cert(&stream), a.der);
 }
 
+/// A GET over TLS to `addr` (certificate for a.test); the answer's status line.
+async fn https_status(addr: SocketAddr, cert: &Cert) -> String {
+    let mut stream = handshake(addr, "a.test", client_config(&[cert], &[])).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn tls_listeners_open_and_close_as_their_addresses_change() {
+    let a = make_cert(&["a.test"]);
+    let dir = temp_dir("tls-listen");
+    write_pair(&dir, "a", &a);
+    let echo = Echo::start("e").await;
+    let (plain, admin, tls1, tls2) = (free_port(), free_port(), free_port(), free_port());
+    let config = |tls: &[u16]| {
+        let mut text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{plain}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+        );
+        for port in tls {
+            text.push_str(&format!(
+                "[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n"
+            ));
+        }
+        text.push_str(&format!(
+            "[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+            echo.addr
+        ));
+        text
+    };
+    let path = dir.write("palisade.toml", &config(&[]));
+    let _child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("addr") };
+    wait_listening(addr(plain)).await;
+    // The admin API answers once the config file is watched (it starts after the watcher).
+    let healthz = format!("http://{}/healthz", addr(admin));
+    assert!(
+        eventually(Duration::from_secs(10), async || get(&healthz).await.status
+            == 200)
+        .await
+    );
+
+    // Added by a reload (there was no TLS listener at all), then moved to another port.
+    std::fs::write(&path, config(&[tls1])).expect("write");
+    wait_listening(addr(tls1)).await;
+    assert!(https_status(addr(tls1), &a)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    std::fs::write(&path, config(&[tls2])).expect("write");
+    wait_listening(addr(tls2)).await;
+    assert!(https_status(addr(tls2), &a)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let closed = eventually(Duration::from_secs(3), async || {
+        tokio::net::TcpStream::connect(addr(tls1)).await.is_err()
+    })
+    .await;
+    assert!(closed, "the old TLS address still accepts connections");
+}
+
 #[tokio::test]
 async fn a_reload_serves_new_certificates_and_a_broken_one_keeps_the_old() {
     let (a, b) = (make_cert(&["a.test"]), make_cert(&["b.test"]));
