@@ -245,7 +245,9 @@ pub struct UpstreamBody {
 
 #[derive(Debug)]
 enum Inner {
-    Own(h1::ResponseBody),
+    /// Boxed: a response is moved through several layers of async functions on its way
+    /// to the client, and the codec's body state is most of its size.
+    Own(Box<h1::ResponseBody>),
     Hyper(Incoming),
 }
 
@@ -253,7 +255,7 @@ impl UpstreamBody {
     /// A body read by palisade's own codec.
     pub fn own(body: h1::ResponseBody) -> Self {
         UpstreamBody {
-            inner: Inner::Own(body),
+            inner: Inner::Own(Box::new(body)),
         }
     }
 
@@ -299,7 +301,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.inner {
-            Inner::Own(body) => Pin::new(body).poll_frame(cx),
+            Inner::Own(body) => Pin::new(&mut **body).poll_frame(cx),
             Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
