@@ -273,7 +273,11 @@ async fn proxy<'s>(
         None
     };
     let (mut parts, body) = req.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+    headers::remove_hop_by_hop(
+        &mut parts.headers,
+        upgrade,
+        upstream.version == http::Version::HTTP_2,
+    );
     let authority = parts.uri.authority().map(|a| a.as_str());
     let forwarding = Forwarding::new(
         &mut parts.headers,
@@ -323,11 +327,11 @@ async fn proxy<'s>(
         };
         tokio::spawn(tunnel(client_upgrade, upstream_side));
         let (mut parts, _body) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers, true);
+        headers::remove_hop_by_hop(&mut parts.headers, true, false);
         return Ok(Response::from_parts(parts, ProxyBody::Empty));
     }
     let (mut parts, body) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers, false);
+    headers::remove_hop_by_hop(&mut parts.headers, false, false);
     // The client's connection keeps the version it speaks, whatever the backend spoke.
     parts.version = client_version;
     Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))

@@ -90,9 +90,10 @@ pub struct ClientSide {
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// With `upgrade`, `Upgrade` is kept and `Connection: upgrade` set, so a WebSocket handshake
-/// reaches the backend. `TE: trailers` is kept (gRPC needs it; it is the only value a
-/// proxy may pass on).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+/// reaches the backend. With `te_trailers` (a request to an HTTP/2 backend), `TE: trailers`
+/// is kept: gRPC needs it, and it is the one value HTTP/2 allows; to an HTTP/1.1 backend
+/// TE is dropped like the others (SPEC 3).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, te_trailers: bool) {
     // One pass over the names (comparisons, no hashing) finds whether there is anything to
     // do; most requests carry no hop-by-hop header, and seven removals would cost seven
     // hash lookups each. An upgrade always has `Connection`, so it never returns here.
@@ -110,14 +111,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect();
         for name in listed {
-            if !(upgrade && name == UPGRADE) && name != TE {
+            let kept = (upgrade && name == UPGRADE) || (te_trailers && name == TE);
+            if !kept {
                 headers.remove(&name);
             }
         }
     }
-    let keep_te = headers
-        .get(TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let keep_te = te_trailers
+        && headers
+            .get(TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let upgrade_value = if upgrade {
         headers.remove(UPGRADE)
     } else {
@@ -186,7 +189,8 @@ impl Forwarding {
             forwarded_for: forwarded_for(headers, client.ip, chain),
             proto: HeaderValue::from_static(client.proto),
             forwarded_host: host,
-            via: via_value(client.version),
+            // Always 1.1, whatever the client spoke: the contract's exact value (SPEC 3).
+            via: HeaderValue::from_static("1.1 palisade"),
             request_id,
             new_request_id,
         }
@@ -299,15 +303,6 @@ impl PartialEq<FieldValue> for HeaderValue {
     fn eq(&self, other: &FieldValue) -> bool {
         self.as_bytes() == other.as_bytes()
     }
-}
-
-fn via_value(version: Version) -> HeaderValue {
-    HeaderValue::from_static(match version {
-        Version::HTTP_10 => "1.0 palisade",
-        Version::HTTP_2 => "2 palisade",
-        Version::HTTP_3 => "3 palisade",
-        _ => "1.1 palisade",
-    })
 }
 
 /// `ip` as text in `buf`: IPv4 by hand (core::fmt costs more than the rest of
@@ -470,22 +465,28 @@ mod tests {
             ("upgrade", "h2c"),
             ("x-kept", "yes"),
         ]);
-        remove_hop_by_hop(&mut h, false);
+        remove_hop_by_hop(&mut h, false, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
     }
 
     #[test]
-    fn te_trailers_and_websocket_upgrade_survive() {
-        let mut h = map(&[
-            ("connection", "Upgrade"),
+    fn te_trailers_survives_only_to_http2_backends_and_websocket_upgrade_survives() {
+        let headers = map(&[
+            ("connection", "Upgrade, TE"),
             ("upgrade", "websocket"),
             ("te", "trailers"),
         ]);
-        remove_hop_by_hop(&mut h, true);
-        assert_eq!(h["upgrade"], "websocket");
-        assert_eq!(h["connection"], "upgrade");
-        assert_eq!(h["te"], "trailers");
+        for te_trailers in [false, true] {
+            let mut h = headers.clone();
+            remove_hop_by_hop(&mut h, true, te_trailers);
+            assert_eq!(h["upgrade"], "websocket");
+            assert_eq!(h["connection"], "upgrade");
+            assert_eq!(h.contains_key("te"), te_trailers, "{h:?}");
+        }
+        let mut h = map(&[("te", "gzip, trailers")]);
+        remove_hop_by_hop(&mut h, false, true);
+        assert!(!h.contains_key("te"), "only exactly `trailers` goes on");
     }
 
     #[test]

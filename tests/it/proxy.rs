@@ -96,6 +96,8 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
             ("connection", "keep-alive, x-drop-me"),
             ("x-drop-me", "secret"),
             ("keep-alive", "timeout=5"),
+            // Dropped toward an HTTP/1.1 backend, even `trailers` (SPEC 3).
+            ("te", "trailers"),
             ("x-kept", "yes"),
         ],
     )
@@ -113,6 +115,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
     assert_eq!(h["x-kept"], "yes");
     assert!(h.get("x-drop-me").is_none(), "{h}");
     assert!(h.get("keep-alive").is_none(), "{h}");
+    assert!(h.get("te").is_none(), "{h}");
     let id = h["x-request-id"].as_str().unwrap_or_default();
     assert_eq!(id.len(), 32, "generated request id: {id:?}");
 
@@ -544,7 +547,10 @@ async fn h2c_prior_knowledge_clients_are_served() {
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(json["path"], "/h2?x=1");
-    assert_eq!(json["headers"]["via"], "2 palisade");
+    assert_eq!(
+        json["headers"]["via"], "1.1 palisade",
+        "SPEC 3's exact value"
+    );
     // HTTP/2 carries the host in :authority; the backend still gets a Host header.
     assert_eq!(json["headers"]["host"], proxy.addr.to_string());
 }
@@ -808,7 +814,7 @@ async fn http2_requests_get_the_same_forwarding_headers() {
     let h = &json["headers"];
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(h["x-request-id"], "req-42");
-    assert_eq!(h["via"], "2 palisade");
+    assert_eq!(h["via"], "1.1 palisade", "SPEC 3's exact value");
     let json = ask(&[]).await;
     let h = &json["headers"];
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
