@@ -35,23 +35,35 @@ pub fn load_certified_key(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
-) -> Result<CertifiedKey, String> {
+) -> Result<CertifiedKey, PemError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?
+        .map_err(|e| PemError::Cert(format!("cannot read certificate {}: {e}", cert.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("malformed certificate {}: {e}", cert.display()))?;
+        .map_err(|e| PemError::Cert(format!("malformed certificate {}: {e}", cert.display())))?;
     if chain.is_empty() {
-        return Err(format!("no certificate in {}", cert.display()));
+        return Err(PemError::Cert(format!(
+            "no certificate in {}",
+            cert.display()
+        )));
     }
     let private = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
+        .map_err(|e| PemError::Key(format!("cannot read private key {}: {e}", key.display())))?;
     CertifiedKey::from_der(chain, private, provider).map_err(|e| {
-        format!(
+        PemError::Key(format!(
             "private key {} does not fit certificate {}: {e}",
             key.display(),
             cert.display()
-        )
+        ))
     })
+}
+
+/// Why a certificate and key pair did not load, and which of the two files is at fault.
+#[derive(Debug)]
+pub enum PemError {
+    /// The certificate file.
+    Cert(String),
+    /// The key file (or the key does not fit the certificate).
+    Key(String),
 }
 
 /// Picks a certificate by SNI.
@@ -90,13 +102,16 @@ pub fn build(config: &Config) -> Result<TlsConfigs, Vec<ConfigError>> {
     for (i, entry) in config.server.tls.iter().enumerate() {
         let key = match load_certified_key(&entry.cert, &entry.key, &provider) {
             Ok(key) => Arc::new(key),
-            Err(message) => {
-                errors.push(ConfigError {
-                    path: config.path.clone(),
-                    line: 0,
-                    col: 0,
-                    message: format!("server.tls[{i}]: {message}"),
-                });
+            Err(e) => {
+                let (at, message) = match e {
+                    PemError::Cert(message) => (entry.cert_at, message),
+                    PemError::Key(message) => (entry.key_at, message),
+                };
+                errors.push(ConfigError::at(
+                    &config.path,
+                    at,
+                    format!("server.tls[{i}]: {message}"),
+                ));
                 continue;
             }
         };
@@ -119,14 +134,16 @@ pub fn build(config: &Config) -> Result<TlsConfigs, Vec<ConfigError>> {
         }
     }
     for upstream in &config.upstreams {
-        if let Some(path) = upstream.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
+        let Some(tls) = upstream.tls.as_ref() else {
+            continue;
+        };
+        if let Some(path) = tls.ca_file.as_ref() {
             if let Err(message) = crate::upstream::client::load_roots(path) {
-                errors.push(ConfigError {
-                    path: config.path.clone(),
-                    line: 0,
-                    col: 0,
-                    message: format!("upstreams.{}: {message}", upstream.name),
-                });
+                errors.push(ConfigError::at(
+                    &config.path,
+                    tls.ca_file_at,
+                    format!("upstreams.{}: {message}", upstream.name),
+                ));
             }
         }
     }

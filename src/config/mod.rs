@@ -31,6 +31,37 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// Where a value is written in the config file (1-based line and column; 0: unknown), for
+/// errors found after validation, when the files it names are read. Never part of a
+/// config's meaning: any two positions compare equal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pos {
+    /// Line.
+    pub line: usize,
+    /// Column.
+    pub col: usize,
+}
+
+impl PartialEq for Pos {
+    fn eq(&self, _: &Pos) -> bool {
+        true
+    }
+}
+
+impl Eq for Pos {}
+
+impl ConfigError {
+    /// An error about the config at `path`, positioned at `at`.
+    pub fn at(path: &Path, at: Pos, message: String) -> ConfigError {
+        ConfigError {
+            path: path.to_path_buf(),
+            line: at.line,
+            col: at.col,
+            message,
+        }
+    }
+}
+
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.line == 0 {
@@ -159,6 +190,11 @@ pub struct TlsListener {
     pub cert: PathBuf,
     /// Private key (PEM), resolved against the config file's directory.
     pub key: PathBuf,
+    /// Where `cert` and `key` are written, for errors found when the files are read.
+    #[serde(skip)]
+    pub cert_at: Pos,
+    #[serde(skip)]
+    pub key_at: Pos,
     /// Server names this certificate answers for (lowercased, may start with "*."); empty:
     /// the default certificate of its listen address.
     pub sni: Vec<String>,
@@ -439,6 +475,9 @@ pub struct Queue {
 pub struct UpstreamTls {
     /// CA bundle to verify the backends with (default: system roots).
     pub ca_file: Option<PathBuf>,
+    /// Where `ca_file` is written, for errors found when it is read.
+    #[serde(skip)]
+    pub ca_file_at: Pos,
     /// Name to verify and send as SNI, lowercased (default: the backend's host).
     pub server_name: Option<String>,
 }

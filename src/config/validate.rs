@@ -102,6 +102,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// Where `span` starts.
+    fn pos(&self, span: &Range<usize>) -> Pos {
+        let (line, col) = line_col(self.text, span.start);
+        Pos { line, col }
+    }
+
     fn error(&mut self, span: &Range<usize>, message: String) {
         let (line, col) = line_col(self.text, span.start);
         self.errors.push(ConfigError {
@@ -289,6 +295,8 @@ impl Validator<'_> {
                 listen: listen.unwrap_or(default::LISTEN),
                 cert: base.join(raw.cert.get_ref()),
                 key: base.join(raw.key.get_ref()),
+                cert_at: self.pos(&raw.cert.span()),
+                key_at: self.pos(&raw.key.span()),
                 sni,
             });
         }
@@ -679,6 +687,10 @@ impl Validator<'_> {
         let base = self.path.parent().unwrap_or(Path::new("."));
         Some(UpstreamTls {
             ca_file: ca_file.as_ref().map(|f| base.join(f.get_ref())),
+            ca_file_at: ca_file
+                .as_ref()
+                .map(|f| self.pos(&f.span()))
+                .unwrap_or_default(),
             server_name: server_name
                 .as_ref()
                 .map(|s| s.get_ref().to_ascii_lowercase()),
@@ -1569,6 +1581,7 @@ mod tests {
             c.upstreams[0].tls,
             Some(UpstreamTls {
                 ca_file: Some("conf/ca.pem".into()),
+                ca_file_at: Pos::default(),
                 server_name: Some("app.internal".into()),
             })
         );

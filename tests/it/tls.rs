@@ -304,6 +304,20 @@ async fn a_reload_serves_new_certificates_and_a_broken_one_keeps_the_old() {
     assert_eq!(served_cert(&stream), renewed.der);
 }
 
+/// Writes `text` as `name` in `dir`, runs `palisade check` on it, expects exit code 1;
+/// returns the file's path as written in errors, and stderr.
+fn check_fails(dir: &Path, name: &str, text: &str) -> (String, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["check", "-c", &path.to_string_lossy()])
+        .output()
+        .expect("run check");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    (path.to_string_lossy().into_owned(), err)
+}
+
 #[test]
 fn check_reports_missing_and_mismatched_pem_files() {
     let dir = temp_dir("check");
@@ -312,27 +326,35 @@ fn check_reports_missing_and_mismatched_pem_files() {
     // b's key belongs to another certificate; c does not exist.
     std::fs::write(dir.join("b.pem"), make_cert(&["b.test"]).cert_pem).expect("cert");
     std::fs::write(dir.join("b-key.pem"), make_cert(&["z.test"]).key_pem).expect("key");
-    let path = dir.join("bad.toml");
-    std::fs::write(
-        &path,
+    let (file, err) = check_fails(
+        &dir,
+        "bad.toml",
         "[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\n[[server.tls]]\nlisten = \"127.0.0.1:8444\"\ncert = \"b.pem\"\nkey = \"b-key.pem\"\n\n[[server.tls]]\nlisten = \"127.0.0.1:8445\"\ncert = \"c.pem\"\nkey = \"c-key.pem\"\n",
-    )
-    .expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args(["check", "-c", &path.to_string_lossy()])
-        .output()
-        .expect("run check");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    );
+    // Each at the value that names the file at fault (SPEC 1: PATH:LINE:COL): b's key,
+    // c's certificate.
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
     assert!(
-        err.contains("server.tls[1]") && err.contains("does not fit"),
+        lines[0].starts_with(&format!("error: {file}:9:7: server.tls[1]: private key "))
+            && lines[0].contains("does not fit"),
         "{err}"
     );
     assert!(
-        err.contains("server.tls[2]") && err.contains("c.pem"),
+        lines[1].starts_with(&format!(
+            "error: {file}:13:8: server.tls[2]: cannot read certificate "
+        )) && lines[1].contains("c.pem"),
         "{err}"
     );
-    assert!(!err.contains("server.tls[0]"), "{err}");
+
+    // A backend CA bundle that cannot be read: at its ca_file value.
+    let (file, err) = check_fails(
+        &dir,
+        "bad-ca.toml",
+        "[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{ addr = \"127.0.0.1:1\" }]\ntls = true\nca_file = \"missing-ca.pem\"\n",
+    );
+    let expected = format!("error: {file}:6:11: upstreams.app: cannot read ca_file ");
+    assert!(err.starts_with(&expected), "{err}");
 }
 
 #[tokio::test]
