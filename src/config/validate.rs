@@ -1,6 +1,7 @@
 //! From the raw file to a checked [`Config`], collecting every problem in one pass.
 //!
-//! Syntax errors and unknown keys come from the TOML parser and stop there (one error);
+//! Syntax errors and wrong types come from the TOML parser and stop there (one error);
+//! each unknown key is reported and taken out, and the rest is read again;
 //! everything else is checked here and reported all together, sorted by position, each at
 //! the span of the offending value. A value that fails a check is replaced by its default
 //! so the rest of the file is still checked, and a cross-check (health timeout against
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use ipnet::IpNet;
+use serde::Deserialize;
 use toml::Spanned;
 
 use super::raw::*;
@@ -27,12 +29,30 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         path,
         errors: Vec::new(),
     };
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
+    let mut table = match toml::de::DeTable::parse(text) {
+        Ok(table) => table,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
             v.error(&span, e.message().trim_end().to_owned());
             return Err(v.errors);
+        }
+    };
+    // Every unknown key is an error of its own: each one serde stops at is reported and
+    // taken out, and the file is read again, so that `check` lists them all, and then
+    // every problem with the rest. A wrong type still stops here (taking the key out
+    // would only add a "missing field" for it).
+    let raw = loop {
+        match RawConfig::deserialize(toml::de::Deserializer::from(table.clone())) {
+            Ok(raw) => break raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                v.error(&span, e.message().trim_end().to_owned());
+                let unknown = e.message().starts_with("unknown field");
+                if !(unknown && remove_key_at(table.get_mut(), span.start)) {
+                    v.errors.sort_by_key(|e| (e.line, e.col));
+                    return Err(v.errors);
+                }
+            }
         }
     };
     let config = v.config(raw);
@@ -41,6 +61,28 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     } else {
         v.errors.sort_by_key(|e| (e.line, e.col));
         Err(v.errors)
+    }
+}
+
+/// Takes out of `table` (at any depth) the key written at byte `at`; false when there is
+/// none.
+fn remove_key_at(table: &mut toml::de::DeTable<'_>, at: usize) -> bool {
+    let found = table.keys().find(|key| key.span().start == at).cloned();
+    if let Some(key) = found {
+        return table.remove(&key).is_some();
+    }
+    table
+        .iter_mut()
+        .any(|(_, value)| remove_key_in(value.get_mut(), at))
+}
+
+fn remove_key_in(value: &mut toml::de::DeValue<'_>, at: usize) -> bool {
+    match value {
+        toml::de::DeValue::Table(table) => remove_key_at(table, at),
+        toml::de::DeValue::Array(items) => items
+            .iter_mut()
+            .any(|item| remove_key_in(item.get_mut(), at)),
+        _ => false,
     }
 }
 
@@ -1391,6 +1433,39 @@ mod tests {
                 "t.toml:9:49: weight must be between 1 and 1000000, not 0",
             ]
         );
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_the_other_mistakes() {
+        let e = errors(
+            "[server]\naaa = 1\nzzz = 2\n\n[[routes]]\nupstream = \"missing\"\nfoo = 1\n\n[upstreams.app]\nbackends = [{ addr = \"127.0.0.1:9001\", bogus = 3 }]\n[server.extra]\nx = 1\n",
+        );
+        let at: Vec<&str> = e
+            .iter()
+            .map(|m| m.split(": ").next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            at,
+            [
+                "t.toml:2:1",
+                "t.toml:3:1",
+                "t.toml:6:12",
+                "t.toml:7:1",
+                "t.toml:10:40",
+                "t.toml:11:9"
+            ],
+            "{e:#?}"
+        );
+        assert!(e[0].contains("unknown field `aaa`"), "{e:#?}");
+        assert!(e[2].contains("upstream \"missing\""), "{e:#?}");
+        assert!(e[4].contains("unknown field `bogus`"), "{e:#?}");
+        // A wrong type still stops (after the unknown keys before it).
+        let e = errors("[server]\naaa = 1\naccess_log = \"yes\"\nzzz = 2\n");
+        assert!(
+            e.len() >= 2 && e[0].starts_with("t.toml:2:1: unknown field"),
+            "{e:#?}"
+        );
+        assert!(e.iter().any(|m| m.starts_with("t.toml:3:14")), "{e:#?}");
     }
 
     #[test]
