@@ -96,8 +96,8 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
 /// Parses and validates config `text`; `path` is used in errors and to resolve relative
 /// file paths (certificates, CA bundles) against the config file's directory. Does no
 /// I/O except reading `admin.token_env`. `Err` holds every problem, sorted by position:
-/// a TOML syntax error or a wrong type stops at that one error (after any unknown keys
-/// before it); every unknown key is an error of its own.
+/// every unknown key and every value of the wrong type is an error of its own; a TOML
+/// syntax error, or a required key of the wrong type, ends the list.
 pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     validate::parse(text, path)
 }

@@ -1,7 +1,8 @@
 //! From the raw file to a checked [`Config`], collecting every problem in one pass.
 //!
-//! Syntax errors and wrong types come from the TOML parser and stop there (one error);
-//! each unknown key is reported and taken out, and the rest is read again;
+//! Syntax errors come from the TOML parser and stop there (one error); each unknown key
+//! and each value of the wrong type is reported and taken out, and the rest is read
+//! again (a required key taken out ends the list);
 //! everything else is checked here and reported all together, sorted by position, each at
 //! the span of the offending value. A value that fails a check is replaced by its default
 //! so the rest of the file is still checked, and a cross-check (health timeout against
@@ -37,20 +38,38 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
             return Err(v.errors);
         }
     };
-    // Every unknown key is an error of its own: each one serde stops at is reported and
-    // taken out, and the file is read again, so that `check` lists them all, and then
-    // every problem with the rest. A wrong type still stops here (taking the key out
-    // would only add a "missing field" for it).
+    // Every unknown key and every value of the wrong type is an error of its own: each one
+    // serde stops at is reported and taken out of the document, which is read again, so
+    // that `check` lists them all, and then every problem with the rest. A required key
+    // taken out that way ends the list (its "missing field" would be the same mistake
+    // twice), as does anything else serde reports.
+    let mut taken: Vec<String> = Vec::new();
     let raw = loop {
         match RawConfig::deserialize(toml::de::Deserializer::from(table.clone())) {
             Ok(raw) => break raw,
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                v.error(&span, e.message().trim_end().to_owned());
-                let unknown = e.message().starts_with("unknown field");
-                if !(unknown && remove_key_at(table.get_mut(), span.start)) {
-                    v.errors.sort_by_key(|e| (e.line, e.col));
-                    return Err(v.errors);
+                let message = e.message().trim_end();
+                let again = taken
+                    .iter()
+                    .any(|name| message.starts_with(&format!("missing field `{name}`")));
+                if !again {
+                    v.error(&span, message.to_owned());
+                }
+                let removable = message.starts_with("unknown field")
+                    || message.starts_with("invalid type")
+                    || message.starts_with("invalid value");
+                let removed = if removable && !again && e.span().is_some() {
+                    remove_at(table.get_mut(), span.start)
+                } else {
+                    None
+                };
+                match removed {
+                    Some(name) => taken.push(name),
+                    None => {
+                        v.errors.sort_by_key(|e| (e.line, e.col));
+                        return Err(v.errors);
+                    }
                 }
             }
         }
@@ -64,26 +83,37 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     }
 }
 
-/// Takes out of `table` (at any depth) the key written at byte `at`; false when there is
-/// none.
-fn remove_key_at(table: &mut toml::de::DeTable<'_>, at: usize) -> bool {
-    let found = table.keys().find(|key| key.span().start == at).cloned();
-    if let Some(key) = found {
-        return table.remove(&key).is_some();
+/// Takes out of `table` (at any depth) the entry that byte `at` belongs to: the key
+/// written there, the value written there, or the array (of values) with an item there;
+/// returns that entry's key, None when there is none.
+fn remove_at(table: &mut toml::de::DeTable<'_>, at: usize) -> Option<String> {
+    // A key inside a nested table, or inside a table in an array, first.
+    for (_, value) in table.iter_mut() {
+        let inner = match value.get_mut() {
+            toml::de::DeValue::Table(inner) => remove_at(inner, at),
+            toml::de::DeValue::Array(items) => {
+                items.iter_mut().find_map(|item| match item.get_mut() {
+                    toml::de::DeValue::Table(inner) => remove_at(inner, at),
+                    _ => None,
+                })
+            }
+            _ => None,
+        };
+        if inner.is_some() {
+            return inner;
+        }
     }
-    table
-        .iter_mut()
-        .any(|(_, value)| remove_key_in(value.get_mut(), at))
-}
-
-fn remove_key_in(value: &mut toml::de::DeValue<'_>, at: usize) -> bool {
-    match value {
-        toml::de::DeValue::Table(table) => remove_key_at(table, at),
-        toml::de::DeValue::Array(items) => items
-            .iter_mut()
-            .any(|item| remove_key_in(item.get_mut(), at)),
-        _ => false,
-    }
+    let found = table
+        .iter()
+        .find(|(key, value)| {
+            key.span().start == at
+                || (!matches!(value.get_ref(), toml::de::DeValue::Table(_))
+                    && value.span().contains(&at))
+        })
+        .map(|(key, _)| key.clone());
+    let key = found?;
+    table.remove(&key);
+    Some(key.into_inner().into_owned())
 }
 
 /// Defaults, as documented in config/palisade.toml.
@@ -1440,12 +1470,14 @@ mod tests {
         let e = errors(
             "[server]\naaa = 1\nzzz = 2\n\n[[routes]]\nupstream = \"missing\"\nfoo = 1\n\n[upstreams.app]\nbackends = [{ addr = \"127.0.0.1:9001\", bogus = 3 }]\n[server.extra]\nx = 1\n",
         );
-        let at: Vec<&str> = e
-            .iter()
-            .map(|m| m.split(": ").next().unwrap_or(""))
-            .collect();
+        // Where each error is: FILE:LINE:COL.
+        let at = |e: &[String]| -> Vec<String> {
+            e.iter()
+                .map(|m| m.split(": ").next().unwrap_or("").to_owned())
+                .collect()
+        };
         assert_eq!(
-            at,
+            at(&e),
             [
                 "t.toml:2:1",
                 "t.toml:3:1",
@@ -1459,13 +1491,25 @@ mod tests {
         assert!(e[0].contains("unknown field `aaa`"), "{e:#?}");
         assert!(e[2].contains("upstream \"missing\""), "{e:#?}");
         assert!(e[4].contains("unknown field `bogus`"), "{e:#?}");
-        // A wrong type still stops (after the unknown keys before it).
-        let e = errors("[server]\naaa = 1\naccess_log = \"yes\"\nzzz = 2\n");
-        assert!(
-            e.len() >= 2 && e[0].starts_with("t.toml:2:1: unknown field"),
+        // Values of the wrong type too (an array's item: the array goes), each once.
+        let e = errors("[server]\naaa = 1\naccess_log = \"yes\"\nlisten = [1]\nzzz = 2\n");
+        assert_eq!(
+            at(&e),
+            ["t.toml:2:1", "t.toml:3:14", "t.toml:4:11", "t.toml:5:1"],
             "{e:#?}"
         );
-        assert!(e.iter().any(|m| m.starts_with("t.toml:3:14")), "{e:#?}");
+        assert!(
+            e[1].contains("invalid type: string \"yes\", expected a boolean"),
+            "{e:#?}"
+        );
+        // A required key of the wrong type ends the list, without a second "missing
+        // field" error for the same mistake.
+        let e = errors("[[routes]]\nupstream = 5\n");
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(
+            e[0].starts_with("t.toml:2:12: invalid type: integer `5`"),
+            "{e:#?}"
+        );
     }
 
     #[test]
