@@ -562,37 +562,61 @@ pub fn fuzz_read(
     }
 }
 
-/// For the fuzz targets: decodes `raw` as a chunked body once with all of it in the
-/// buffer and once arriving in pieces (sizes from `cuts`), and panics when the data, the
+/// For the fuzz targets that split their input into reads: the input's first 8 bytes
+/// (each read's size, less one, in turn) and the bytes that arrive.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_split(data: &[u8]) -> (impl Iterator<Item = usize> + '_, &[u8]) {
+    let (cuts, raw) = data.split_at(data.len().min(8));
+    (cuts.iter().map(|&c| usize::from(c) + 1).cycle(), raw)
+}
+
+/// Decodes what `buf` holds of a chunked body into `data`: `Ok(Some(trailers))` at its
+/// end, `Ok(None)` when more bytes are needed.
+#[cfg(any(test, feature = "fuzzing"))]
+fn fuzz_decode(
+    chunk: &mut Chunk,
+    buf: &mut BytesMut,
+    data: &mut Vec<u8>,
+) -> Result<Option<HeaderMap>, InvalidChunk> {
+    loop {
+        match decode_chunk(chunk, buf)? {
+            Decoded::Data(piece) => {
+                assert!(!piece.is_empty(), "an empty data piece");
+                data.extend_from_slice(&piece);
+            }
+            Decoded::Again => {}
+            Decoded::NeedMore(want) => {
+                assert!(want > 0, "needs more, but asks for nothing");
+                return Ok(None);
+            }
+            Decoded::End(trailers) => return Ok(Some(trailers)),
+        }
+    }
+}
+
+/// For the fuzz targets: decodes the input as a chunked body once with all of it in the
+/// buffer and once arriving in pieces ([`fuzz_split`]), and panics when the data, the
 /// trailers, the error or where the body ends differ. Inputs longer than 4 KiB are
 /// skipped: the chunk-size line's limit is counted in buffered bytes.
 #[cfg(any(test, feature = "fuzzing"))]
-pub fn fuzz_chunked(cuts: &[u8], raw: &[u8]) {
+pub fn fuzz_chunked(input: &[u8]) {
+    let (mut sizes, raw) = fuzz_split(input);
     if raw.len() > 4096 {
         return;
     }
     let decode = |sizes: &mut dyn Iterator<Item = usize>| {
         let mut chunk = Chunk::Size;
         let mut data = Vec::new();
-        let results = fuzz_read(raw, sizes, |buf| loop {
-            match decode_chunk(&mut chunk, buf) {
-                Ok(Decoded::Data(piece)) => {
-                    assert!(!piece.is_empty(), "an empty data piece");
-                    data.extend_from_slice(&piece);
-                }
-                Ok(Decoded::Again) => {}
-                Ok(Decoded::NeedMore(want)) => {
-                    assert!(want > 0, "needs more, but asks for nothing");
-                    return None;
-                }
-                Ok(Decoded::End(trailers)) => return Some(format!("end {trailers:?}")),
-                Err(InvalidChunk) => return Some("error".into()),
+        let results = fuzz_read(raw, sizes, |buf| {
+            match fuzz_decode(&mut chunk, buf, &mut data) {
+                Ok(None) => None,
+                Ok(Some(trailers)) => Some(format!("end {trailers:?}")),
+                Err(InvalidChunk) => Some("error".into()),
             }
         });
         (data, results)
     };
     let whole = decode(&mut std::iter::once(raw.len()));
-    let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
     let pieces = decode(&mut sizes);
     assert_eq!(whole, pieces, "whole vs in pieces");
 }
@@ -706,15 +730,10 @@ pub fn fuzz_body_writer(ops: &[u8]) {
         return;
     }
     let mut buf = BytesMut::from(body);
-    let mut chunk = Chunk::Size;
     let mut decoded = Vec::new();
-    let got_trailers = loop {
-        match decode_chunk(&mut chunk, &mut buf) {
-            Ok(Decoded::Data(piece)) => decoded.extend_from_slice(&piece),
-            Ok(Decoded::Again) => {}
-            Ok(Decoded::End(map)) => break map,
-            other => panic!("the chunked body does not decode: {other:?}"),
-        }
+    let got_trailers = match fuzz_decode(&mut Chunk::Size, &mut buf, &mut decoded) {
+        Ok(Some(trailers)) => trailers,
+        other => panic!("the chunked body does not decode: {other:?}"),
     };
     assert!(buf.is_empty(), "bytes after the chunked body");
     assert!(decoded == data, "the chunked body decodes to its bytes");
@@ -786,24 +805,11 @@ mod tests {
     /// once found a bug) through the fuzz targets' checks.
     #[test]
     fn fuzz_seeds_pass_the_fuzz_checks() {
-        /// The targets that take where the reads split the input from its first 8 bytes.
-        fn split(data: &[u8]) -> (&[u8], &[u8]) {
-            data.split_at(data.len().min(8))
-        }
         type Target = fn(&[u8]);
         let targets: [(&str, Target); 4] = [
-            ("request_head", |d| {
-                let (cuts, raw) = split(d);
-                crate::server::h1::fuzz_request_heads(cuts, raw)
-            }),
-            ("response_head", |d| {
-                let (cuts, raw) = split(d);
-                crate::upstream::h1::fuzz_response_heads(cuts, raw)
-            }),
-            ("chunked", |d| {
-                let (cuts, raw) = split(d);
-                fuzz_chunked(cuts, raw)
-            }),
+            ("request_head", crate::server::h1::fuzz_request_heads),
+            ("response_head", crate::upstream::h1::fuzz_response_heads),
+            ("chunked", fuzz_chunked),
             ("body_writer", fuzz_body_writer),
         ];
         let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");

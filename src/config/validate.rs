@@ -181,13 +181,8 @@ impl Validator<'_> {
     }
 
     fn error(&mut self, span: &Range<usize>, message: String) {
-        let (line, col) = line_col(self.text, span.start);
-        self.errors.push(ConfigError {
-            path: self.path.to_path_buf(),
-            line,
-            col,
-            message,
-        });
+        let at = self.pos(span);
+        self.errors.push(ConfigError::at(self.path, at, message));
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {

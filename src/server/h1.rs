@@ -886,19 +886,19 @@ fn poll_fill(w: &mut Wire, cx: &mut Context<'_>, want: usize) -> Poll<io::Result
     tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut w.buf)
 }
 
-/// For the fuzz targets (`fuzz/`, built with the `fuzzing` feature): parses `raw` as
+/// For the fuzz targets (`fuzz/`, built with the `fuzzing` feature): parses the input as
 /// request heads the way a connection reads them, once with all of it in the buffer and
-/// once arriving in pieces (sizes from `cuts`), and panics when the two disagree or when a
-/// head says something inconsistent (its framing, or which headers the handler may skip
-/// looking up).
+/// once arriving in pieces ([`crate::http1::fuzz_split`]), and panics when the two
+/// disagree or when a head says something inconsistent (its framing, or which headers the
+/// handler may skip looking up).
 #[cfg(any(test, feature = "fuzzing"))]
-pub fn fuzz_request_heads(cuts: &[u8], raw: &[u8]) {
+pub fn fuzz_request_heads(input: &[u8]) {
     // Smaller than the inputs can be, so that the limit is exercised too.
     const MAX_HEAD: usize = 1024;
+    let (mut sizes, raw) = crate::http1::fuzz_split(input);
     let whole = crate::http1::fuzz_read(raw, &mut std::iter::once(raw.len()), |buf| {
         read_head(buf, MAX_HEAD)
     });
-    let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
     let pieces = crate::http1::fuzz_read(raw, &mut sizes, |buf| read_head(buf, MAX_HEAD));
     assert_eq!(whole, pieces, "whole vs in pieces");
 }

@@ -852,23 +852,23 @@ impl Body for ResponseBody {
     }
 }
 
-/// For the fuzz targets (`fuzz/`, built with the `fuzzing` feature): parses `raw` as
-/// response heads (to a HEAD request when `cuts` starts with an odd byte) the way an
-/// exchange reads them, once with all of it in the buffer and once arriving in pieces
-/// (sizes from `cuts`), and panics when the two disagree, or when header lines passed on
-/// as written are not exactly the head's end-to-end lines.
+/// For the fuzz targets (`fuzz/`, built with the `fuzzing` feature): parses the input as
+/// response heads (to a HEAD request when its first byte is odd) the way an exchange
+/// reads them, once with all of it in the buffer and once arriving in pieces
+/// ([`crate::http1::fuzz_split`]), and panics when the two disagree, or when header lines
+/// passed on as written are not exactly the head's end-to-end lines.
 #[cfg(any(test, feature = "fuzzing"))]
-pub fn fuzz_response_heads(cuts: &[u8], raw: &[u8]) {
+pub fn fuzz_response_heads(input: &[u8]) {
     // Smaller than the inputs can be, so that the limit is exercised too.
     const LIMIT: usize = 1024;
-    let head_request = cuts.first().is_some_and(|b| b & 1 == 1);
+    let head_request = input.first().is_some_and(|b| b & 1 == 1);
+    let (mut sizes, raw) = crate::http1::fuzz_split(input);
     let step = |buf: &mut BytesMut| match parse_head(buf, head_request, LIMIT) {
         Ok(Some(head)) => Some(describe(head)),
         Ok(None) => None,
         Err(e) => Some(format!("error: {e:?}")),
     };
     let whole = crate::http1::fuzz_read(raw, &mut std::iter::once(raw.len()), step);
-    let mut sizes = cuts.iter().map(|&c| usize::from(c) + 1).cycle();
     let pieces = crate::http1::fuzz_read(raw, &mut sizes, step);
     assert_eq!(whole, pieces, "whole vs in pieces");
 }

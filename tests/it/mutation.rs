@@ -289,18 +289,13 @@ async fn mutated_requests_and_answers_get_status_lines_or_closes_and_no_panic() 
 
     // Still serving a plain request (the backend's answer is random: any status line),
     // then a clean stop, and nothing panicked along the way.
-    let mut check = TcpStream::connect(proxy).await.expect("connect after");
-    check
-        .write_all(b"GET /m HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), check.read_to_end(&mut answer)).await;
-    assert!(
-        answer.starts_with(b"HTTP/1.1 "),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
+    let (answer, _) = raw_exchange(
+        proxy,
+        b"GET /m HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer:?}");
     stop_gracefully(child);
     backend_task.abort();
     let log = std::fs::read_to_string(&log).expect("read log");

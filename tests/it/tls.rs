@@ -128,13 +128,7 @@ async fn https_with_sni_alpn_http1_and_h2() {
     assert_eq!(served_cert(&stream), a.der);
 
     // HTTP/1.1 over TLS, X-Forwarded-Proto https.
-    stream
-        .write_all(b"GET /over-tls HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = exchange_over(&mut stream, "/over-tls").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"x-forwarded-proto\":\"https\""), "{text}");
 
@@ -204,16 +198,23 @@ async fn a_tls_handshake_that_stalls_is_closed_at_header_read() {
     assert_eq!(served_cert(&stream), a.der);
 }
 
+/// A GET of `path` for a.test on `stream`, with `connection: close`; the whole answer.
+async fn exchange_over(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    path: &str,
+) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A GET over TLS to `addr` (certificate for a.test); the answer's status line.
 async fn https_status(addr: SocketAddr, cert: &Cert) -> String {
     let mut stream = handshake(addr, "a.test", client_config(&[cert], &[])).await;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n")
+    exchange_over(&mut stream, "/")
         .await
-        .expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out)
         .lines()
         .next()
         .unwrap_or_default()
