@@ -206,15 +206,15 @@ pub async fn demo() -> Result<(), StartError> {
     Ok(())
 }
 
-/// Starts the admin API; it stays up while the proxy drains (so `/readyz` can say so) and
-/// stops when the returned sender fires.
-fn spawn_admin(
-    listener: TcpListener,
-    state: Arc<ProxyState>,
-) -> (
+/// A task and the sender that asks it to stop.
+type Stoppable = (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
-) {
+);
+
+/// Starts the admin API; it stays up while the proxy drains (so `/readyz` can say so) and
+/// stops when the returned sender fires.
+fn spawn_admin(listener: TcpListener, state: Arc<ProxyState>) -> Stoppable {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(admin::serve(listener, state, async {
         let _ = rx.await;
@@ -223,21 +223,19 @@ fn spawn_admin(
 }
 
 /// [`spawn_admin`], moving the admin API when a reload changes `admin.listen`: the new
-/// address is bound first (if that fails, the old one stays, with an error logged), then
-/// the old listener stops accepting (its open connections finish).
-fn spawn_admin_following(
-    listener: TcpListener,
-    state: Arc<ProxyState>,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
+/// address is bound first (while it cannot be, the old one stays, an error is logged and
+/// the bind is tried again every [`server::REBIND_EVERY`]), then the old listener stops
+/// accepting (its open connections finish).
+fn spawn_admin_following(listener: TcpListener, state: Arc<ProxyState>) -> Stoppable {
     let (tx, mut stop) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut addr = state.snapshot().config.admin.listen;
         let (mut current_stop, mut current) = spawn_admin(listener, state.clone());
         let mut changes = state.subscribe();
+        // The address last logged as not bindable (logged once, not every retry).
+        let mut unbound: Option<SocketAddr> = None;
         loop {
+            let pending = state.snapshot().config.admin.listen != addr;
             tokio::select! {
                 _ = &mut stop => break,
                 changed = changes.changed() => {
@@ -245,23 +243,30 @@ fn spawn_admin_following(
                         let _ = (&mut stop).await;
                         break;
                     }
-                    let wanted = state.snapshot().config.admin.listen;
-                    if wanted == addr {
-                        continue;
-                    }
-                    match server::bind(wanted) {
-                        Ok(listener) => {
-                            tracing::info!(addr = %wanted, "admin listen address changed: listening");
-                            let (next_stop, next) = spawn_admin(listener, state.clone());
-                            let _ = std::mem::replace(&mut current_stop, next_stop).send(());
-                            // The old one finishes on its own.
-                            drop(std::mem::replace(&mut current, next));
-                            addr = wanted;
-                        }
-                        Err(e) => tracing::error!(
+                }
+                () = tokio::time::sleep(server::REBIND_EVERY), if pending => {}
+            }
+            let wanted = state.snapshot().config.admin.listen;
+            if wanted == addr {
+                continue;
+            }
+            match server::bind(wanted) {
+                Ok(listener) => {
+                    tracing::info!(addr = %wanted, "admin listen address changed: listening");
+                    let (next_stop, next) = spawn_admin(listener, state.clone());
+                    let _ = std::mem::replace(&mut current_stop, next_stop).send(());
+                    // The old one finishes on its own.
+                    drop(std::mem::replace(&mut current, next));
+                    addr = wanted;
+                    unbound = None;
+                }
+                Err(e) => {
+                    if unbound != Some(wanted) {
+                        tracing::error!(
                             addr = %wanted, error = %e,
-                            "cannot listen on the new admin address; the admin API stays on {addr}"
-                        ),
+                            "cannot listen on the new admin address (trying again every second); the admin API stays on {addr}"
+                        );
+                        unbound = Some(wanted);
                     }
                 }
             }

@@ -41,6 +41,10 @@ use crate::snapshot::ProxyState;
 /// client's next request (answered with `Connection: close`) before it is closed.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
+/// How often a listen address that a reload asked for, but that could not be bound (the
+/// port still taken), is tried again.
+pub const REBIND_EVERY: Duration = Duration::from_secs(1);
+
 /// The open connections of one server, for evicting idle ones at `max_connections`.
 type Registry = Arc<std::sync::Mutex<HashMap<u64, Arc<Activity>>>>;
 
@@ -139,22 +143,27 @@ async fn serve_inner(
     // closes both kinds.
     let mut accept_tasks: HashMap<(SocketAddr, bool), JoinHandle<()>> = HashMap::new();
     let registry: Registry = Arc::default();
+    let spawn = |socket: TcpListener, tls: Option<SocketAddr>| {
+        tokio::spawn(accept_loop(
+            socket,
+            state.clone(),
+            stop_rx.clone(),
+            done_tx.clone(),
+            registry.clone(),
+            tls,
+        ))
+    };
     for listener in listeners {
         let Ok(addr) = listener.socket.local_addr() else {
             continue;
         };
         let key = (listener.tls.unwrap_or(addr), listener.tls.is_some());
-        let task = tokio::spawn(accept_loop(
-            listener.socket,
-            state.clone(),
-            stop_rx.clone(),
-            done_tx.clone(),
-            registry.clone(),
-            listener.tls,
-        ));
-        accept_tasks.insert(key, task);
+        accept_tasks.insert(key, spawn(listener.socket, listener.tls));
     }
     let mut changes = state.subscribe();
+    // Addresses a reload asked for that could not be bound (each logged once): tried
+    // again every REBIND_EVERY, since a reload that changes nothing else is skipped.
+    let mut unbound: HashSet<(SocketAddr, bool)> = HashSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -163,40 +172,39 @@ async fn serve_inner(
                 if changed.is_err() {
                     continue;
                 }
-                let config = state.snapshot().config.clone();
-                let wanted: HashSet<(SocketAddr, bool)> = config
-                    .server
-                    .listen
-                    .iter()
-                    .map(|&addr| (addr, false))
-                    .chain(config.server.tls.iter().map(|t| (t.listen, true)))
-                    .collect();
-                accept_tasks.retain(|&(addr, tls), task| {
-                    let keep = wanted.contains(&(addr, tls));
-                    if !keep {
-                        tracing::info!(%addr, tls, "listen address removed: closing the listener");
-                        task.abort();
-                    }
-                    keep
-                });
-                for (addr, tls) in wanted {
-                    if accept_tasks.contains_key(&(addr, tls)) {
-                        continue;
-                    }
-                    match bind(addr) {
-                        Ok(listener) => {
-                            tracing::info!(%addr, tls, "listen address added: listening");
-                            let task = tokio::spawn(accept_loop(
-                                listener,
-                                state.clone(),
-                                stop_rx.clone(),
-                                done_tx.clone(),
-                                registry.clone(),
-                                tls.then_some(addr),
-                            ));
-                            accept_tasks.insert((addr, tls), task);
-                        }
-                        Err(e) => tracing::error!(%addr, tls, error = %e, "cannot listen on the new address"),
+            }
+            () = tokio::time::sleep(REBIND_EVERY), if !unbound.is_empty() => {}
+        }
+        let config = state.snapshot().config.clone();
+        let wanted: HashSet<(SocketAddr, bool)> = config
+            .server
+            .listen
+            .iter()
+            .map(|&addr| (addr, false))
+            .chain(config.server.tls.iter().map(|t| (t.listen, true)))
+            .collect();
+        accept_tasks.retain(|&(addr, tls), task| {
+            let keep = wanted.contains(&(addr, tls));
+            if !keep {
+                tracing::info!(%addr, tls, "listen address removed: closing the listener");
+                task.abort();
+            }
+            keep
+        });
+        unbound.retain(|key| wanted.contains(key));
+        for (addr, tls) in wanted {
+            if accept_tasks.contains_key(&(addr, tls)) {
+                continue;
+            }
+            match bind(addr) {
+                Ok(listener) => {
+                    tracing::info!(%addr, tls, "listen address added: listening");
+                    accept_tasks.insert((addr, tls), spawn(listener, tls.then_some(addr)));
+                    unbound.remove(&(addr, tls));
+                }
+                Err(e) => {
+                    if unbound.insert((addr, tls)) {
+                        tracing::error!(%addr, tls, error = %e, "cannot listen on the new address; trying again every second");
                     }
                 }
             }

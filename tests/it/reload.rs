@@ -249,6 +249,60 @@ async fn the_admin_api_moves_when_admin_listen_changes() {
 }
 
 #[tokio::test]
+async fn addresses_that_cannot_be_bound_yet_are_taken_once_they_are_free() {
+    let a = Echo::start("a").await;
+    let (port, admin1) = (free_port(), free_port());
+    // Held without SO_REUSEPORT: palisade's bind there fails.
+    let admin_blocker = std::net::TcpListener::bind("127.0.0.1:0").expect("bind blocker");
+    let listen_blocker = std::net::TcpListener::bind("127.0.0.1:0").expect("bind blocker");
+    let admin2 = admin_blocker.local_addr().expect("addr").port();
+    let port2 = listen_blocker.local_addr().expect("addr").port();
+    let config = |admin: u16, ports: &[u16]| {
+        let listen: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        format!(
+            "[server]\nlisten = [{}]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            listen.join(", "),
+            routes_to(&[a.addr], "/")
+        )
+    };
+    let (_dir, path) = temp_config("taken", &config(admin1, &[port]));
+    let _child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let url = |p: u16, what: &str| format!("http://127.0.0.1:{p}/{what}");
+    wait_listening(format!("127.0.0.1:{admin1}").parse().expect("addr")).await;
+    assert_eq!(get(&url(admin1, "healthz")).await.status, 200);
+
+    // The reload itself succeeds; the admin API stays where it was, the proxy keeps its
+    // other listener.
+    std::fs::write(&path, config(admin2, &[port, port2])).expect("write");
+    let reloaded = eventually(Duration::from_secs(5), async || {
+        get(&url(admin1, "status")).await.json()["generation"] == 2
+    })
+    .await;
+    assert!(
+        reloaded,
+        "the reload did not happen, or the admin API left its port"
+    );
+    assert_eq!(get(&url(port, "")).await.status, 200);
+
+    // Once the ports are free, both are taken without another reload (a reload that
+    // changes nothing is skipped, so it could not be what retries).
+    drop(admin_blocker);
+    drop(listen_blocker);
+    wait_listening(format!("127.0.0.1:{admin2}").parse().expect("addr")).await;
+    let status = get(&url(admin2, "status")).await;
+    assert_eq!(status.json()["generation"], 2);
+    wait_listening(format!("127.0.0.1:{port2}").parse().expect("addr")).await;
+    assert_eq!(get(&url(port2, "")).await.status, 200);
+    let closed = eventually(Duration::from_secs(3), async || {
+        tokio::net::TcpStream::connect(format!("127.0.0.1:{admin1}"))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(closed, "the old admin address still accepts connections");
+}
+
+#[tokio::test]
 async fn connection_settings_follow_a_reload() {
     let a = Echo::start("a").await;
     let (_dir, path) = temp_config("limits", &routes_to(&[a.addr], "/"));
