@@ -106,10 +106,12 @@ fn hand_over(lines: &mut Vec<u8>) {
 
 /// What one access line says.
 pub struct Line<'a> {
-    pub request_id: &'a str,
+    /// ASCII (checked where it is taken from the client, or made here).
+    pub request_id: &'a [u8],
     pub client_ip: IpAddr,
     pub method: &'a str,
-    pub host: &'a str,
+    /// The Host header's bytes or the request target's authority.
+    pub host: &'a [u8],
     pub path: &'a str,
     pub status: u16,
     pub route: &'a str,
@@ -174,126 +176,191 @@ pub fn write(line: &Line<'_>) -> bool {
         .unwrap_or(false)
 }
 
-fn format(buf: &mut Vec<u8>, clock: &mut Clock, now: SystemTime, line: &Line<'_>) {
-    buf.extend_from_slice(b"{\"timestamp\":\"");
-    clock.write_rfc3339(buf, now);
-    buf.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":");
+/// Room for everything in a line but its strings: the keys, the timestamp, the longest
+/// address and the longest numbers (checked by a test).
+const FIXED: usize = 400;
+
+/// The most bytes a string of `len` bytes takes in a line: a control byte is escaped to
+/// `\u00XX`, six bytes; an invalid UTF-8 byte becomes U+FFFD, three.
+fn json_room(len: usize) -> usize {
+    len.saturating_mul(6).saturating_add(2)
+}
+
+/// Appends `line` to `buf`. The line is written into room reserved for its longest
+/// possible form and cut to what it took, so each piece is a bounds check and a copy
+/// instead of a `Vec` growth check and a `memcpy` call.
+fn format(buf: &mut Vec<u8>, clock: &mut Clock, now: Duration, line: &Line<'_>) {
+    let room = [
+        line.request_id.len(),
+        line.method.len(),
+        line.route.len(),
+        line.upstream.len(),
+        line.backend.len(),
+        json_room(line.host.len()),
+        json_room(line.path.len()),
+    ]
+    .iter()
+    .fold(FIXED, |total, n| total.saturating_add(*n));
+    let start = buf.len();
+    buf.resize(start.saturating_add(room), 0);
+    let mut out = Out {
+        buf: &mut buf[start..],
+        at: 0,
+    };
+    out.put(b"{\"timestamp\":\"");
+    clock.write_rfc3339(&mut out, now);
+    out.put(b"\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":\"");
     // A request id is `[A-Za-z0-9._:+/=@-]` (the client's is kept only then) and a method
     // is an HTTP token: neither ever needs escaping.
-    clean_string(buf, line.request_id);
-    buf.extend_from_slice(b",\"client_ip\":\"");
-    buf.extend_from_slice(crate::proxy::headers::ip_text(line.client_ip, &mut [0; 64]));
-    buf.extend_from_slice(b"\",\"method\":");
-    clean_string(buf, line.method);
-    buf.extend_from_slice(b",\"host\":");
-    string(buf, line.host);
-    buf.extend_from_slice(b",\"path\":");
-    string(buf, line.path);
-    buf.extend_from_slice(b",\"status\":");
-    integer(buf, line.status);
+    out.put(line.request_id);
+    out.put(b"\",\"client_ip\":\"");
+    let mut ip = [0; 64];
+    out.put(crate::proxy::headers::ip_text(line.client_ip, &mut ip));
+    out.put(b"\",\"method\":\"");
+    out.put(line.method.as_bytes());
+    out.put(b"\",\"host\":");
+    out.string(line.host);
+    out.put(b",\"path\":");
+    out.string(line.path.as_bytes());
+    out.put(b",\"status\":");
+    out.integer(line.status);
     // Route and upstream names are letters, digits, `-`, `_` and `.`, backend addresses
     // host:port (both checked by `config::validate`): nothing to escape.
-    buf.extend_from_slice(b",\"route\":");
-    clean_string(buf, line.route);
-    buf.extend_from_slice(b",\"upstream\":");
-    clean_string(buf, line.upstream);
-    buf.extend_from_slice(b",\"backend\":");
-    clean_string(buf, line.backend);
-    buf.extend_from_slice(b",\"attempts\":");
-    integer(buf, line.attempts);
-    buf.extend_from_slice(b",\"bytes_in\":");
-    integer(buf, line.bytes_in);
-    buf.extend_from_slice(b",\"bytes_out\":");
-    integer(buf, line.bytes_out);
+    out.put(b",\"route\":\"");
+    out.put(line.route.as_bytes());
+    out.put(b"\",\"upstream\":\"");
+    out.put(line.upstream.as_bytes());
+    out.put(b"\",\"backend\":\"");
+    out.put(line.backend.as_bytes());
+    out.put(b"\",\"attempts\":");
+    out.integer(line.attempts);
+    out.put(b",\"bytes_in\":");
+    out.integer(line.bytes_in);
+    out.put(b",\"bytes_out\":");
+    out.integer(line.bytes_out);
     // Milliseconds with nanosecond digits, as a JSON number.
-    buf.extend_from_slice(b",\"duration_ms\":");
+    out.put(b",\"duration_ms\":");
     let nanos = u64::try_from(line.duration.as_nanos()).unwrap_or(u64::MAX);
-    integer(buf, nanos / 1_000_000);
-    buf.push(b'.');
-    let fraction = (nanos % 1_000_000) as u32;
-    push_padded(buf, fraction, 6);
-    buf.extend_from_slice(b",\"target\":\"palisade::access\"}\n");
+    out.integer(nanos / 1_000_000);
+    out.put(b".");
+    out.padded6((nanos % 1_000_000) as u32);
+    out.put(b",\"target\":\"palisade::access\"}\n");
+    let end = start + out.at;
+    buf.truncate(end);
 }
 
-fn integer(buf: &mut Vec<u8>, n: impl itoa::Integer) {
-    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+/// A line being written into the room reserved for it.
+struct Out<'a> {
+    buf: &'a mut [u8],
+    at: usize,
 }
 
-/// `n` in exactly `width` decimal digits, zero-padded (`n` < 10^width).
-fn push_padded(buf: &mut Vec<u8>, mut n: u32, width: usize) {
-    let start = buf.len();
-    buf.resize(start + width, b'0');
-    for slot in buf[start..].iter_mut().rev() {
-        *slot = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-}
-
-/// `s` as a JSON string when it is known to need no escaping.
-fn clean_string(buf: &mut Vec<u8>, s: &str) {
-    buf.push(b'"');
-    buf.extend_from_slice(s.as_bytes());
-    buf.push(b'"');
-}
-
-/// `s` as a JSON string: quotes, and escapes only for `"`, `\` and control characters.
-fn string(buf: &mut Vec<u8>, s: &str) {
-    buf.push(b'"');
-    let mut rest = s.as_bytes();
-    while let Some(at) = first_to_escape(rest) {
-        buf.extend_from_slice(&rest[..at]);
-        match rest[at] {
-            b'"' => buf.extend_from_slice(b"\\\""),
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            b => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                buf.extend_from_slice(b"\\u00");
-                buf.push(HEX[usize::from(b >> 4)]);
-                buf.push(HEX[usize::from(b & 0xf)]);
-            }
+impl Out<'_> {
+    /// Appends `bytes`. The room is reserved for the longest line, so they always fit; if
+    /// that reckoning were ever wrong the piece would be left out, never a panic.
+    #[inline(always)]
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.at + bytes.len();
+        if let Some(room) = self.buf.get_mut(self.at..end) {
+            room.copy_from_slice(bytes);
+            self.at = end;
         }
-        rest = &rest[at + 1..];
     }
-    buf.extend_from_slice(rest);
-    buf.push(b'"');
+
+    fn integer(&mut self, n: impl itoa::Integer) {
+        self.put(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    /// `n` (below 10^6) in exactly six digits, zero-padded.
+    fn padded6(&mut self, n: u32) {
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(1_000_000 + n % 1_000_000).as_bytes();
+        self.put(&text[1..]);
+    }
+
+    /// `bytes` as a JSON string: quoted, with `"`, `\` and control characters escaped.
+    /// Text that is not UTF-8 (a Host header's obs-text) has its invalid bytes replaced
+    /// by U+FFFD.
+    fn string(&mut self, bytes: &[u8]) {
+        self.put(b"\"");
+        if first_to_escape(bytes, true).is_none() {
+            self.put(bytes);
+        } else {
+            let text = String::from_utf8_lossy(bytes);
+            let mut rest = text.as_bytes();
+            while let Some(at) = first_to_escape(rest, false) {
+                self.put(&rest[..at]);
+                match rest[at] {
+                    b'"' => self.put(b"\\\""),
+                    b'\\' => self.put(b"\\\\"),
+                    b'\n' => self.put(b"\\n"),
+                    b'\r' => self.put(b"\\r"),
+                    b'\t' => self.put(b"\\t"),
+                    b => {
+                        const HEX: &[u8; 16] = b"0123456789abcdef";
+                        self.put(b"\\u00");
+                        self.put(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+                    }
+                }
+                rest = &rest[at + 1..];
+            }
+            self.put(rest);
+        }
+        self.put(b"\"");
+    }
 }
 
 fn must_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'
 }
 
-/// The index of the first byte JSON must escape, eight bytes at a time: a path or host
-/// almost never has one.
-fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+/// The index of the first byte JSON must escape (with `or_high`, also the first byte
+/// that is not ASCII, or DEL), eight bytes at a time: a path or host almost never has
+/// one.
+fn first_to_escape(bytes: &[u8], or_high: bool) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     // Bytes of `v` that are zero / below `n` (n <= 0x80) set their high bit here; a
     // byte above a flagged one may be flagged falsely, which only costs a byte scan.
     let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
     let below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v & HIGHS;
+    // Bytes >= 0x7f: their high bit, or a carry into it when adding 1.
+    let high = |v: u64| (v | v.wrapping_add(ONES)) & HIGHS;
+    let stop = |b: u8| must_escape(b) || (or_high && b >= 0x7f);
+    let flagged = |v: u64| {
+        below(v, 0x20)
+            | zero(v ^ (ONES * u64::from(b'"')))
+            | zero(v ^ (ONES * u64::from(b'\\')))
+            | if or_high { high(v) } else { 0 }
+            != 0
+    };
     let mut chunks = bytes.chunks_exact(8);
     let mut offset = 0;
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let v = u64::from_le_bytes(word);
-        if below(v, 0x20) | zero(v ^ (ONES * u64::from(b'"'))) | zero(v ^ (ONES * u64::from(b'\\')))
-            != 0
-        {
-            if let Some(i) = chunk.iter().position(|&b| must_escape(b)) {
+        if flagged(u64::from_le_bytes(word)) {
+            if let Some(i) = chunk.iter().position(|&b| stop(b)) {
                 return Some(offset + i);
             }
         }
         offset += 8;
     }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&b| must_escape(b))
-        .map(|i| offset + i)
+    let rest = chunks.remainder();
+    if rest.is_empty() {
+        return None;
+    }
+    // The last bytes as one more word: the last eight when there are eight (overlapping
+    // bytes already checked), else the rest padded with spaces.
+    let mut word = [b' '; 8];
+    match bytes.len().checked_sub(8) {
+        Some(last) => word.copy_from_slice(&bytes[last..]),
+        None => word[..rest.len()].copy_from_slice(rest),
+    }
+    if !flagged(u64::from_le_bytes(word)) {
+        return None;
+    }
+    rest.iter().position(|&b| stop(b)).map(|i| offset + i)
 }
 
 /// RFC 3339 UTC timestamps with microseconds; `YYYY-MM-DDTHH:MM:SS` is formatted once per
@@ -302,42 +369,42 @@ fn first_to_escape(bytes: &[u8]) -> Option<usize> {
 struct Clock {
     second: u64,
     text: [u8; 19],
-    /// A monotonic instant and the wall-clock time it was read at, re-read every second:
-    /// a line's time is derived from the instant the handler already took, instead of
-    /// another clock read per line.
-    base: Option<(Instant, SystemTime)>,
+    /// A monotonic instant and the wall-clock time it was read at (since the Unix epoch),
+    /// re-read every second: a line's time is derived from the instant the handler already
+    /// took, instead of another clock read per line.
+    base: Option<(Instant, Duration)>,
 }
 
 impl Clock {
-    /// The wall-clock time of `at`.
-    fn wall(&mut self, at: Instant) -> SystemTime {
+    /// The wall-clock time of `at`, since the Unix epoch (a clock before 1970 reads as
+    /// 1970: a log line is no place to fail).
+    fn wall(&mut self, at: Instant) -> Duration {
         if let Some((instant, wall)) = self.base {
             if let Some(since) = at.checked_duration_since(instant) {
                 if since < Duration::from_secs(1) {
-                    return wall + since;
+                    return wall.saturating_add(since);
                 }
             }
         }
         let (instant, wall) = (Instant::now(), SystemTime::now());
+        let wall = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
         self.base = Some((instant, wall));
         match instant.checked_duration_since(at) {
-            Some(before) => wall.checked_sub(before).unwrap_or(wall),
-            None => wall + at.duration_since(instant),
+            Some(before) => wall.saturating_sub(before),
+            None => wall.saturating_add(at.duration_since(instant)),
         }
     }
 
-    fn write_rfc3339(&mut self, buf: &mut Vec<u8>, now: SystemTime) {
-        // A clock before 1970 prints as 1970: a log line is no place to fail.
-        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let second = since.as_secs();
+    fn write_rfc3339(&mut self, out: &mut Out<'_>, since_epoch: Duration) {
+        let second = since_epoch.as_secs();
         if second != self.second || self.text[0] == 0 {
             self.second = second;
             self.text = date_time(second);
         }
-        buf.extend_from_slice(&self.text);
-        buf.push(b'.');
-        push_padded(buf, since.subsec_micros(), 6);
-        buf.push(b'Z');
+        out.put(&self.text);
+        out.put(b".");
+        out.padded6(since_epoch.subsec_micros());
+        out.put(b"Z");
     }
 }
 
@@ -383,10 +450,10 @@ mod tests {
 
     fn line() -> Line<'static> {
         Line {
-            request_id: "abc",
+            request_id: b"abc",
             client_ip: IpAddr::from([10, 0, 0, 7]),
             method: "GET",
-            host: "example.test",
+            host: b"example.test",
             path: "/a?b=c",
             status: 200,
             route: "web",
@@ -401,9 +468,13 @@ mod tests {
     }
 
     fn formatted(line: &Line<'_>, now: SystemTime) -> String {
-        let mut buf = Vec::new();
-        format(&mut buf, &mut Clock::default(), now, line);
-        String::from_utf8(buf).expect("utf-8")
+        let mut buf = b"earlier lines\n".to_vec();
+        let since = now.duration_since(UNIX_EPOCH).expect("after 1970");
+        format(&mut buf, &mut Clock::default(), since, line);
+        let text = String::from_utf8(buf).expect("utf-8");
+        text.strip_prefix("earlier lines\n")
+            .expect("earlier lines kept")
+            .to_owned()
     }
 
     #[test]
@@ -428,7 +499,7 @@ mod tests {
         let mut l = line();
         let nasty = "a\"b\\c\nd\u{1}e\u{7f}é\t";
         l.path = nasty;
-        l.host = "";
+        l.host = b"";
         l.client_ip = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]);
         let text = formatted(&l, UNIX_EPOCH);
         let value: serde_json::Value = serde_json::from_str(text.trim_end()).expect("json");
@@ -440,18 +511,77 @@ mod tests {
     }
 
     #[test]
+    fn a_host_that_is_not_utf8_is_still_valid_json() {
+        let mut l = line();
+        l.host = b"caf\xe9\xc3\xa9\"\x01";
+        let text = formatted(&l, UNIX_EPOCH);
+        let value: serde_json::Value = serde_json::from_str(text.trim_end()).expect("json");
+        assert_eq!(value["host"], "caf\u{fffd}\u{e9}\"\u{1}");
+    }
+
+    #[test]
+    fn the_longest_lines_fit_the_room_reserved_for_them() {
+        // Every string at its worst (each byte escaped to six), the longest address and
+        // numbers: the line is whole (valid JSON with every value) and within its room.
+        for len in [0, 1, 7, 8, 9, 100, 4096] {
+            let escaped = "\u{1}".repeat(len);
+            let invalid = vec![0xffu8; len];
+            let name = "n".repeat(len);
+            let l = Line {
+                request_id: name.as_bytes(),
+                client_ip: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+                    .parse()
+                    .expect("ip"),
+                method: &name,
+                host: &invalid,
+                path: &escaped,
+                status: u16::MAX,
+                route: &name,
+                upstream: &name,
+                backend: &name,
+                attempts: u32::MAX,
+                bytes_in: i64::MIN,
+                bytes_out: i64::MIN,
+                duration: Duration::MAX,
+                finished: Instant::now(),
+            };
+            let text = formatted(&l, UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+            let room = FIXED + 5 * len + 2 * json_room(len);
+            assert!(text.len() <= room, "{} > {room}", text.len());
+            let value: serde_json::Value = serde_json::from_str(text.trim_end()).expect("json");
+            assert_eq!(value["path"].as_str().map(str::len), Some(len));
+            assert_eq!(value["host"].as_str().map(|h| h.chars().count()), Some(len));
+            assert_eq!(value["bytes_out"], i64::MIN);
+            assert_eq!(value["target"], "palisade::access");
+            assert_eq!(value["timestamp"], "9999-12-31T23:59:59.000000Z");
+        }
+        // Without strings, the fixed part alone.
+        let mut l = line();
+        (l.request_id, l.method, l.host, l.path) = (b"", "", b"", "");
+        (l.route, l.upstream, l.backend) = ("", "", "");
+        assert!(formatted(&l, UNIX_EPOCH).len() <= FIXED);
+    }
+
+    #[test]
     fn every_byte_that_needs_escaping_is_found_wherever_it_is() {
         for len in 0..20 {
             for at in 0..len {
                 for special in [b'"', b'\\', b'\n', 0x00, 0x1f] {
                     let mut bytes = vec![b'a'; len];
                     bytes[at] = special;
-                    assert_eq!(first_to_escape(&bytes), Some(at), "{bytes:?}");
+                    assert_eq!(first_to_escape(&bytes, false), Some(at), "{bytes:?}");
+                    assert_eq!(first_to_escape(&bytes, true), Some(at), "{bytes:?}");
                 }
-                // High bytes (UTF-8) and DEL are left alone.
+                // High bytes (UTF-8) and DEL are left alone, unless asked for.
                 let mut bytes = vec![0xc3; len];
                 bytes[at] = 0x7f;
-                assert_eq!(first_to_escape(&bytes), None);
+                assert_eq!(first_to_escape(&bytes, false), None);
+                for high in [0x7f, 0x80, 0xc3, 0xff] {
+                    let mut bytes = vec![b'~'; len];
+                    bytes[at] = high;
+                    assert_eq!(first_to_escape(&bytes, true), Some(at), "{bytes:?}");
+                }
+                assert_eq!(first_to_escape(&vec![b' '; len], true), None);
             }
         }
     }
@@ -472,11 +602,16 @@ mod tests {
     #[test]
     fn the_cached_date_changes_with_the_second() {
         let mut clock = Clock::default();
-        let mut buf = Vec::new();
-        clock.write_rfc3339(&mut buf, UNIX_EPOCH + Duration::new(59, 999_999_000));
-        clock.write_rfc3339(&mut buf, UNIX_EPOCH + Duration::new(60, 1_000));
+        let mut buf = [0; 64];
+        let mut out = Out {
+            buf: &mut buf,
+            at: 0,
+        };
+        clock.write_rfc3339(&mut out, Duration::new(59, 999_999_000));
+        clock.write_rfc3339(&mut out, Duration::new(60, 1_000));
+        let at = out.at;
         assert_eq!(
-            String::from_utf8(buf).unwrap(),
+            std::str::from_utf8(&buf[..at]).unwrap(),
             "1970-01-01T00:00:59.999999Z1970-01-01T00:01:00.000001Z"
         );
     }

@@ -94,14 +94,16 @@ struct Trace<'s> {
     attempts: u32,
     client_ip: Option<std::net::IpAddr>,
     request_id: Option<headers::FieldValue>,
+    /// The Host header, kept for the access log (the routing looks it up anyway).
+    host: Option<http::HeaderValue>,
 }
 
-/// The parts of a request the access log prints, kept before the request moves on.
-/// `Uri` and `HeaderValue` share their bytes, so keeping them copies no text.
+/// The parts of a request the access log prints, kept before the request moves on
+/// (the Host header is kept in [`Trace`]). `Uri` shares its bytes, so keeping it copies
+/// no text.
 struct RequestLine {
     method: Method,
     uri: Uri,
-    host: Option<http::HeaderValue>,
     bytes_in: i64,
 }
 
@@ -110,7 +112,6 @@ impl RequestLine {
         RequestLine {
             method: req.method().clone(),
             uri: req.uri().clone(),
-            host: req.headers().get(http::header::HOST).cloned(),
             bytes_in: req
                 .body()
                 .size_hint()
@@ -120,12 +121,12 @@ impl RequestLine {
     }
 
     /// The host the client asked for: the URI authority, else the Host header.
-    fn host(&self) -> &str {
-        self.uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
-            .unwrap_or("")
+    fn host<'a>(&'a self, header: Option<&'a http::HeaderValue>) -> &'a [u8] {
+        match (self.uri.authority(), header) {
+            (Some(authority), _) => authority.as_str().as_bytes(),
+            (None, Some(header)) => header.as_bytes(),
+            (None, None) => b"",
+        }
     }
 
     fn path(&self) -> &str {
@@ -174,18 +175,16 @@ fn log_access(
     if !on {
         return;
     }
-    // A request id is ASCII (checked or made by `Forwarding`): `from_utf8`'s ASCII fast
-    // path is cheaper than `to_str`'s byte-by-byte check.
+    // A request id is ASCII: checked or made by `Forwarding`.
     let request_id = trace
         .request_id
         .as_ref()
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .unwrap_or("-");
+        .map_or(&b"-"[..], headers::FieldValue::as_bytes);
     let access = crate::logging::access::Line {
         request_id,
         client_ip: trace.client_ip.unwrap_or_else(|| conn.peer.ip()),
         method: line.method.as_str(),
-        host: line.host(),
+        host: line.host(trace.host.as_ref()),
         path: line.path(),
         status: resp.status().as_u16(),
         route: trace.route.map_or("-", |r| &*r.name),
@@ -202,10 +201,10 @@ fn log_access(
     }
     tracing::info!(
         target: "palisade::access",
-        request_id = access.request_id,
+        request_id = &*String::from_utf8_lossy(access.request_id),
         client_ip = %access.client_ip,
         method = %access.method,
-        host = access.host,
+        host = &*String::from_utf8_lossy(access.host),
         path = access.path,
         status = access.status,
         route = access.route,
@@ -225,11 +224,15 @@ async fn proxy<'s>(
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let host = req.headers().get(http::header::HOST).cloned();
+    if snapshot.config.server.access_log {
+        trace.host.clone_from(&host);
+    }
+
     // 1b. Refuse what a backend could read differently.
     check_framing(&mut req, conn.seen)?;
 
     // 2. Route.
-    let host = req.headers().get(http::header::HOST).cloned();
     let route = snapshot
         .routes
         .find(request_host(&req, host.as_ref()), req.uri().path())
