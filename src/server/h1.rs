@@ -56,7 +56,7 @@ pub type Io = TrackedIo<ClientIo>;
 const HEAD_BUF: usize = 1024;
 
 /// The HTTP/2 connection preface (prior knowledge, RFC 9113 3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// After an answer that leaves part of a request body unread, how long the connection
 /// keeps reading (and discarding) before it closes, so the client receives the answer

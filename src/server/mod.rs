@@ -33,6 +33,8 @@ use tokio::task::JoinHandle;
 
 use crate::clock::{coarse_ns, instant_at, nanos, now_ns};
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod h1;
 use crate::proxy::{self, ConnInfo};
 use crate::snapshot::ProxyState;
