@@ -97,7 +97,7 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
 /// file paths (certificates, CA bundles) against the config file's directory. Does no
 /// I/O except reading `admin.token_env`. `Err` holds every problem, sorted by position:
 /// every unknown key and every value of the wrong type is an error of its own; a TOML
-/// syntax error, or a required key of the wrong type, ends the list.
+/// syntax error, or a required table of the wrong type, ends the list.
 pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     validate::parse(text, path)
 }

@@ -264,7 +264,7 @@ mod tests {
     fn wrong_types_and_missing_keys_have_positions() {
         assert_eq!(
             parse_error("[server.limits]\nmax_connections = \"many\"\n"),
-            "t.toml:2:19: invalid type: string \"many\", expected i64"
+            "t.toml:2:19: invalid type: string \"many\", expected an integer"
         );
         assert_eq!(
             parse_error("[admin]\n[upstreams.x]\n"),
@@ -287,7 +287,10 @@ mod tests {
         );
         assert_eq!(
             parse_error("[[routes]]\nupstream = \"x\"\n[routes.rate_limit]\nrequests_per_second = \"fast\"\nburst = 1\n"),
-            "t.toml:4:23: invalid type: string \"fast\", expected a number"
+            concat!(
+                "t.toml:2:12: route \"route-1\" uses upstream \"x\", which is not defined (none is defined)\n",
+                "t.toml:4:23: invalid type: string \"fast\", expected a number"
+            )
         );
     }
 }

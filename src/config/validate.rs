@@ -1,9 +1,11 @@
 //! From the raw file to a checked [`Config`], collecting every problem in one pass.
 //!
 //! Syntax errors come from the TOML parser and stop there (one error); each unknown key
-//! and each value of the wrong type is reported and taken out, and the rest is read
-//! again (a required key taken out ends the list);
-//! everything else is checked here and reported all together, sorted by position, each at
+//! is reported and taken out, each value of the wrong type is reported and replaced by
+//! a placeholder of the right type (an empty string, false, 0, an empty list; later
+//! errors at its position are the same mistake and not repeated), or taken out where
+//! a table was expected, and the rest is read again (a required table taken out ends the
+//! list); everything else is checked here and reported all together, sorted by position, each at
 //! the span of the offending value. A value that fails a check is replaced by its default
 //! so the rest of the file is still checked, and a cross-check (health timeout against
 //! interval, backoff against backoff_max, hash_key against balance) only runs when the
@@ -29,6 +31,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         text,
         path,
         errors: Vec::new(),
+        replaced: Vec::new(),
     };
     let mut table = match toml::de::DeTable::parse(text) {
         Ok(table) => table,
@@ -39,9 +42,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         }
     };
     // Every unknown key and every value of the wrong type is an error of its own: each one
-    // serde stops at is reported and taken out of the document, which is read again, so
-    // that `check` lists them all, and then every problem with the rest. A required key
-    // taken out that way ends the list (its "missing field" would be the same mistake
+    // serde stops at is reported and taken out of the document (a value of the wrong type
+    // replaced by a placeholder of the right one where it can be), which is read again,
+    // so that `check` lists them all, and then every problem with the rest. A required
+    // key taken out that way ends the list (its "missing field" would be the same mistake
     // twice), as does anything else serde reports.
     let mut taken: Vec<String> = Vec::new();
     let raw = loop {
@@ -54,7 +58,17 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
                     .iter()
                     .any(|name| message.starts_with(&format!("missing field `{name}`")));
                 if !again {
-                    v.error(&span, message.to_owned());
+                    v.error(&span, plain_words(message));
+                }
+                // Each value is replaced once at most: the loop ends.
+                let fresh = !v.replaced.contains(&span.start);
+                if fresh && message.starts_with("invalid type") && e.span().is_some() {
+                    if let Some(with) = placeholder(message) {
+                        if replace_at(table.get_mut(), span.start, &with) {
+                            v.replaced.push(span.start);
+                            continue;
+                        }
+                    }
                 }
                 let removable = message.starts_with("unknown field")
                     || message.starts_with("invalid type")
@@ -116,6 +130,67 @@ fn remove_at(table: &mut toml::de::DeTable<'_>, at: usize) -> Option<String> {
     Some(key.into_inner().into_owned())
 }
 
+/// serde's message with Rust's type names in words: "expected i64" is "expected an
+/// integer", "expected struct RawBackend" is "expected a table".
+fn plain_words(message: &str) -> String {
+    let Some((found, expected)) = message.rsplit_once(", expected ") else {
+        return message.to_owned();
+    };
+    let expected = match expected {
+        "i64" | "u64" | "u32" => "an integer",
+        e if e.starts_with("struct Raw") || e == "a map" => "a table",
+        e => e,
+    };
+    format!("{found}, expected {expected}")
+}
+
+/// A value of the type serde's `invalid type: ..., expected X` error asks for, for the
+/// scalar and list types the raw config uses; None for a table (its required keys would
+/// be missing).
+fn placeholder(message: &str) -> Option<toml::de::DeValue<'static>> {
+    let expected = message.rsplit_once(", expected ")?.1;
+    let text = match expected {
+        "a string" => "\"\"",
+        "a boolean" => "false",
+        "i64" | "u64" | "u32" | "a number" => "0",
+        "a sequence" => "[]",
+        _ => return None,
+    };
+    toml::de::DeValue::parse(text).ok().map(|v| v.into_inner())
+}
+
+/// Replaces the value written at byte `at` in `table` (at any depth, in arrays too) by
+/// `with`, keeping its span; false when no value starts there.
+fn replace_at(
+    table: &mut toml::de::DeTable<'_>,
+    at: usize,
+    with: &toml::de::DeValue<'static>,
+) -> bool {
+    table
+        .iter_mut()
+        .any(|(_, value)| replace_in(value, at, with))
+}
+
+fn replace_in(
+    value: &mut Spanned<toml::de::DeValue<'_>>,
+    at: usize,
+    with: &toml::de::DeValue<'static>,
+) -> bool {
+    // A table's span need not cover its keys (those under a later `[a.b]` header), so
+    // every table and array is searched.
+    let span = value.span();
+    let inside = match value.get_mut() {
+        toml::de::DeValue::Table(inner) => replace_at(inner, at, with),
+        toml::de::DeValue::Array(items) => items.iter_mut().any(|item| replace_in(item, at, with)),
+        _ => false,
+    };
+    if !inside && span.start == at {
+        *value = Spanned::new(span, with.clone());
+        return true;
+    }
+    inside
+}
+
 /// Defaults, as documented in config/palisade.toml.
 mod default {
     use std::net::SocketAddr;
@@ -171,6 +246,9 @@ struct Validator<'a> {
     text: &'a str,
     path: &'a Path,
     errors: Vec<ConfigError>,
+    /// Where values of the wrong type were replaced by placeholders (already reported:
+    /// errors about the placeholder are not).
+    replaced: Vec<usize>,
 }
 
 impl Validator<'_> {
@@ -181,6 +259,9 @@ impl Validator<'_> {
     }
 
     fn error(&mut self, span: &Range<usize>, message: String) {
+        if self.replaced.contains(&span.start) {
+            return;
+        }
         let at = self.pos(span);
         self.errors.push(ConfigError::at(self.path, at, message));
     }
@@ -1497,12 +1578,54 @@ mod tests {
             e[1].contains("invalid type: string \"yes\", expected a boolean"),
             "{e:#?}"
         );
-        // A required key of the wrong type ends the list, without a second "missing
-        // field" error for the same mistake.
+        // A required key of the wrong type: one error (no "missing field", no "upstream
+        // \"\" is not defined" for its placeholder).
         let e = errors("[[routes]]\nupstream = 5\n");
         assert_eq!(e.len(), 1, "{e:#?}");
         assert!(
             e[0].starts_with("t.toml:2:12: invalid type: integer `5`"),
+            "{e:#?}"
+        );
+        // ... and the list goes on past it: every mistyped value once, required or not,
+        // at any depth, in arrays too, and the other problems after them.
+        let e = errors(concat!(
+            "[server]\nlisten = 5\naccess_log = \"x\"\n",
+            "[server.limits]\nmax_connections = \"x\"\n",
+            "[[routes]]\nupstream = 5\n",
+            "[routes.rate_limit]\nrequests_per_second = \"x\"\nburst = \"x\"\n",
+            "[upstreams.a]\nbackends = [{ addr = 9001 }, { addr = \"b\" }]\n",
+            "[upstreams.b]\nbackends = 5\n",
+            "[upstreams.c]\nbalance = \"nope\"\nbackends = [{ addr = \"c:1\", weight = \"1\" }]\n",
+        ));
+        assert_eq!(
+            at(&e),
+            [
+                "t.toml:2:10",
+                "t.toml:3:14",
+                "t.toml:5:19",
+                "t.toml:7:12",
+                "t.toml:9:23",
+                "t.toml:10:9",
+                "t.toml:12:22",
+                "t.toml:12:39",
+                "t.toml:14:12",
+                "t.toml:16:11",
+                "t.toml:17:38",
+            ],
+            "{e:#?}"
+        );
+        assert!(e[1].contains("expected a boolean"), "{e:#?}");
+        assert!(e[7].contains("invalid backend address \"b\""), "{e:#?}");
+        assert!(e[9].contains("unknown balance"), "{e:#?}");
+        assert!(e[10].contains("expected an integer"), "{e:#?}");
+        // A required table of the wrong type ends the list; Rust's type names stay out.
+        let e = errors("[upstreams.a]\nbackends = [5]\n[server]\nlisten = 3\n");
+        assert_eq!(
+            e,
+            [
+                "t.toml:2:13: invalid type: integer `5`, expected a table",
+                "t.toml:4:10: invalid type: integer `3`, expected a sequence"
+            ],
             "{e:#?}"
         );
     }
