@@ -806,7 +806,8 @@ mod tests {
     #[test]
     fn fuzz_seeds_pass_the_fuzz_checks() {
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 5] = [
+        let targets: [(&str, Target); 6] = [
+            ("access_line", crate::logging::access::fuzz_access_line),
             ("connection", crate::server::fuzz::fuzz_connection),
             ("request_head", crate::server::h1::fuzz_request_heads),
             ("response_head", crate::upstream::h1::fuzz_response_heads),

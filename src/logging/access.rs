@@ -444,6 +444,62 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
+/// The fuzz check of the access line: the first 8 bytes of `data` are the line's numbers,
+/// the 9th says where the rest splits into the Host header's bytes (any bytes) and the
+/// path (made UTF-8 first, as a URI's path is). The line must land after what the batch
+/// held, whole: one JSON object on one line, every value as given (the host with invalid
+/// UTF-8 replaced), within the room reserved for it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_access_line(data: &[u8]) {
+    let (numbers, rest) = data.split_at(data.len().min(8));
+    let mut word = [0u8; 8];
+    word[..numbers.len()].copy_from_slice(numbers);
+    let n = u64::from_le_bytes(word);
+    let (split, rest) = rest.split_first().map_or((0, rest), |(s, r)| (*s, r));
+    let (host, path) = rest.split_at(usize::from(split).min(rest.len()));
+    let path = String::from_utf8_lossy(path);
+    let line = Line {
+        request_id: b"0123456789abcdef0123456789abcdef",
+        client_ip: if n & 1 == 1 {
+            IpAddr::V4(std::net::Ipv4Addr::from((n >> 32) as u32))
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+            ))
+        },
+        method: "GET",
+        host,
+        path: &path,
+        status: n as u16,
+        route: "route-1",
+        upstream: "app",
+        backend: "127.0.0.1:9001",
+        attempts: (n >> 16) as u32,
+        bytes_in: n as i64,
+        bytes_out: (n as i64).wrapping_neg(),
+        duration: Duration::from_nanos(n),
+        finished: Instant::now(),
+    };
+    let mut buf = b"an earlier line\n".to_vec();
+    let since_epoch = Duration::from_secs(n % 253_402_300_800);
+    format(&mut buf, &mut Clock::default(), since_epoch, &line);
+    let text = buf
+        .strip_prefix(b"an earlier line\n")
+        .expect("the batch's earlier lines kept");
+    let room = FIXED + 32 + 3 + 7 + 3 + 14 + json_room(host.len()) + json_room(path.len());
+    assert!(text.len() <= room, "{} bytes, room for {room}", text.len());
+    let body = text.strip_suffix(b"\n").expect("ends the line");
+    assert!(!body.contains(&b'\n'), "a newline inside the line");
+    let value: serde_json::Value = serde_json::from_slice(body).expect("one JSON object");
+    assert_eq!(value["host"], *String::from_utf8_lossy(host));
+    assert_eq!(value["path"], *path);
+    assert_eq!(value["status"], n as u16);
+    assert_eq!(value["bytes_in"], n as i64);
+    assert_eq!(value["bytes_out"], (n as i64).wrapping_neg());
+    assert_eq!(value["client_ip"], line.client_ip.to_string());
+    assert_eq!(value["target"], "palisade::access");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
