@@ -5,11 +5,11 @@
 //! a placeholder of the right type (an empty string, false, 0, an empty list; later
 //! errors at its position are the same mistake and not repeated), or taken out where
 //! a table was expected, and the rest is read again (a required table taken out ends the
-//! list); everything else is checked here and reported all together, sorted by position, each at
-//! the span of the offending value. A value that fails a check is replaced by its default
-//! so the rest of the file is still checked, and a cross-check (health timeout against
-//! interval, backoff against backoff_max, hash_key against balance) only runs when the
-//! values it compares are themselves valid, so one mistake gives one error.
+//! list); everything else is checked here and reported all together, sorted by position,
+//! each at the span of the offending value. A value that fails a check is replaced by its
+//! default so the rest of the file is still checked, and a cross-check (health timeout
+//! against interval, backoff against backoff_max, hash_key against balance) only runs
+//! when the values it compares are themselves valid, so one mistake gives one error.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -45,8 +45,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     // serde stops at is reported and taken out of the document (a value of the wrong type
     // replaced by a placeholder of the right one where it can be), which is read again,
     // so that `check` lists them all, and then every problem with the rest. A required
-    // key taken out that way ends the list (its "missing field" would be the same mistake
-    // twice), as does anything else serde reports.
+    // table taken out that way ends the list (its "missing field" would be the same
+    // mistake twice), as does anything else serde reports.
     let mut taken: Vec<String> = Vec::new();
     let raw = loop {
         match RawConfig::deserialize(toml::de::Deserializer::from(table.clone())) {
@@ -57,13 +57,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
                 let again = taken
                     .iter()
                     .any(|name| message.starts_with(&format!("missing field `{name}`")));
+                let expected = Expected::of(message);
                 if !again {
-                    v.error(&span, plain_words(message));
+                    v.error(&span, expected.plain_words(message));
                 }
                 // Each value is replaced once at most: the loop ends.
                 let fresh = !v.replaced.contains(&span.start);
                 if fresh && message.starts_with("invalid type") && e.span().is_some() {
-                    if let Some(with) = placeholder(message) {
+                    if let Some(with) = expected.placeholder() {
                         if replace_at(table.get_mut(), span.start, &with) {
                             v.replaced.push(span.start);
                             continue;
@@ -130,33 +131,58 @@ fn remove_at(table: &mut toml::de::DeTable<'_>, at: usize) -> Option<String> {
     Some(key.into_inner().into_owned())
 }
 
-/// serde's message with Rust's type names in words: "expected i64" is "expected an
-/// integer", "expected struct RawBackend" is "expected a table".
-fn plain_words(message: &str) -> String {
-    let Some((found, expected)) = message.rsplit_once(", expected ") else {
-        return message.to_owned();
-    };
-    let expected = match expected {
-        "i64" | "u64" | "u32" => "an integer",
-        e if e.starts_with("struct Raw") || e == "a map" => "a table",
-        e => e,
-    };
-    format!("{found}, expected {expected}")
+/// What serde's `..., expected X` error asks for, as the raw config's types spell it.
+#[derive(Clone, Copy)]
+enum Expected {
+    Text,
+    Boolean,
+    Integer,
+    Number,
+    List,
+    Table,
+    /// Anything else, or no type at all.
+    Other,
 }
 
-/// A value of the type serde's `invalid type: ..., expected X` error asks for, for the
-/// scalar and list types the raw config uses; None for a table (its required keys would
-/// be missing).
-fn placeholder(message: &str) -> Option<toml::de::DeValue<'static>> {
-    let expected = message.rsplit_once(", expected ")?.1;
-    let text = match expected {
-        "a string" => "\"\"",
-        "a boolean" => "false",
-        "i64" | "u64" | "u32" | "a number" => "0",
-        "a sequence" => "[]",
-        _ => return None,
-    };
-    toml::de::DeValue::parse(text).ok().map(|v| v.into_inner())
+impl Expected {
+    fn of(message: &str) -> Self {
+        match message.rsplit_once(", expected ").map(|(_, e)| e) {
+            Some("a string") => Expected::Text,
+            Some("a boolean") => Expected::Boolean,
+            Some("i64" | "u64" | "u32") => Expected::Integer,
+            Some("a number") => Expected::Number,
+            Some("a sequence") => Expected::List,
+            Some(e) if e.starts_with("struct Raw") || e == "a map" => Expected::Table,
+            _ => Expected::Other,
+        }
+    }
+
+    /// serde's message with Rust's type names in words: "expected i64" is "expected an
+    /// integer", "expected struct RawBackend" is "expected a table".
+    fn plain_words(self, message: &str) -> String {
+        let words = match self {
+            Expected::Integer => "an integer",
+            Expected::Table => "a table",
+            _ => return message.to_owned(),
+        };
+        match message.rsplit_once(", expected ") {
+            Some((found, _)) => format!("{found}, expected {words}"),
+            None => message.to_owned(),
+        }
+    }
+
+    /// A value of this type to stand in for one of the wrong type; None for a table (its
+    /// required keys would be missing) and for what the raw config does not use.
+    fn placeholder(self) -> Option<toml::de::DeValue<'static>> {
+        let text = match self {
+            Expected::Text => "\"\"",
+            Expected::Boolean => "false",
+            Expected::Integer | Expected::Number => "0",
+            Expected::List => "[]",
+            Expected::Table | Expected::Other => return None,
+        };
+        toml::de::DeValue::parse(text).ok().map(|v| v.into_inner())
+    }
 }
 
 /// Replaces the value written at byte `at` in `table` (at any depth, in arrays too) by
@@ -1567,7 +1593,7 @@ mod tests {
         assert!(e[0].contains("unknown field `aaa`"), "{e:#?}");
         assert!(e[2].contains("upstream \"missing\""), "{e:#?}");
         assert!(e[4].contains("unknown field `bogus`"), "{e:#?}");
-        // Values of the wrong type too (an array's item: the array goes), each once.
+        // Values of the wrong type too (an array's item too), each once.
         let e = errors("[server]\naaa = 1\naccess_log = \"yes\"\nlisten = [1]\nzzz = 2\n");
         assert_eq!(
             at(&e),

@@ -486,7 +486,9 @@ pub fn fuzz_access_line(data: &[u8]) {
     let text = buf
         .strip_prefix(b"an earlier line\n")
         .expect("the batch's earlier lines kept");
-    let room = FIXED + 32 + 3 + 7 + 3 + 14 + json_room(host.len()) + json_room(path.len());
+    let names = [line.method, line.route, line.upstream, line.backend];
+    let room = FIXED + line.request_id.len() + names.iter().map(|n| n.len()).sum::<usize>();
+    let room = room + json_room(host.len()) + json_room(path.len());
     assert!(text.len() <= room, "{} bytes, room for {room}", text.len());
     let body = text.strip_suffix(b"\n").expect("ends the line");
     assert!(!body.contains(&b'\n'), "a newline inside the line");

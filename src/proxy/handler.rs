@@ -224,6 +224,7 @@ async fn proxy<'s>(
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // Before the framing check, so that a refused request's access line has its host.
     let host = req.headers().get(http::header::HOST).cloned();
     if snapshot.config.server.access_log {
         trace.host.clone_from(&host);

@@ -177,14 +177,14 @@ async fn serve_inner(
             }
             () = tokio::time::sleep(REBIND_EVERY), if !unbound.is_empty() => {}
         }
-        let config = state.snapshot().config.clone();
-        let wanted: HashSet<(SocketAddr, bool)> = config
-            .server
-            .listen
-            .iter()
-            .map(|&addr| (addr, false))
-            .chain(config.server.tls.iter().map(|t| (t.listen, true)))
-            .collect();
+        let wanted: HashSet<(SocketAddr, bool)> = {
+            let snapshot = state.snapshot();
+            let server = &snapshot.config.server;
+            let plain = server.listen.iter().map(|&addr| (addr, false));
+            plain
+                .chain(server.tls.iter().map(|t| (t.listen, true)))
+                .collect()
+        };
         accept_tasks.retain(|&(addr, tls), task| {
             let keep = wanted.contains(&(addr, tls));
             if !keep {

@@ -5,6 +5,7 @@ use crate::common;
 
 use std::collections::HashMap;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -189,6 +190,54 @@ async fn the_access_log_writes_one_json_line_per_request_in_utc() {
         .is_some_and(|h| h.starts_with("127.0.0.1:")));
     assert!(line["bytes_out"].as_i64().is_some_and(|b| b > 0));
     assert!(line["duration_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_are_not_utf8() {
+    let echo = Echo::start("a").await;
+    let config = access_config(true, echo.addr);
+    let (_dir, file) = write_config(&format!("host-{}.toml", common::free_port()), &config);
+    let log = file.with_extension("log");
+    let child = spawn_logged(&file, &log, "info");
+    let addr: std::net::SocketAddr = config
+        .split("listen = [\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|a| a.parse().ok())
+        .expect("listen address in config");
+    wait_listening(addr).await;
+    // Refused by the framing check, before routing: its Host is still in its line.
+    let (answer, _) = raw_exchange(
+        addr,
+        b"POST /smuggle HTTP/1.1\r\nHost: refused.test\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    // obs-text in Host: logged with U+FFFD where it is not UTF-8, the line still JSON.
+    let (answer, _) = raw_exchange(
+        addr,
+        b"GET /caf HTTP/1.1\r\nHost: caf\xe9\"q\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    stop_gracefully(child);
+    let log = std::fs::read_to_string(&log).expect("read log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "palisade::access")
+        .collect();
+    let line = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no access line for {path}: {log}"))
+    };
+    assert_eq!(line("/smuggle")["host"], "refused.test");
+    assert_eq!(line("/smuggle")["status"], 400);
+    assert_eq!(line("/caf")["host"], "caf\u{fffd}\"q");
 }
 
 #[tokio::test]
