@@ -199,6 +199,7 @@ pub fn status(state: &ProxyState) -> Value {
     }
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
         "generation": snapshot.generation,
         "uptime_seconds": state.started().elapsed().as_secs_f64(),
         "draining": state.is_draining(),

@@ -82,15 +82,27 @@ impl std::fmt::Display for ConfigError {
 /// Reads and validates the config file at `path`; an unreadable file is one error at
 /// line 0. `Err` always holds at least one error.
 pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    parse(&read(path)?, path)
+}
+
+/// Reads the config file at `path`; an unreadable file is one error at line 0.
+pub fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
+    std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
             path: path.to_path_buf(),
             line: 0,
             col: 0,
             message: format!("cannot read the config file: {e}"),
         }]
-    })?;
-    parse(&text, path)
+    })
+}
+
+/// Whether `text` holds no setting at all: only blank lines and comments.
+pub fn is_blank(text: &str) -> bool {
+    text.lines().all(|line| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#')
+    })
 }
 
 /// Parses and validates config `text`; `path` is used in errors and to resolve relative
@@ -102,11 +114,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     validate::parse(text, path)
 }
 
-/// Non-fatal remarks about a valid config (printed by `check`, logged by `run`): unused
-/// upstreams, routes that an earlier route always matches first, an admin API open to
+/// Non-fatal remarks about a valid config (printed by `check`, logged by `run`): no
+/// routes, unused upstreams, routes that an earlier route always matches first, an admin API open to
 /// the network without a token.
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
+    if config.routes.is_empty() {
+        out.push("no routes: every request gets 404".to_owned());
+    }
     for upstream in &config.upstreams {
         if !config.routes.iter().any(|r| r.upstream == upstream.name) {
             out.push(format!(

@@ -34,6 +34,7 @@ async fn health_readiness_and_status_describe_the_running_proxy() {
     }
     let status = get(&proxy.admin_url("/status")).await.json();
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["pid"], std::process::id());
     assert_eq!(status["generation"], 1);
     assert!(status["uptime_seconds"].as_f64().is_some());
     let backends = status["upstreams"]["app"]["backends"]

@@ -98,6 +98,59 @@ async fn editing_the_file_reloads_within_two_seconds_and_bad_edits_are_rejected(
     assert_eq!(generation(), 3);
 }
 
+#[tokio::test]
+async fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
+    // `generate > palisade.toml` with a generator that pauses: the file is half written
+    // for longer than the watcher's debounce. Its first half alone is a valid config (an
+    // upstream, no routes: every request 404), which must never be served.
+    use std::io::Write as _;
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let (_dir, path) = temp_config("half", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let generation = || proxy.state.snapshot().generation;
+
+    let mut file = std::fs::File::create(&path).expect("truncate");
+    let whole = routes_to(&[b.addr], "/");
+    let (routes, upstream) = whole.split_at(whole.find("[upstreams.app]").expect("upstream"));
+    file.write_all(upstream.as_bytes()).expect("first half");
+    file.flush().expect("flush");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(generation(), 1, "the half-written file was loaded");
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "a");
+
+    file.write_all(format!("\n{routes}").as_bytes())
+        .expect("second half");
+    drop(file);
+    assert!(
+        eventually(Duration::from_secs(2), async || generation() == 2).await,
+        "no reload once the file was closed"
+    );
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "b");
+}
+
+#[tokio::test]
+async fn an_empty_config_file_is_never_applied_by_a_reload() {
+    // A generator that failed, or a file caught between its truncation and its first
+    // write: the defaults (no routes, other listen addresses) must not replace the
+    // running config.
+    let a = Echo::start("a").await;
+    let (_dir, path) = temp_config("empty", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    std::fs::write(&path, "# nothing yet\n\n").expect("write");
+    let failed = eventually(Duration::from_secs(2), async || {
+        proxy.state.reloads_failed.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    assert!(failed, "the emptied file was not refused");
+    let errors = palisade::reload::reload(&proxy.state).expect_err("an empty file reloads");
+    assert!(errors[0].message.contains("empty"), "{errors:?}");
+    assert_eq!(proxy.state.snapshot().generation, 1);
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "a");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_every_200ms_under_load_drops_no_request() {
     let a = Echo::start("a").await;

@@ -142,33 +142,41 @@ async fn restart_scenario() {
     terminate_and_wait(old).await;
 }
 
-/// Starts `palisade run -c path` and waits until its `/readyz` answers 200.
+/// Starts `palisade run -c path` and waits until it serves. Its own `/status` must say so
+/// (its pid): while the old process runs, the shared admin port's `/readyz` may be
+/// answered by the old one, however the new one is doing.
 async fn start_ready(path: &Path, admin: SocketAddr) -> ChildGuard {
-    let child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let mut child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let pid = u64::from(child.0.id());
     let ready = eventually(Duration::from_secs(20), async || {
         matches!(
             tokio::time::timeout(
                 Duration::from_secs(1),
-                try_get(&format!("http://{admin}/readyz"))
+                status_pid(&format!("http://{admin}/status"))
             )
             .await,
-            Ok(Some(200))
+            Ok(Some(answered)) if answered == pid
         )
     })
     .await;
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "palisade with {} exited",
+        path.display()
+    );
     assert!(ready, "palisade with {} never became ready", path.display());
     child
 }
 
-async fn try_get(url: &str) -> Option<u16> {
+/// The pid in the `/status` answer at `url`.
+async fn status_pid(url: &str) -> Option<u64> {
+    use http_body_util::BodyExt as _;
     let req = http::Request::get(url)
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .ok()?;
-    client()
-        .request(req)
-        .await
-        .ok()
-        .map(|r| r.status().as_u16())
+    let answer = client().request(req).await.ok()?;
+    let body = answer.into_body().collect().await.ok()?.to_bytes();
+    serde_json::from_slice::<serde_json::Value>(&body).ok()?["pid"].as_u64()
 }
 
 /// SIGTERM, then expects exit code 0 within 15 s.
