@@ -335,6 +335,8 @@ pub struct BodyWriter {
     ended: bool,
     /// A failure found by [`BodyWriter::prime`], reported by the next write.
     failed: Option<WriteError>,
+    /// Bytes taken from the body plus bytes written: changes whenever either side moves.
+    moved: u64,
 }
 
 impl BodyWriter {
@@ -350,6 +352,7 @@ impl BodyWriter {
             written: 0,
             ended: framing == Framing::None,
             failed: None,
+            moved: 0,
         }
     }
 
@@ -367,6 +370,21 @@ impl BodyWriter {
     /// Everything is written.
     pub fn done(&self) -> bool {
         self.ended && self.queue.is_empty() && self.head_written == self.head.len()
+    }
+
+    /// Grows whenever bytes come from the body or go to the socket: compare two readings
+    /// to tell whether a write made progress.
+    pub fn moved(&self) -> u64 {
+        self.moved
+    }
+
+    /// Everything taken from the body so far is written and the body has not ended: the
+    /// writer waits for the body's next frame (the peer sending it), not for the socket.
+    pub fn awaits_body(&self) -> bool {
+        !self.ended
+            && self.failed.is_none()
+            && self.queue.is_empty()
+            && self.head_written == self.head.len()
     }
 
     /// Takes the body frames that are ready now, so that they go out in the head's write.
@@ -427,6 +445,7 @@ impl BodyWriter {
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
+                self.moved += n as u64;
                 let from_head = n.min(self.head.len() - self.head_written);
                 self.head_written += from_head;
                 n -= from_head;
@@ -484,6 +503,7 @@ impl BodyWriter {
             Ok(data) if data.is_empty() => {}
             Ok(data) => {
                 self.written += data.len() as u64;
+                self.moved += data.len() as u64;
                 match self.framing {
                     Framing::Length(n) if self.written > n => return Err(WriteError::Length),
                     Framing::None => return Err(WriteError::Length),

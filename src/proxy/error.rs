@@ -181,6 +181,9 @@ impl ProxyError {
             if cause.is::<BodyTooLarge>() {
                 return ProxyError::BodyTooLarge;
             }
+            if cause.is::<crate::upstream::h1::ClientBodyTimeout>() {
+                return ProxyError::BodyTimeout;
+            }
             if cause.is::<super::body::ClientBodyError>() {
                 return ProxyError::BadRequest("request body ended early or malformed");
             }

@@ -313,6 +313,8 @@ async fn proxy<'s>(
         headers: parts.headers,
         forwarding,
         version: upstream.version,
+        response_timeout: upstream.response_timeout(),
+        body_pause: config.server.timeouts.idle,
     };
 
     // 5. Attempt, and retry where the rules allow.
@@ -352,6 +354,10 @@ struct Template {
     headers: HeaderMap,
     forwarding: Forwarding,
     version: Version,
+    /// The upstream's response timeout.
+    response_timeout: Duration,
+    /// How long the client may pause a streamed body (`server.timeouts.idle`).
+    body_pause: Duration,
 }
 
 impl Template {
@@ -365,6 +371,8 @@ impl Template {
             headers: &self.headers,
             forwarding: &self.forwarding,
             default_host: backend.authority.as_str(),
+            response_timeout: self.response_timeout,
+            body_pause: self.body_pause,
         }
     }
 
@@ -503,7 +511,10 @@ async fn attempt_once<'s>(
         }
         Err(err) => {
             let error = ProxyError::from_upstream(&err);
-            if matches!(error, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
+            if matches!(
+                error,
+                ProxyError::BodyTooLarge | ProxyError::BadRequest(_) | ProxyError::BodyTimeout
+            ) {
                 // The client's fault (its body), not the backend's: no strike, no retry.
                 return Err(error);
             }

@@ -649,12 +649,18 @@ async fn serve_h2(
             let activity = activity.clone();
             // Boxed: hyper keeps the service future inside the connection.
             Box::pin(async move {
-                let _request = activity.request_started();
+                let request = activity.request_started();
                 let req = req.map(crate::proxy::body::ClientBody::Hyper);
                 let resp = proxy::handle(&state, req, &info).await;
                 // hyper's HTTP/2 server writes headers from the map only.
                 let (mut parts, mut body) = resp.into_parts();
                 body.move_raw_headers(&mut parts.headers);
+                // The request is in flight until its answer's body is sent (or the stream
+                // ends otherwise), not only until the answer's head is ready.
+                let body = InFlightBody {
+                    body,
+                    _request: request,
+                };
                 Ok::<_, Infallible>(http::Response::from_parts(parts, body))
             })
         })
@@ -670,6 +676,33 @@ async fn serve_h2(
     };
     if let Err(e) = result {
         tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// An HTTP/2 answer's body, holding its request's place in the connection's count of
+/// requests in flight until hyper drops it (sent whole, or the stream reset).
+struct InFlightBody {
+    body: crate::proxy::ProxyBody,
+    _request: RequestGuard,
+}
+
+impl hyper::body::Body for InFlightBody {
+    type Data = bytes::Bytes;
+    type Error = <crate::proxy::ProxyBody as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -877,7 +910,10 @@ impl Activity {
     fn on_read(&self) {
         let now = coarse_ns();
         self.last_io.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Relaxed) == 0 {
+        // On HTTP/2 a read between requests is as likely a PING, a WINDOW_UPDATE or a
+        // SETTINGS ack as the start of a request: only the first request (the connection
+        // opened owing one) is held to `header_read`; after that, `idle` applies.
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {
             let _ =
                 self.head_started
                     .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);

@@ -22,6 +22,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use arrayvec::ArrayVec;
 use bytes::{Buf, Bytes, BytesMut};
@@ -166,7 +167,19 @@ pub struct RequestHead<'a> {
     pub forwarding: &'a Forwarding,
     /// The Host to send when `headers` has none (an HTTP/1.0 client may send none).
     pub default_host: &'a str,
+    /// The upstream's response timeout: from the end of a streamed body to the response
+    /// head, and the longest the backend may go without taking body bytes before that.
+    pub response_timeout: Duration,
+    /// The longest the client may pause its streamed body (`server.timeouts.idle`): then
+    /// the request fails as the client's (408), never the backend's.
+    pub body_pause: Duration,
 }
+
+/// The client paused its request body longer than `server.timeouts.idle` while it was
+/// being sent to a backend.
+#[derive(Debug, thiserror::Error)]
+#[error("the client paused its request body for longer than {0:?}")]
+pub struct ClientBodyTimeout(pub Duration);
 
 /// Sends a request with `head` and `body` on `conn` and reads the response head, which
 /// must arrive by `deadline`. The response body keeps the connection and gives it back to
@@ -219,37 +232,65 @@ pub async fn exchange(
         BodyWriter::new(body, framing, true)
     };
     let mut buf = BytesMut::with_capacity(HEAD_BUF);
+    // While a body streams, the timer is the backend's only while it is the one holding
+    // things up: each time bytes move it restarts, with the response timeout while the
+    // backend has body bytes to take (or, once the body is written, the response head to
+    // send), and with the client's pause limit while the writer waits for the client.
+    let mut moved = None;
+    let mut client_turn = false;
     let parsing = poll_fn(|cx| {
         // The body is written while the response is awaited: a backend may answer early
         // (413, 401, a redirect) without reading the whole body.
-        if !writer.done() {
-            if let Poll::Ready(Err(e)) = writer.poll_write(cx, io) {
-                return Poll::Ready(Err(e.into()));
+        if !writer.done() || moved.is_some() {
+            if !writer.done() {
+                if let Poll::Ready(Err(e)) = writer.poll_write(cx, io) {
+                    return Poll::Ready(Err(Failure::Failed(e.into())));
+                }
+            }
+            let done = writer.done();
+            if done || moved != Some(writer.moved()) {
+                moved = (!done).then(|| writer.moved());
+                client_turn = !done && writer.awaits_body();
+                let limit = if client_turn {
+                    head.body_pause
+                } else {
+                    head.response_timeout
+                };
+                if let Some(at) = Instant::now().checked_add(limit) {
+                    timer.as_mut().reset(at);
+                }
             }
         }
         loop {
-            if let Some(head) = parse_head(&mut buf, head_request, MAX_HEAD)? {
+            if let Some(head) =
+                parse_head(&mut buf, head_request, MAX_HEAD).map_err(Failure::Failed)?
+            {
                 return Poll::Ready(Ok(head));
             }
             buf.reserve(HEAD_BUF);
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut *io),
-                cx,
-                &mut buf
-            ))?;
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut buf);
+            let n = match read {
+                Poll::Ready(read) => read.map_err(|e| Failure::Failed(e.into()))?,
+                Poll::Pending => break,
+            };
             if n == 0 {
-                return Poll::Ready(Err(if buf.is_empty() {
+                return Poll::Ready(Err(Failure::Failed(if buf.is_empty() {
                     ProtoError::ClosedBeforeResponse
                 } else {
                     ProtoError::InvalidHead("connection closed inside the head")
-                }));
+                })));
             }
         }
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Err(if client_turn {
+            Failure::Failed(ProtoError::RequestBody(Box::new(ClientBodyTimeout(
+                head.body_pause,
+            ))))
+        } else {
+            Failure::TimedOut
+        }))
     });
-    let parsed = match within(timer.as_mut(), parsing).await {
-        Some(parsed) => parsed.map_err(Failure::Failed)?,
-        None => return Err(Failure::TimedOut),
-    };
+    let parsed = parsing.await?;
     // The timer stays registered until its deadline (moved on by the next request): poll
     // it once with a waker that does nothing, so that it no longer holds this request's
     // task.

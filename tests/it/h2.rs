@@ -5,6 +5,7 @@ use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -87,4 +88,37 @@ async fn an_h2c_upstream_passes_trailers_end_to_end() {
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["grpc-message"], "fine");
     assert_eq!(&collected.to_bytes()[..], b"\x00\x00\x00\x00\x02hi");
+}
+
+#[tokio::test]
+async fn an_http2_answer_still_streaming_is_not_cut_at_header_read() {
+    // An HTTP/2 request counts as in flight until its answer's body is sent, and frames a
+    // client sends meanwhile (PINGs here, WINDOW_UPDATEs) are not a slow request head.
+    let echo = Echo::start("a").await;
+    let cfg = single_upstream(
+        &[(echo.addr, 1)],
+        "[server.timeouts]\nheader_read = \"1s\"\nidle = \"10s\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_millis(200))
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::get(proxy.url("/stream/25"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("the whole body, not a reset stream")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(text.lines().count(), 25, "{text}");
+    assert!(text.ends_with("chunk 24\n"), "{text}");
 }

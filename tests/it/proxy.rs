@@ -433,6 +433,111 @@ async fn the_response_timeout_bounds_sending_a_body_the_backend_never_reads() {
     held.abort();
 }
 
+/// Sends a POST of `total` bytes to `addr` in `piece`-byte writes `gap` apart, stopping
+/// after `stop_after` bytes (then waiting for the answer without sending the rest);
+/// returns the answer's head and body, and how long after the last write it came.
+fn upload(
+    addr: std::net::SocketAddr,
+    total: usize,
+    piece: usize,
+    gap: Duration,
+    stop_after: usize,
+) -> (String, Duration) {
+    use std::io::{Read, Write};
+    let mut client = std::net::TcpStream::connect(addr).expect("connect");
+    let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {total}\r\n\r\n");
+    client.write_all(head.as_bytes()).expect("head");
+    let mut sent = 0;
+    while sent < stop_after.min(total) {
+        let n = piece.min(total - sent);
+        client.write_all(&vec![b'u'; n]).expect("body");
+        sent += n;
+        std::thread::sleep(gap);
+    }
+    let last_write = Instant::now();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&got);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|n| got.len() >= end + 4 + n) {
+                break;
+            }
+        }
+    }
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        last_write.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn an_upload_slower_than_the_response_timeout_is_not_cut_short() {
+    // The response timeout is the backend's time to answer: it runs from the end of the
+    // request body, not while the client is still sending it. A 192 KiB upload over
+    // about 1.8 s, behind a 400 ms response timeout, is answered by the backend.
+    let a = Echo::start("a").await;
+    let cfg = single_upstream(
+        &[(a.addr, 1)],
+        "[upstreams.app.timeouts]\nresponse = \"400ms\"\n[upstreams.app.retry]\nattempts = 0",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let addr = proxy.addr;
+    let total = 192 * 1024;
+    let (answer, _) = tokio::task::spawn_blocking(move || {
+        upload(addr, total, 16 * 1024, Duration::from_millis(150), total)
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer.contains(&format!("\"body_bytes\":{total}")),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_pauses_its_upload_gets_408_and_the_backend_no_strike() {
+    // The client stops sending its streamed body: that is the client's doing, bounded by
+    // server.timeouts.idle (408), not a backend failure (504, a passive-health strike).
+    let a = Echo::start("a").await;
+    let cfg = single_upstream(
+        &[(a.addr, 1)],
+        "[upstreams.app.timeouts]\nresponse = \"5s\"\n[upstreams.app.retry]\nattempts = 0\n\
+         [upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"30s\"\n\
+         [server.timeouts]\nidle = \"700ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let addr = proxy.addr;
+    let (answer, waited) = tokio::task::spawn_blocking(move || {
+        upload(addr, 100_000, 10, Duration::from_millis(10), 10)
+    })
+    .await
+    .expect("client");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(waited < Duration::from_secs(4), "took {waited:?}");
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let backend = &status["upstreams"]["app"]["backends"][0];
+    assert_eq!(backend["failures"], 0, "{status}");
+    assert_eq!(backend["ejected"], false, "{status}");
+    assert_eq!(get(&proxy.url("/")).await.status, 200);
+}
+
 #[tokio::test]
 async fn backend_statuses_and_bodies_pass_through() {
     let a = Echo::start("a").await;
