@@ -93,6 +93,12 @@ impl Tried {
     pub fn contains(&self, i: usize) -> bool {
         self.list[..self.len].contains(&(i as u32))
     }
+
+    /// The backend tried last (of those remembered).
+    pub fn last(&self) -> Option<usize> {
+        let i = self.len.checked_sub(1)?;
+        Some(self.list[i] as usize)
+    }
 }
 
 impl Upstream {
@@ -188,8 +194,9 @@ impl Upstream {
     /// In order of preference: an available backend this request has not tried (with
     /// backends in slow start picked only for their share); an available one it has tried;
     /// and with none available, any backend (panic mode: trying a backend believed down
-    /// beats failing every request). Backends at their in-flight cap are never picked;
-    /// when all are, the request waits in the queue for a slot.
+    /// beats failing every request), first attempts by the balancer over all of them and
+    /// retries on the next backend along not tried yet. Backends at their in-flight cap
+    /// are never picked; when all are, the request waits in the queue for a slot.
     pub async fn acquire(
         &self,
         key: u64,
@@ -261,8 +268,17 @@ impl Upstream {
             }
             return found;
         }
-        // Panic mode: none available.
-        let any = self.balancer.pick(backends, key, &|i| !open(i));
+        // Panic mode: none available. A retry takes the next backend along that this
+        // request has not tried (one that is back before its ejection or its health checks
+        // end may be among them) without turning the balancer's rotation: first attempts
+        // alone turn it, so they keep spreading over every backend instead of starting
+        // where the previous request's retries stopped.
+        let len = backends.len();
+        let untried = tried.last().and_then(|last| {
+            let next = if last + 1 >= len { 0 } else { last + 1 };
+            balance::scan_from(next, len, &|i| !open(i) || tried.contains(i)).map(|(i, _)| i)
+        });
+        let any = untried.or_else(|| self.balancer.pick(backends, key, &|i| !open(i)));
         if any.is_some() {
             self.panic_picks.fetch_add(1, Ordering::Relaxed);
             if !self.in_panic.swap(true, Ordering::Relaxed) {

@@ -158,6 +158,72 @@ async fn with_every_backend_down_palisade_still_tries_them_in_panic_mode() {
     assert!(snapshot.upstreams[0].panic_picks.load(Ordering::Relaxed) >= 4);
 }
 
+/// Requests sent to each backend of upstream `app` so far, from `/status`.
+async fn requests_per_backend(proxy: &Proxy) -> Vec<u64> {
+    let status = get(&proxy.admin_url("/status")).await.json();
+    status["upstreams"]["app"]["backends"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|b| b["requests"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn in_panic_mode_picks_rotate_and_a_retry_finds_the_backend_that_came_back() {
+    for n in [2usize, 4] {
+        // Nothing listens on any backend's port yet.
+        let addrs: Vec<std::net::SocketAddr> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
+            .collect();
+        let cfg = config(
+            &addrs,
+            &format!(
+                "[upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"60s\"\n[upstreams.app.retry]\nattempts = {}\nbackoff = \"1ms\"\nbackoff_max = \"2ms\"\nbudget_percent = 100",
+                n - 1
+            ),
+        );
+        let proxy = Proxy::start(&cfg).await;
+        // One request tries each backend once; each refuses and is ejected.
+        assert_eq!(get(&proxy.url("/")).await.status, 502);
+        let now = palisade::clock::now_ns();
+        assert!(proxy.state.snapshot().upstreams[0]
+            .backends
+            .iter()
+            .all(|b| b.is_ejected(now)));
+        let before = requests_per_backend(&proxy).await;
+
+        // The first backend comes back long before its ejection ends.
+        let back = Echo::start_at("back", addrs[0]).await;
+        for i in 0..2 * n {
+            let answer = get(&proxy.url("/")).await;
+            assert_eq!(
+                answer.status,
+                200,
+                "request {i} over {n} backends: {}",
+                answer.text()
+            );
+            assert_eq!(answer.backend(), "back");
+        }
+        // Panic picks went round all of them, not to one dead backend over and over.
+        let after = requests_per_backend(&proxy).await;
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            assert!(
+                a > b,
+                "backend {i} of {n} never tried in panic mode: {before:?} -> {after:?}"
+            );
+        }
+        // Round robin: the first attempts took turns (each backend first twice), and a
+        // request that started k backends after the live one needed n - k retries.
+        let attempts: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
+        let n = n as u64;
+        assert_eq!(attempts, 2 * n + n * (n - 1), "{before:?} -> {after:?}");
+        drop(back);
+    }
+}
+
 #[tokio::test]
 async fn a_post_that_reached_a_backend_is_not_retried_but_a_get_is() {
     let r1 = Resetter::start().await;
