@@ -54,8 +54,9 @@ pub struct Upstream {
     slot_freed: Notify,
     /// Requests waiting in the queue right now.
     pub queued: AtomicU32,
-    /// Whether the last pick found no healthy backend (for logging transitions).
-    in_panic: AtomicBool,
+    /// Whether the last pick found no healthy backend: the log says when a pick enters
+    /// or leaves panic mode (`/status` and metrics read [`Upstream::in_panic`] instead).
+    panic_logged: AtomicBool,
     /// Picks made in panic mode, ever.
     pub panic_picks: AtomicU64,
     /// `palisade_upstream_requests_total` handles, one per backend (same order).
@@ -178,7 +179,7 @@ impl Upstream {
                 .map_or(u32::MAX, |q| q.max_in_flight_per_backend),
             slot_freed: Notify::new(),
             queued: AtomicU32::new(0),
-            in_panic: AtomicBool::new(false),
+            panic_logged: AtomicBool::new(false),
             panic_picks: AtomicU64::new(0),
             backend_metrics: backends
                 .iter()
@@ -263,7 +264,11 @@ impl Upstream {
                 })
             });
         if found.is_some() {
-            if self.in_panic.swap(false, Ordering::Relaxed) {
+            // Read before writing: every request passes here, and a store to the shared
+            // flag on each would bounce its cache line between cores.
+            if self.panic_logged.load(Ordering::Relaxed)
+                && self.panic_logged.swap(false, Ordering::Relaxed)
+            {
                 tracing::info!(upstream = %self.name, "healthy backends are back; panic mode over");
             }
             return found;
@@ -281,16 +286,20 @@ impl Upstream {
         let any = untried.or_else(|| self.balancer.pick(backends, key, &|i| !open(i)));
         if any.is_some() {
             self.panic_picks.fetch_add(1, Ordering::Relaxed);
-            if !self.in_panic.swap(true, Ordering::Relaxed) {
+            if !self.panic_logged.swap(true, Ordering::Relaxed) {
                 tracing::warn!(upstream = %self.name, "no healthy backend left; panic mode: trying all of them");
             }
         }
         any
     }
 
-    /// Whether the upstream is in panic mode (its last pick found no healthy backend).
+    /// Whether the upstream is in panic mode: it has backends and none is available
+    /// (every one unhealthy or ejected) right now. Computed from the backends' state
+    /// when asked, so `/status` and the metrics follow health checks and ejections as
+    /// they happen, with or without traffic.
     pub fn in_panic(&self) -> bool {
-        self.in_panic.load(Ordering::Relaxed)
+        let now = crate::clock::now_ns();
+        !self.backends.is_empty() && !self.backends.iter().any(|b| b.is_available(now))
     }
 
     /// Sends one request to backend `index` through its own pool (plain HTTP/1.1

@@ -224,6 +224,69 @@ async fn in_panic_mode_picks_rotate_and_a_retry_finds_the_backend_that_came_back
     }
 }
 
+/// Whether `/status` and `/metrics` show upstream `app` in panic mode.
+async fn panic_shown(proxy: &Proxy) -> (bool, bool) {
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    (
+        status["upstreams"]["app"]["panic"] == true,
+        metrics
+            .lines()
+            .any(|l| l == "palisade_upstream_panic{upstream=\"app\"} 1"),
+    )
+}
+
+#[tokio::test]
+async fn the_panic_flag_follows_health_checks_and_ejections_without_traffic() {
+    // Health checks: both backends fail theirs, then pass again; no request is sent.
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let cfg = config(
+        &[a.addr, b.addr],
+        "[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 1",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    assert_eq!(panic_shown(&proxy).await, (false, false));
+    for e in [&a, &b] {
+        post(&format!("http://{}/health/down", e.addr), vec![]).await;
+    }
+    let shown = eventually(Duration::from_secs(5), async || {
+        panic_shown(&proxy).await == (true, true)
+    })
+    .await;
+    assert!(shown, "every backend failed its checks, but no panic shown");
+    for e in [&a, &b] {
+        post(&format!("http://{}/health/up", e.addr), vec![]).await;
+    }
+    let over = eventually(Duration::from_secs(5), async || {
+        panic_shown(&proxy).await == (false, false)
+    })
+    .await;
+    assert!(
+        over,
+        "every backend passed its checks again, but panic still shown"
+    );
+    assert_eq!(requests_per_backend(&proxy).await, [0, 0]);
+
+    // Ejections: one request ejects both refusing backends; panic mode ends with the
+    // ejections, not with the next request.
+    let dead: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
+        .collect();
+    let cfg = config(
+        &dead,
+        "[upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"1s\"\n[upstreams.app.retry]\nattempts = 1\nbackoff = \"1ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    assert_eq!(get(&proxy.url("/")).await.status, 502);
+    assert_eq!(panic_shown(&proxy).await, (true, true));
+    let over = eventually(Duration::from_secs(5), async || {
+        panic_shown(&proxy).await == (false, false)
+    })
+    .await;
+    assert!(over, "the ejections ended, but panic still shown");
+}
+
 #[tokio::test]
 async fn a_post_that_reached_a_backend_is_not_retried_but_a_get_is() {
     let r1 = Resetter::start().await;
