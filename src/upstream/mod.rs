@@ -63,6 +63,43 @@ pub struct Upstream {
     pub backend_metrics: Vec<CodeCounters>,
     /// `palisade_retries_total` for this upstream.
     pub retries: prometheus::IntCounter,
+    /// What a response body reports to when it breaks off, one per backend (same order).
+    pub body_watches: Vec<Arc<BodyWatch>>,
+}
+
+/// Where a backend's response body reports a failure after the head was passed on (a
+/// reset, an early close, a chunked body cut short): the backend, its upstream's passive
+/// health settings and the counter. Built with the snapshot, so a response carries it
+/// for the price of one reference count.
+#[derive(Debug)]
+pub struct BodyWatch {
+    upstream: Arc<str>,
+    backend: Arc<Backend>,
+    passive: Option<config::Passive>,
+    errors: prometheus::IntCounter,
+}
+
+impl BodyWatch {
+    /// The backend broke off its response body with `error`: one warning, one in
+    /// `palisade_upstream_body_errors_total`, and unless its answer was judged a failure
+    /// already (a 5xx), one failure for passive health and `/status`. Only the backend's
+    /// side ends a body in an error: a client that leaves drops the body unread, which
+    /// reports nothing.
+    pub fn broke_off(&self, error: &dyn std::fmt::Display, count_failure: bool) {
+        self.errors.inc();
+        tracing::warn!(
+            upstream = %self.upstream, backend = %self.backend.addr, %error,
+            "backend broke off its response body; the client got a truncated response"
+        );
+        if count_failure {
+            crate::health::record_live(&self.upstream, &self.backend, self.passive.as_ref(), false);
+        }
+    }
+
+    /// A good answer's body arrived whole: the exchange counts as a success.
+    pub fn completed(&self) {
+        crate::health::record_live(&self.upstream, &self.backend, self.passive.as_ref(), true);
+    }
 }
 
 /// Why no backend could be had for a request.
@@ -186,6 +223,17 @@ impl Upstream {
                 .map(|b| metrics.backend(&cfg.name, &b.addr))
                 .collect(),
             retries: metrics.retries(&cfg.name),
+            body_watches: backends
+                .iter()
+                .map(|b| {
+                    Arc::new(BodyWatch {
+                        upstream: cfg.name.as_str().into(),
+                        backend: b.clone(),
+                        passive: cfg.passive.clone(),
+                        errors: metrics.body_errors(&cfg.name, &b.addr),
+                    })
+                })
+                .collect(),
             backends,
         }
     }

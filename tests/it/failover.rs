@@ -464,3 +464,212 @@ async fn sigterm_lets_slow_requests_finish_and_exits_0() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// A backend that answers `/reset`, `/close` and `/chunked` with a 200 head and part of
+/// its body, then breaks off (a reset, an early close, a chunked body without its last
+/// chunk), and `/slow` with a long body it writes piece by piece until the proxy hangs
+/// up (then `hung_up` is set).
+struct BreakingBackend {
+    addr: std::net::SocketAddr,
+    hung_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BreakingBackend {
+    async fn start() -> BreakingBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hung_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = hung_up.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let path = String::from_utf8_lossy(&head)
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let start: &[u8] = match path.as_str() {
+                        "/chunked" => {
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                        }
+                        "/slow" => b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..",
+                    };
+                    if stream.write_all(start).await.is_err() {
+                        return;
+                    }
+                    if path == "/slow" {
+                        let piece = [b's'; 4096];
+                        while stream.write_all(&piece).await.is_ok() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    // Let the proxy pass the head on before the body breaks off.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if path == "/reset" {
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    }
+                    drop(stream);
+                });
+            }
+        });
+        BreakingBackend {
+            addr,
+            hung_up,
+            task,
+        }
+    }
+}
+
+impl Drop for BreakingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// GETs `url`: the status, and whether the whole body arrived.
+async fn get_status_and_body(url: &str) -> (u16, bool) {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("head in time")
+        .expect("head");
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("body ends in time");
+    (status, body.is_ok())
+}
+
+#[tokio::test]
+async fn a_backend_that_breaks_off_its_body_counts_as_failed_is_logged_and_ejected() {
+    let backend = BreakingBackend::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+        config(
+            &[backend.addr],
+            "[upstreams.app.passive]\nconsecutive_failures = 3\nejection = \"60s\""
+        )
+    );
+    let dir = TempDir::new("body-errors");
+    let file = dir.write("palisade.toml", &cfg);
+    let log = dir.write("palisade.log", "");
+    let child = spawn_logged(&file, &log, "warn");
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(proxy).await;
+
+    for path in ["/reset", "/close", "/chunked"] {
+        let (status, whole) = get_status_and_body(&format!("http://{proxy}{path}")).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(!whole, "{path}: a broken body looked whole");
+    }
+    // The body errors surface as the client's connection ends: poll for them.
+    let status_url = format!("http://127.0.0.1:{admin}/status");
+    let counted = eventually(Duration::from_secs(5), async || {
+        get(&status_url).await.json()["upstreams"]["app"]["backends"][0]["failures"] == 3
+    })
+    .await;
+    let status = get(&status_url).await.json();
+    assert!(counted, "{status}");
+    let listed = &status["upstreams"]["app"]["backends"][0];
+    assert_eq!(listed["ejected"], true, "{status}");
+
+    let metrics = get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .text();
+    let series = format!(
+        "palisade_upstream_body_errors_total{{backend=\"{}\",upstream=\"app\"}} 3",
+        backend.addr
+    );
+    assert!(metrics.lines().any(|l| l == series), "{metrics}");
+    // What was sent stays what is counted: three 200s.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("palisade_requests_total{")
+                && l.contains("code=\"200\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+
+    stop_gracefully(child);
+    let log = std::fs::read_to_string(&log).expect("read log");
+    let broke_off: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("broke off its response body"))
+        })
+        .collect();
+    assert_eq!(broke_off.len(), 3, "{log}");
+    for line in &broke_off {
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["upstream"], "app", "{line}");
+        assert_eq!(line["backend"], backend.addr.to_string(), "{line}");
+    }
+    assert!(log.contains("ejected"), "{log}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_is_not_held_against_the_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = BreakingBackend::start().await;
+    let cfg = config(
+        &[backend.addr],
+        "[upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"60s\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(conn);
+    let hung_up = eventually(Duration::from_secs(10), async || {
+        backend.hung_up.load(Ordering::SeqCst)
+    })
+    .await;
+    assert!(
+        hung_up,
+        "the proxy kept reading the body of a client that left"
+    );
+
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let listed = &status["upstreams"]["app"]["backends"][0];
+    assert_eq!(listed["failures"], 0, "{status}");
+    assert_eq!(listed["ejected"], false, "{status}");
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    let series = format!(
+        "palisade_upstream_body_errors_total{{backend=\"{}\",upstream=\"app\"}} 0",
+        backend.addr
+    );
+    assert!(metrics.lines().any(|l| l == series), "{metrics}");
+}
