@@ -33,6 +33,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     upstream_requests: IntCounterVec,
+    upstream_body_errors: IntCounterVec,
     backend_healthy: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
     retries: IntCounterVec,
@@ -174,6 +175,12 @@ impl Metrics {
                 "Active health probes, by result.",
                 &["upstream", "backend", "result"],
             ),
+            upstream_body_errors: counter_vec(
+                &registry,
+                "palisade_upstream_body_errors_total",
+                "Responses whose body the backend broke off (reset, closed early, bad chunking) after their head was passed on, by upstream and backend.",
+                &["upstream", "backend"],
+            ),
             upstream_panic: gauge_vec(
                 &registry,
                 "palisade_upstream_panic",
@@ -230,6 +237,12 @@ impl Metrics {
     /// The handles one backend's attempts update.
     pub fn backend(&self, upstream: &str, backend: &str) -> CodeCounters {
         CodeCounters::new(&self.upstream_requests, &[upstream, backend])
+    }
+
+    /// The counter of a backend's response bodies broken off mid-way.
+    pub fn body_errors(&self, upstream: &str, backend: &str) -> IntCounter {
+        self.upstream_body_errors
+            .with_label_values(&[upstream, backend])
     }
 
     /// The retry counter of an upstream.

@@ -59,6 +59,10 @@ impl Balance for LeastConn {
                 i = 0;
             }
         }
+        if best.is_none() {
+            // Give the turn back (see `Balance::pick`).
+            self.next.fetch_sub(1, Ordering::Relaxed);
+        }
         best.map(|(i, _, _)| i)
     }
 }

@@ -8,7 +8,8 @@
 //! a rotation counter, so rebuilding one on reload loses nothing that matters.
 //!
 //! Callers exclude backends with `skip` (unhealthy, ejected, or already tried by this
-//! request); every algorithm honours it and spreads load over the rest.
+//! request); every algorithm honours it and spreads load over the rest, and a pick that
+//! finds every backend skipped leaves the rotation where it was.
 
 mod consistent_hash;
 mod least_conn;
@@ -79,6 +80,11 @@ pub trait Balance: Send + Sync + std::fmt::Debug {
     /// Picks the index of a backend in `backends` (the same slice, same order, the balancer was built from),
     /// never one for which `skip(i)` is true; None only when every backend is skipped.
     /// `key` is the request's hash key (only consistent_hash reads it; others ignore it).
+    ///
+    /// A pick that finds nothing uses up no turn: callers ask again with fewer backends
+    /// skipped (fresh, then tried, then panic mode), and the pick that answers must get
+    /// the turn the rotation owes, else a fixed number of empty picks per request would
+    /// walk the rotation in steps of that number and land on the same backend each time.
     fn pick(
         &self,
         backends: &[Arc<Backend>],
@@ -145,7 +151,11 @@ fn weight_of(backend: &Backend) -> u64 {
 
 /// First index at or after `start` (wrapping) that `skip` allows, with the steps taken.
 /// O(len) only while it meets skipped backends.
-fn scan_from(start: usize, len: usize, skip: &dyn Fn(usize) -> bool) -> Option<(usize, usize)> {
+pub(crate) fn scan_from(
+    start: usize,
+    len: usize,
+    skip: &dyn Fn(usize) -> bool,
+) -> Option<(usize, usize)> {
     let mut i = start;
     for step in 0..len {
         if !skip(i) {
@@ -217,6 +227,32 @@ mod tests {
                     None,
                     "{algorithm:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_pick_that_finds_nothing_uses_up_no_turn() {
+        // The upstream asks with every backend skipped a few times before a pick that
+        // answers (no healthy backend, then panic mode): the answers must still rotate.
+        for algorithm in [
+            Algorithm::RoundRobin,
+            Algorithm::Weighted,
+            Algorithm::LeastConn,
+        ] {
+            for len in 2..=4 {
+                let backends = pool(&vec![1; len]);
+                let balancer = build(algorithm, &backends);
+                let picks: Vec<usize> = (0..2 * len)
+                    .map(|_| {
+                        for _ in 0..3 {
+                            assert_eq!(balancer.pick(&backends, 0, &|_| true), None);
+                        }
+                        balancer.pick(&backends, 0, &|_| false).expect("a backend")
+                    })
+                    .collect();
+                let expected: Vec<usize> = (0..2 * len).map(|n| n % len).collect();
+                assert_eq!(picks, expected, "{algorithm:?} over {len}");
             }
         }
     }

@@ -35,7 +35,11 @@ impl Balance for RoundRobin {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % len;
-        let (i, steps) = scan_from(start, len, skip)?;
+        let Some((i, steps)) = scan_from(start, len, skip) else {
+            // Give the turn back (see `Balance::pick`).
+            self.next.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        };
         if steps > 0 {
             self.next.fetch_add(steps, Ordering::Relaxed);
         }

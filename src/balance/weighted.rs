@@ -93,11 +93,17 @@ impl Balance for Weighted {
                 pos = 0;
             }
         }
-        if walk == len {
+        let found = if walk == len {
             // The whole period was walked: it names every backend, all skipped.
-            return None;
+            None
+        } else {
+            self.fallback(backends.len(), skip)
+        };
+        if found.is_none() {
+            // Give the turn back (see `Balance::pick`).
+            self.next.fetch_sub(1, Ordering::Relaxed);
         }
-        self.fallback(backends.len(), skip)
+        found
     }
 }
 

@@ -17,7 +17,7 @@ pub mod active;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::clock::nanos;
+use crate::clock::{nanos, now_ns};
 use crate::config::{Health, Passive};
 use crate::upstream::Backend;
 
@@ -101,6 +101,24 @@ pub fn on_live_result(backend: &Backend, ok: bool, cfg: &Passive, now: u64) -> O
         .returned_at
         .store(now.saturating_add(nanos(length)), Ordering::Relaxed);
     Some(Transition::Ejected(length))
+}
+
+/// Counts one live exchange of `upstream` with `backend`: a failure in its `failures`,
+/// and, with `passive` outlier detection, in its streak (logging an ejection). The one
+/// place the request path and the response bodies report what a backend did.
+pub fn record_live(upstream: &str, backend: &Backend, passive: Option<&Passive>, ok: bool) {
+    if !ok {
+        backend.record_failure();
+    }
+    let Some(passive) = passive else {
+        return;
+    };
+    if let Some(Transition::Ejected(length)) = on_live_result(backend, ok, passive, now_ns()) {
+        tracing::warn!(
+            upstream, backend = %backend.addr, ejection = ?length,
+            "backend failed {} requests in a row; ejected", passive.consecutive_failures
+        );
+    }
 }
 
 /// The length of the `count`-th ejection in a row: `base`, doubling, capped.

@@ -24,8 +24,7 @@ use hyper_util::rt::TokioIo;
 use super::body::{ClientBody, ProxyBody, Replayable};
 use super::error::ProxyError;
 use super::headers::{self, ClientSide, Forwarding, Seen};
-use crate::clock::now_ns;
-use crate::health::{self, Transition};
+use crate::health;
 use crate::limit::client_ip;
 use crate::route::Route;
 use crate::snapshot::{ProxyState, Snapshot};
@@ -504,7 +503,7 @@ async fn attempt_once<'s>(
         upstream.send_client(req, deadline).await
     };
     drop(in_flight);
-    let outcome = match sent {
+    let mut outcome = match sent {
         Ok(resp) => {
             backend.record_latency(started.elapsed());
             Outcome::Answer(resp)
@@ -533,18 +532,21 @@ async fn attempt_once<'s>(
         counters.inc(code);
     }
     let ok = matches!(&outcome, Outcome::Answer(r) if !r.status().is_server_error());
-    if !ok {
-        backend.record_failure();
+    let mut judged_at_end = false;
+    if let (Outcome::Answer(resp), Some(watch)) = (&mut outcome, upstream.body_watches.get(index)) {
+        // A body still to come may break off: a good answer is judged when its body
+        // ends (a body the client abandons is not judged at all), and any answer's
+        // broken body is logged and counted.
+        judged_at_end = ok && !resp.body().is_end_stream();
+        resp.body_mut().watch(watch.clone(), judged_at_end);
     }
-    if let Some(passive) = &upstream.config.passive {
-        if let Some(Transition::Ejected(length)) =
-            health::on_live_result(backend, ok, passive, now_ns())
-        {
-            tracing::warn!(
-                upstream = %upstream.name, backend = %backend.addr, ejection = ?length,
-                "backend failed {} requests in a row; ejected", passive.consecutive_failures
-            );
-        }
+    if !judged_at_end {
+        health::record_live(
+            &upstream.name,
+            backend,
+            upstream.config.passive.as_ref(),
+            ok,
+        );
     }
     Ok(outcome)
 }

@@ -54,14 +54,52 @@ pub struct Upstream {
     slot_freed: Notify,
     /// Requests waiting in the queue right now.
     pub queued: AtomicU32,
-    /// Whether the last pick found no healthy backend (for logging transitions).
-    in_panic: AtomicBool,
+    /// Whether the last pick found no healthy backend: the log says when a pick enters
+    /// or leaves panic mode (`/status` and metrics read [`Upstream::in_panic`] instead).
+    panic_logged: AtomicBool,
     /// Picks made in panic mode, ever.
     pub panic_picks: AtomicU64,
     /// `palisade_upstream_requests_total` handles, one per backend (same order).
     pub backend_metrics: Vec<CodeCounters>,
     /// `palisade_retries_total` for this upstream.
     pub retries: prometheus::IntCounter,
+    /// What a response body reports to when it breaks off, one per backend (same order).
+    pub body_watches: Vec<Arc<BodyWatch>>,
+}
+
+/// Where a backend's response body reports a failure after the head was passed on (a
+/// reset, an early close, a chunked body cut short): the backend, its upstream's passive
+/// health settings and the counter. Built with the snapshot, so a response carries it
+/// for the price of one reference count.
+#[derive(Debug)]
+pub struct BodyWatch {
+    upstream: Arc<str>,
+    backend: Arc<Backend>,
+    passive: Option<config::Passive>,
+    errors: prometheus::IntCounter,
+}
+
+impl BodyWatch {
+    /// The backend broke off its response body with `error`: one warning, one in
+    /// `palisade_upstream_body_errors_total`, and unless its answer was judged a failure
+    /// already (a 5xx), one failure for passive health and `/status`. Only the backend's
+    /// side ends a body in an error: a client that leaves drops the body unread, which
+    /// reports nothing.
+    pub fn broke_off(&self, error: &dyn std::fmt::Display, count_failure: bool) {
+        self.errors.inc();
+        tracing::warn!(
+            upstream = %self.upstream, backend = %self.backend.addr, %error,
+            "backend broke off its response body; the client got a truncated response"
+        );
+        if count_failure {
+            crate::health::record_live(&self.upstream, &self.backend, self.passive.as_ref(), false);
+        }
+    }
+
+    /// A good answer's body arrived whole: the exchange counts as a success.
+    pub fn completed(&self) {
+        crate::health::record_live(&self.upstream, &self.backend, self.passive.as_ref(), true);
+    }
 }
 
 /// Why no backend could be had for a request.
@@ -92,6 +130,12 @@ impl Tried {
     /// Whether backend `i` was tried.
     pub fn contains(&self, i: usize) -> bool {
         self.list[..self.len].contains(&(i as u32))
+    }
+
+    /// The backend tried last (of those remembered).
+    pub fn last(&self) -> Option<usize> {
+        let i = self.len.checked_sub(1)?;
+        Some(self.list[i] as usize)
     }
 }
 
@@ -172,13 +216,24 @@ impl Upstream {
                 .map_or(u32::MAX, |q| q.max_in_flight_per_backend),
             slot_freed: Notify::new(),
             queued: AtomicU32::new(0),
-            in_panic: AtomicBool::new(false),
+            panic_logged: AtomicBool::new(false),
             panic_picks: AtomicU64::new(0),
             backend_metrics: backends
                 .iter()
                 .map(|b| metrics.backend(&cfg.name, &b.addr))
                 .collect(),
             retries: metrics.retries(&cfg.name),
+            body_watches: backends
+                .iter()
+                .map(|b| {
+                    Arc::new(BodyWatch {
+                        upstream: cfg.name.as_str().into(),
+                        backend: b.clone(),
+                        passive: cfg.passive.clone(),
+                        errors: metrics.body_errors(&cfg.name, &b.addr),
+                    })
+                })
+                .collect(),
             backends,
         }
     }
@@ -188,8 +243,9 @@ impl Upstream {
     /// In order of preference: an available backend this request has not tried (with
     /// backends in slow start picked only for their share); an available one it has tried;
     /// and with none available, any backend (panic mode: trying a backend believed down
-    /// beats failing every request). Backends at their in-flight cap are never picked;
-    /// when all are, the request waits in the queue for a slot.
+    /// beats failing every request), first attempts by the balancer over all of them and
+    /// retries on the next backend along not tried yet. Backends at their in-flight cap
+    /// are never picked; when all are, the request waits in the queue for a slot.
     pub async fn acquire(
         &self,
         key: u64,
@@ -256,25 +312,42 @@ impl Upstream {
                 })
             });
         if found.is_some() {
-            if self.in_panic.swap(false, Ordering::Relaxed) {
+            // Read before writing: every request passes here, and a store to the shared
+            // flag on each would bounce its cache line between cores.
+            if self.panic_logged.load(Ordering::Relaxed)
+                && self.panic_logged.swap(false, Ordering::Relaxed)
+            {
                 tracing::info!(upstream = %self.name, "healthy backends are back; panic mode over");
             }
             return found;
         }
-        // Panic mode: none available.
-        let any = self.balancer.pick(backends, key, &|i| !open(i));
+        // Panic mode: none available. A retry takes the next backend along that this
+        // request has not tried (one that is back before its ejection or its health checks
+        // end may be among them) without turning the balancer's rotation: first attempts
+        // alone turn it, so they keep spreading over every backend instead of starting
+        // where the previous request's retries stopped.
+        let len = backends.len();
+        let untried = tried.last().and_then(|last| {
+            let next = if last + 1 >= len { 0 } else { last + 1 };
+            balance::scan_from(next, len, &|i| !open(i) || tried.contains(i)).map(|(i, _)| i)
+        });
+        let any = untried.or_else(|| self.balancer.pick(backends, key, &|i| !open(i)));
         if any.is_some() {
             self.panic_picks.fetch_add(1, Ordering::Relaxed);
-            if !self.in_panic.swap(true, Ordering::Relaxed) {
+            if !self.panic_logged.swap(true, Ordering::Relaxed) {
                 tracing::warn!(upstream = %self.name, "no healthy backend left; panic mode: trying all of them");
             }
         }
         any
     }
 
-    /// Whether the upstream is in panic mode (its last pick found no healthy backend).
+    /// Whether the upstream is in panic mode: it has backends and none is available
+    /// (every one unhealthy or ejected) right now. Computed from the backends' state
+    /// when asked, so `/status` and the metrics follow health checks and ejections as
+    /// they happen, with or without traffic.
     pub fn in_panic(&self) -> bool {
-        self.in_panic.load(Ordering::Relaxed)
+        let now = crate::clock::now_ns();
+        !self.backends.is_empty() && !self.backends.iter().any(|b| b.is_available(now))
     }
 
     /// Sends one request to backend `index` through its own pool (plain HTTP/1.1

@@ -241,6 +241,10 @@ async fn connect(
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Inner,
+    /// Told how the body ends (taken then, so told once).
+    watch: Option<Arc<super::BodyWatch>>,
+    /// Whether the exchange's passive-health verdict waits for the body's end.
+    judged_at_end: bool,
 }
 
 #[derive(Debug)]
@@ -256,6 +260,8 @@ impl UpstreamBody {
     pub fn own(body: h1::ResponseBody) -> Self {
         UpstreamBody {
             inner: Inner::Own(Box::new(body)),
+            watch: None,
+            judged_at_end: false,
         }
     }
 
@@ -263,6 +269,28 @@ impl UpstreamBody {
     pub fn hyper(body: Incoming) -> Self {
         UpstreamBody {
             inner: Inner::Hyper(body),
+            watch: None,
+            judged_at_end: false,
+        }
+    }
+
+    /// Reports how the body ends to `watch`: a failure always, and with
+    /// `judged_at_end` the exchange's verdict for passive health (failed or good). A body
+    /// dropped before its end (the client left) reports nothing.
+    pub fn watch(&mut self, watch: Arc<super::BodyWatch>, judged_at_end: bool) {
+        self.watch = Some(watch);
+        self.judged_at_end = judged_at_end;
+    }
+
+    /// Tells the watch, if any, how the body ended.
+    fn ended(&mut self, error: Option<&BoxError>) {
+        let Some(watch) = self.watch.take() else {
+            return;
+        };
+        match error {
+            Some(error) => watch.broke_off(error, self.judged_at_end),
+            None if self.judged_at_end => watch.completed(),
+            None => {}
         }
     }
 
@@ -300,10 +328,19 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.inner {
+        let polled = match &mut self.inner {
             Inner::Own(body) => Pin::new(&mut **body).poll_frame(cx),
             Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        };
+        match &polled {
+            Poll::Ready(Some(Err(error))) => self.ended(Some(error)),
+            Poll::Ready(None) => self.ended(None),
+            Poll::Ready(Some(Ok(_))) if self.watch.is_some() && self.is_end_stream() => {
+                self.ended(None)
+            }
+            _ => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -158,6 +158,135 @@ async fn with_every_backend_down_palisade_still_tries_them_in_panic_mode() {
     assert!(snapshot.upstreams[0].panic_picks.load(Ordering::Relaxed) >= 4);
 }
 
+/// Requests sent to each backend of upstream `app` so far, from `/status`.
+async fn requests_per_backend(proxy: &Proxy) -> Vec<u64> {
+    let status = get(&proxy.admin_url("/status")).await.json();
+    status["upstreams"]["app"]["backends"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|b| b["requests"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn in_panic_mode_picks_rotate_and_a_retry_finds_the_backend_that_came_back() {
+    for n in [2usize, 4] {
+        // Nothing listens on any backend's port yet.
+        let addrs: Vec<std::net::SocketAddr> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
+            .collect();
+        let cfg = config(
+            &addrs,
+            &format!(
+                "[upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"60s\"\n[upstreams.app.retry]\nattempts = {}\nbackoff = \"1ms\"\nbackoff_max = \"2ms\"\nbudget_percent = 100",
+                n - 1
+            ),
+        );
+        let proxy = Proxy::start(&cfg).await;
+        // One request tries each backend once; each refuses and is ejected.
+        assert_eq!(get(&proxy.url("/")).await.status, 502);
+        let now = palisade::clock::now_ns();
+        assert!(proxy.state.snapshot().upstreams[0]
+            .backends
+            .iter()
+            .all(|b| b.is_ejected(now)));
+        let before = requests_per_backend(&proxy).await;
+
+        // The first backend comes back long before its ejection ends.
+        let back = Echo::start_at("back", addrs[0]).await;
+        for i in 0..2 * n {
+            let answer = get(&proxy.url("/")).await;
+            assert_eq!(
+                answer.status,
+                200,
+                "request {i} over {n} backends: {}",
+                answer.text()
+            );
+            assert_eq!(answer.backend(), "back");
+        }
+        // Panic picks went round all of them, not to one dead backend over and over.
+        let after = requests_per_backend(&proxy).await;
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            assert!(
+                a > b,
+                "backend {i} of {n} never tried in panic mode: {before:?} -> {after:?}"
+            );
+        }
+        // Round robin: the first attempts took turns (each backend first twice), and a
+        // request that started k backends after the live one needed n - k retries.
+        let attempts: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
+        let n = n as u64;
+        assert_eq!(attempts, 2 * n + n * (n - 1), "{before:?} -> {after:?}");
+        drop(back);
+    }
+}
+
+/// Whether `/status` and `/metrics` show upstream `app` in panic mode.
+async fn panic_shown(proxy: &Proxy) -> (bool, bool) {
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    (
+        status["upstreams"]["app"]["panic"] == true,
+        metrics
+            .lines()
+            .any(|l| l == "palisade_upstream_panic{upstream=\"app\"} 1"),
+    )
+}
+
+#[tokio::test]
+async fn the_panic_flag_follows_health_checks_and_ejections_without_traffic() {
+    // Health checks: both backends fail theirs, then pass again; no request is sent.
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let cfg = config(
+        &[a.addr, b.addr],
+        "[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 1",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    assert_eq!(panic_shown(&proxy).await, (false, false));
+    for e in [&a, &b] {
+        post(&format!("http://{}/health/down", e.addr), vec![]).await;
+    }
+    let shown = eventually(Duration::from_secs(5), async || {
+        panic_shown(&proxy).await == (true, true)
+    })
+    .await;
+    assert!(shown, "every backend failed its checks, but no panic shown");
+    for e in [&a, &b] {
+        post(&format!("http://{}/health/up", e.addr), vec![]).await;
+    }
+    let over = eventually(Duration::from_secs(5), async || {
+        panic_shown(&proxy).await == (false, false)
+    })
+    .await;
+    assert!(
+        over,
+        "every backend passed its checks again, but panic still shown"
+    );
+    assert_eq!(requests_per_backend(&proxy).await, [0, 0]);
+
+    // Ejections: one request ejects both refusing backends; panic mode ends with the
+    // ejections, not with the next request.
+    let dead: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
+        .collect();
+    let cfg = config(
+        &dead,
+        "[upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"1s\"\n[upstreams.app.retry]\nattempts = 1\nbackoff = \"1ms\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    assert_eq!(get(&proxy.url("/")).await.status, 502);
+    assert_eq!(panic_shown(&proxy).await, (true, true));
+    let over = eventually(Duration::from_secs(5), async || {
+        panic_shown(&proxy).await == (false, false)
+    })
+    .await;
+    assert!(over, "the ejections ended, but panic still shown");
+}
+
 #[tokio::test]
 async fn a_post_that_reached_a_backend_is_not_retried_but_a_get_is() {
     let r1 = Resetter::start().await;
@@ -334,4 +463,213 @@ async fn sigterm_lets_slow_requests_finish_and_exits_0() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(0));
+}
+
+/// A backend that answers `/reset`, `/close` and `/chunked` with a 200 head and part of
+/// its body, then breaks off (a reset, an early close, a chunked body without its last
+/// chunk), and `/slow` with a long body it writes piece by piece until the proxy hangs
+/// up (then `hung_up` is set).
+struct BreakingBackend {
+    addr: std::net::SocketAddr,
+    hung_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BreakingBackend {
+    async fn start() -> BreakingBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hung_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = hung_up.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let path = String::from_utf8_lossy(&head)
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let start: &[u8] = match path.as_str() {
+                        "/chunked" => {
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                        }
+                        "/slow" => b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..",
+                    };
+                    if stream.write_all(start).await.is_err() {
+                        return;
+                    }
+                    if path == "/slow" {
+                        let piece = [b's'; 4096];
+                        while stream.write_all(&piece).await.is_ok() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    // Let the proxy pass the head on before the body breaks off.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if path == "/reset" {
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    }
+                    drop(stream);
+                });
+            }
+        });
+        BreakingBackend {
+            addr,
+            hung_up,
+            task,
+        }
+    }
+}
+
+impl Drop for BreakingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// GETs `url`: the status, and whether the whole body arrived.
+async fn get_status_and_body(url: &str) -> (u16, bool) {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("head in time")
+        .expect("head");
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("body ends in time");
+    (status, body.is_ok())
+}
+
+#[tokio::test]
+async fn a_backend_that_breaks_off_its_body_counts_as_failed_is_logged_and_ejected() {
+    let backend = BreakingBackend::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+        config(
+            &[backend.addr],
+            "[upstreams.app.passive]\nconsecutive_failures = 3\nejection = \"60s\""
+        )
+    );
+    let dir = TempDir::new("body-errors");
+    let file = dir.write("palisade.toml", &cfg);
+    let log = dir.write("palisade.log", "");
+    let child = spawn_logged(&file, &log, "warn");
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(proxy).await;
+
+    for path in ["/reset", "/close", "/chunked"] {
+        let (status, whole) = get_status_and_body(&format!("http://{proxy}{path}")).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(!whole, "{path}: a broken body looked whole");
+    }
+    // The body errors surface as the client's connection ends: poll for them.
+    let status_url = format!("http://127.0.0.1:{admin}/status");
+    let counted = eventually(Duration::from_secs(5), async || {
+        get(&status_url).await.json()["upstreams"]["app"]["backends"][0]["failures"] == 3
+    })
+    .await;
+    let status = get(&status_url).await.json();
+    assert!(counted, "{status}");
+    let listed = &status["upstreams"]["app"]["backends"][0];
+    assert_eq!(listed["ejected"], true, "{status}");
+
+    let metrics = get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .text();
+    let series = format!(
+        "palisade_upstream_body_errors_total{{backend=\"{}\",upstream=\"app\"}} 3",
+        backend.addr
+    );
+    assert!(metrics.lines().any(|l| l == series), "{metrics}");
+    // What was sent stays what is counted: three 200s.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("palisade_requests_total{")
+                && l.contains("code=\"200\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+
+    stop_gracefully(child);
+    let log = std::fs::read_to_string(&log).expect("read log");
+    let broke_off: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("broke off its response body"))
+        })
+        .collect();
+    assert_eq!(broke_off.len(), 3, "{log}");
+    for line in &broke_off {
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["upstream"], "app", "{line}");
+        assert_eq!(line["backend"], backend.addr.to_string(), "{line}");
+    }
+    assert!(log.contains("ejected"), "{log}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_is_not_held_against_the_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = BreakingBackend::start().await;
+    let cfg = config(
+        &[backend.addr],
+        "[upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"60s\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(conn);
+    let hung_up = eventually(Duration::from_secs(10), async || {
+        backend.hung_up.load(Ordering::SeqCst)
+    })
+    .await;
+    assert!(
+        hung_up,
+        "the proxy kept reading the body of a client that left"
+    );
+
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let listed = &status["upstreams"]["app"]["backends"][0];
+    assert_eq!(listed["failures"], 0, "{status}");
+    assert_eq!(listed["ejected"], false, "{status}");
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    let series = format!(
+        "palisade_upstream_body_errors_total{{backend=\"{}\",upstream=\"app\"}} 0",
+        backend.addr
+    );
+    assert!(metrics.lines().any(|l| l == series), "{metrics}");
 }

@@ -28,7 +28,12 @@ pub struct Echo {
 
 impl Echo {
     pub async fn start(name: &str) -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        Self::start_at(name, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// An echo backend on `addr` (e.g. where a backend the proxy knows was down).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Echo {
+        let listener = TcpListener::bind(addr).await.expect("bind echo");
         let addr = listener.local_addr().expect("echo addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(palisade::echo::serve(listener, Arc::from(name), async {
