@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, HOST};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -224,11 +224,16 @@ async fn proxy<'s>(
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // Before the framing check, so that a refused request's access line has its host.
-    let host = req.headers().get(http::header::HOST).cloned();
+    // 1. The request's one host, before the framing check, so that a refused request's
+    // access line has it.
+    let host = settle_host(&mut req, conn.seen);
     if snapshot.config.server.access_log {
-        trace.host.clone_from(&host);
+        trace.host = match &host {
+            Ok(host) => host.clone(),
+            Err(_) => req.headers().get(HOST).cloned(),
+        };
     }
+    let host = host?;
 
     // 1b. Refuse what a backend could read differently.
     check_framing(&mut req, conn.seen)?;
@@ -282,16 +287,14 @@ async fn proxy<'s>(
         upgrade,
         upstream.version == http::Version::HTTP_2,
     );
-    let authority = parts.uri.authority().map(|a| a.as_str());
     let forwarding = Forwarding::new(
-        &mut parts.headers,
+        &parts.headers,
         &ClientSide {
             ip: client_ip,
             proto: conn.proto,
             version: client_version,
             seen: conn.seen,
         },
-        authority,
         host,
     );
     trace.request_id = Some(forwarding.request_id.clone());
@@ -615,24 +618,62 @@ fn check_framing<B>(req: &mut Request<B>, seen: Option<Seen>) -> Result<(), Prox
             ));
         }
     }
-    if req.version() == Version::HTTP_11 {
-        let hosts = match seen {
-            Some(seen) => usize::from(seen.hosts),
-            None => req.headers().get_all(http::header::HOST).iter().count(),
-        };
-        if hosts > 1 || (hosts == 0 && req.uri().authority().is_none()) {
-            return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
-        }
-    }
     Ok(())
 }
 
-/// The host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header
-/// (`host`).
-fn request_host<'a, B>(
-    req: &'a Request<B>,
-    host: Option<&'a http::HeaderValue>,
-) -> Option<&'a str> {
+/// Settles the request's one host, the value that routing, the allow/deny lists,
+/// `X-Forwarded-Host`, the access log and the backend's Host all see, and leaves the
+/// request's headers with at most that one Host (returned).
+///
+/// With an authority in the target (HTTP/2's `:authority`, an HTTP/1.x absolute-form
+/// target) the host is that authority: an HTTP/2 `host` field that differs from it makes
+/// the request malformed (RFC 9113 8.3.1), one that equals it is forwarded once; an
+/// HTTP/1.x Host is replaced by the target's authority (RFC 9112 3.2.2). Without an
+/// authority the host is the Host header: more than one is a 400 for every version, and an
+/// HTTP/1.1 request needs exactly one.
+fn settle_host<B>(
+    req: &mut Request<B>,
+    seen: Option<Seen>,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    // What the codec counted, where it counted (HTTP/1.x); else a lookup (HTTP/2).
+    let hosts = match seen {
+        Some(seen) => usize::from(seen.hosts),
+        None => req.headers().get_all(HOST).iter().count(),
+    };
+    let Some(authority) = req.uri().authority() else {
+        if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+            return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
+        }
+        return Ok(if hosts == 0 {
+            None
+        } else {
+            req.headers().get(HOST).cloned()
+        });
+    };
+    let authority = authority.as_str();
+    if hosts > 1 && req.version() == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
+    }
+    if req.version() == Version::HTTP_2
+        && req
+            .headers()
+            .get_all(HOST)
+            .iter()
+            .any(|h| !h.as_bytes().eq_ignore_ascii_case(authority.as_bytes()))
+    {
+        return Err(ProxyError::BadRequest("host differs from :authority"));
+    }
+    // An authority's characters are all valid in a field value.
+    let host = HeaderValue::from_str(authority)
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    // Replaces every Host the client sent.
+    req.headers_mut().insert(HOST, host.clone());
+    Ok(Some(host))
+}
+
+/// The host a request is for, as [`settle_host`] settled it: the URI authority (HTTP/2,
+/// absolute-form), which is then also its Host, or else its Host header (`host`).
+fn request_host<'a, B>(req: &'a Request<B>, host: Option<&'a HeaderValue>) -> Option<&'a str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
