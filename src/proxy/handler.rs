@@ -324,7 +324,9 @@ async fn proxy<'s>(
     // 6. Respond.
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            // A backend may not switch protocols the client did not ask for.
+            // A backend may not switch protocols the client did not ask for, nor to one
+            // palisade did not forward the request as an upgrade for (`Upgrade: h2c` was
+            // dropped): nothing is tunnelled, and the client gets a 502.
             return Err(ProxyError::ConnectionTerminated);
         };
         // The connection now belongs to the tunnel, not to the pool.
@@ -694,9 +696,9 @@ fn declared_length(req: &Request<ClientBody>, max_body: u64) -> Result<Option<u6
     Ok(Some(len))
 }
 
-/// An HTTP/1.1 `Connection: upgrade` GET naming a protocol (WebSocket and the like):
-/// palisade's HTTP/1.1 codec marks every such request with where its connection will go
-/// ([`crate::server::h1::OnUpgrade`]); HTTP/2 requests never upgrade.
+/// An HTTP/1.1 `Connection: upgrade` GET asking for WebSocket (the one upgrade palisade
+/// forwards): palisade's HTTP/1.1 codec marks every such request with where its connection
+/// will go ([`crate::server::h1::OnUpgrade`]); HTTP/2 requests never upgrade.
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::GET
         && req

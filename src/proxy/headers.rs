@@ -45,6 +45,21 @@ pub(crate) fn is_hop_by_hop_name(name: &[u8]) -> bool {
         .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
+/// Whether a request's Upgrade header asks for WebSocket and nothing else: one protocol,
+/// `websocket` in any case. Only such an upgrade is forwarded and tunnelled (SPEC 3); any
+/// other (`h2c`, a list of protocols the backend could pick from) is a hop-by-hop header
+/// like the rest, dropped, and the request goes on as a plain one.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let mut protocols = headers
+        .get_all(UPGRADE)
+        .iter()
+        .flat_map(|v| crate::http1::items(v.as_bytes()));
+    matches!(
+        (protocols.next(), protocols.next()),
+        (Some(protocol), None) if protocol.eq_ignore_ascii_case(b"websocket")
+    )
+}
+
 /// Which headers palisade's HTTP/1.1 codec saw in a request head while parsing it, so
 /// that the handler looks up only headers that are there (each lookup hashes the name).
 /// Where no codec counted (HTTP/2 requests, through hyper) there is none: look them up.

@@ -260,3 +260,66 @@ async fn an_http1_absolute_form_target_replaces_the_host_header() {
     );
     assert!(backend.saw_nothing());
 }
+
+/// A request asking to upgrade to `upgrade` (with the h2c upgrade's settings header).
+fn upgrade_request(upgrade: &str) -> Vec<u8> {
+    format!(
+        "GET /up HTTP/1.1\r\nHost: www.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         Upgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_forwarded_and_a_101_for_anything_else_is_not_tunnelled() {
+    // h2c smuggling: an `Upgrade: h2c` request the backend accepts would give the client a
+    // tunnel past every route and allow/deny list. It goes on as a plain request.
+    let mut backend = Recorder::start(OK).await;
+    let proxy = Proxy::start(&admin_and_public(backend.addr)).await;
+    for upgrade in ["h2c", "websocket, h2c", "h2c, websocket"] {
+        let (answer, _) = raw_exchange(
+            proxy.addr,
+            &upgrade_request(upgrade),
+            Duration::from_millis(500),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{upgrade}: {answer}");
+        let head = backend.head().await;
+        assert!(lines(&head, "upgrade").is_empty(), "{upgrade}: {head}");
+        assert!(
+            lines(&head, "http2-settings").is_empty(),
+            "{upgrade}: {head}"
+        );
+        assert!(lines(&head, "connection").is_empty(), "{upgrade}: {head}");
+    }
+    // A WebSocket upgrade, in any case, still goes on as one.
+    let (_answer, _) = raw_exchange(
+        proxy.addr,
+        b"GET /ws HTTP/1.1\r\nHost: www.test\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    let head = backend.head().await;
+    assert_eq!(lines(&head, "upgrade"), ["websocket"], "{head}");
+    assert_eq!(lines(&head, "connection"), ["upgrade"], "{head}");
+
+    // A backend that switches protocols whatever it is asked: not tunnelled, a 502.
+    let switcher = Recorder::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(&admin_and_public(switcher.addr)).await;
+    let (answer, _) = raw_exchange(
+        proxy.addr,
+        &upgrade_request("h2c"),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    assert!(
+        answer.contains("proxy-status: palisade; error=connection_terminated"),
+        "{answer}"
+    );
+    assert!(!answer.contains(" 101 "), "{answer}");
+}
