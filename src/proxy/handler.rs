@@ -287,6 +287,9 @@ async fn proxy<'s>(
         upgrade,
         upstream.version == http::Version::HTTP_2,
     );
+    if client_version == Version::HTTP_2 && upstream.version != Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
     let forwarding = Forwarding::new(
         &parts.headers,
         &ClientSide {

@@ -9,8 +9,8 @@ use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-    VIA,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE, VIA,
 };
 use http::Version;
 
@@ -149,6 +149,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, te_trailers: bo
     if let Some(value) = upgrade_value {
         headers.insert(UPGRADE, value);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Joins several `Cookie` fields into one, `; ` between them, in order: HTTP/2 clients may
+/// send each cookie as a field of its own, and a request going on over HTTP/1.1 must carry
+/// them as one (RFC 9113 8.2.3). One field or none: nothing changes, nothing is allocated.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = Vec::with_capacity(first.len() * 4);
+    for (i, value) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Valid: field values joined with bytes that are valid in one.
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(COOKIE, value);
     }
 }
 

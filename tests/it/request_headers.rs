@@ -323,3 +323,19 @@ async fn only_websocket_upgrades_are_forwarded_and_a_101_for_anything_else_is_no
     );
     assert!(!answer.contains(" 101 "), "{answer}");
 }
+
+#[tokio::test]
+async fn an_http2_clients_cookie_fields_reach_an_http1_backend_as_one_header() {
+    let mut backend = Recorder::start(OK).await;
+    let proxy = Proxy::start(&admin_and_public(backend.addr)).await;
+    let req = http::Request::get("http://www.test/c")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(())
+        .expect("request");
+    let answer = h2_request(proxy.addr, req).await;
+    assert_eq!(answer.status, 200);
+    let head = backend.head().await;
+    assert_eq!(lines(&head, "cookie"), ["a=1; b=2; c=3"], "{head}");
+}
