@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, HOST};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -302,6 +302,11 @@ async fn proxy<'s>(
     );
     trace.request_id = Some(forwarding.request_id.clone());
     let path_and_query = upstream_path(&parts.uri, route)?;
+    let authority = if upstream.version == Version::HTTP_2 {
+        h2_authority(&mut parts.headers)?
+    } else {
+        None
+    };
     let retries = upstream.config.retry.attempts;
     let body = replayable_body(
         body,
@@ -317,6 +322,7 @@ async fn proxy<'s>(
         method: parts.method,
         path_and_query,
         headers: parts.headers,
+        authority,
         forwarding,
         version: upstream.version,
     };
@@ -358,6 +364,10 @@ struct Template {
     path_and_query: PathAndQuery,
     /// The client's headers, hop-by-hop ones removed (the forwarding headers are not in it).
     headers: HeaderMap,
+    /// Toward an HTTP/2 backend: the `:authority` to send, the client's Host (which is
+    /// then not in `headers`); `None`: the backend's address (as for a Host-less HTTP/1.0
+    /// request to an HTTP/1.1 backend).
+    authority: Option<Authority>,
     forwarding: Forwarding,
     version: Version,
 }
@@ -376,8 +386,8 @@ impl Template {
         }
     }
 
-    /// The request for one attempt through hyper's client (TLS and h2c upstreams). On the
-    /// last attempt that can happen the headers are moved instead of cloned.
+    /// The request for one attempt through hyper (TLS and h2c upstreams). On the last
+    /// attempt that can happen the headers are moved instead of cloned.
     fn request(
         &mut self,
         backend: &Backend,
@@ -386,7 +396,11 @@ impl Template {
     ) -> Result<Request<ProxyBody>, ProxyError> {
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
-            .authority(backend.authority.clone())
+            .authority(
+                self.authority
+                    .clone()
+                    .unwrap_or_else(|| backend.authority.clone()),
+            )
             .path_and_query(self.path_and_query.clone())
             .build()
             .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
@@ -501,7 +515,7 @@ async fn attempt_once<'s>(
             .await
     } else {
         let req = template.request(backend, body.attempt(), last)?;
-        upstream.send_client(req, deadline).await
+        upstream.send_client(index, req, deadline).await
     };
     drop(in_flight);
     let outcome = match sent {
@@ -683,6 +697,18 @@ fn request_host<'a, B>(req: &'a Request<B>, host: Option<&'a HeaderValue>) -> Op
         .authority()
         .map(|a| a.as_str())
         .or_else(|| host?.to_str().ok())
+}
+
+/// The `:authority` of a request to an HTTP/2 backend: the client's Host, taken out of
+/// `headers` (HTTP/2 names the host in `:authority` only; a `host` field next to it makes
+/// servers such as nginx answer 400). `None` when the client sent none (HTTP/1.0).
+fn h2_authority(headers: &mut HeaderMap) -> Result<Option<Authority>, ProxyError> {
+    let Some(host) = headers.remove(HOST) else {
+        return Ok(None);
+    };
+    Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(host.as_bytes()))
+        .map(Some)
+        .map_err(|_| ProxyError::BadRequest("invalid host"))
 }
 
 /// The body length the client declared (0 for no body); rejects one already over the limit
