@@ -224,6 +224,14 @@ async fn proxy<'s>(
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // 1a. An HTTP/2 head over the limit (HTTP/1.x heads were measured by the codec).
+    if conn.seen.is_none() && req.version() == Version::HTTP_2 {
+        let limit = snapshot.config.server.limits.max_header_bytes;
+        if h2_head_size(&req, conn.proto) > limit {
+            return Err(ProxyError::HeadTooLarge);
+        }
+    }
+
     // 1. The request's one host, before the framing check, so that a refused request's
     // access line has it.
     let host = settle_host(&mut req, conn.seen);
@@ -638,6 +646,25 @@ fn check_framing<B>(req: &mut Request<B>, seen: Option<Seen>) -> Result<(), Prox
         }
     }
     Ok(())
+}
+
+/// An HTTP/2 request head's size as HTTP/2 measures a header list (RFC 9113 6.5.2, as the
+/// h2 layer counts it): each field's name and value plus 32, the pseudo-header fields
+/// included. `proto` stands in for `:scheme` where the URI kept none.
+fn h2_head_size<B>(req: &Request<B>, proto: &str) -> usize {
+    const FIELD: usize = 32;
+    let uri = req.uri();
+    let path = uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let mut size = FIELD + ":method".len() + req.method().as_str().len();
+    size += FIELD + ":scheme".len() + uri.scheme_str().unwrap_or(proto).len();
+    size += FIELD + ":path".len() + path;
+    if let Some(authority) = uri.authority() {
+        size += FIELD + ":authority".len() + authority.as_str().len();
+    }
+    for (name, value) in req.headers() {
+        size += FIELD + name.as_str().len() + value.len();
+    }
+    size
 }
 
 /// Settles the request's one host, the value that routing, the allow/deny lists,

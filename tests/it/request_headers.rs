@@ -339,3 +339,36 @@ async fn an_http2_clients_cookie_fields_reach_an_http1_backend_as_one_header() {
     let head = backend.head().await;
     assert_eq!(lines(&head, "cookie"), ["a=1; b=2; c=3"], "{head}");
 }
+
+#[tokio::test]
+async fn an_http2_head_over_max_header_bytes_gets_palisades_own_431() {
+    // As for HTTP/1.1: Proxy-Status and a body, not the h2 layer's bare 431.
+    let mut backend = Recorder::start(OK).await;
+    let proxy = Proxy::start(&format!(
+        "[server.limits]\nmax_header_bytes = 4096\n{}",
+        admin_and_public(backend.addr)
+    ))
+    .await;
+    let with_value_of = |n: usize| {
+        http::Request::get("http://www.test/big")
+            .header("x-big", "a".repeat(n))
+            .body(())
+            .expect("request")
+    };
+    // HTTP/2's measure (RFC 9113 6.5.2): name + value + 32 per field, pseudo-headers
+    // included. :method GET 42, :scheme http 43, :path /big 41, :authority www.test 50,
+    // x-big 37 + its value: 213 + the value.
+    let answer = h2_request(proxy.addr, with_value_of(4096 - 213)).await;
+    assert_eq!(answer.status, 200, "a head of exactly the limit is taken");
+    backend.head().await;
+    for n in [4096 - 213 + 1, 6000] {
+        let answer = h2_request(proxy.addr, with_value_of(n)).await;
+        assert_eq!(answer.status, 431, "value of {n}");
+        assert_eq!(
+            answer.headers["proxy-status"],
+            "palisade; error=http_request_error"
+        );
+        assert!(!answer.body.is_empty());
+    }
+    assert!(backend.saw_nothing());
+}
