@@ -14,8 +14,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, CONTENT_LENGTH};
-use http::uri::{PathAndQuery, Scheme};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, HOST};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -223,11 +223,24 @@ async fn proxy<'s>(
     conn: &ConnInfo,
     trace: &mut Trace<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // Before the framing check, so that a refused request's access line has its host.
-    let host = req.headers().get(http::header::HOST).cloned();
-    if snapshot.config.server.access_log {
-        trace.host.clone_from(&host);
+    // 1a. An HTTP/2 head over the limit (HTTP/1.x heads were measured by the codec).
+    if conn.seen.is_none() && req.version() == Version::HTTP_2 {
+        let limit = snapshot.config.server.limits.max_header_bytes;
+        if h2_head_size(&req, conn.proto) > limit {
+            return Err(ProxyError::HeadTooLarge);
+        }
     }
+
+    // 1. The request's one host, before the framing check, so that a refused request's
+    // access line has it.
+    let host = settle_host(&mut req, conn.seen);
+    if snapshot.config.server.access_log {
+        trace.host = match &host {
+            Ok(host) => host.clone(),
+            Err(_) => req.headers().get(HOST).cloned(),
+        };
+    }
+    let host = host?;
 
     // 1b. Refuse what a backend could read differently.
     check_framing(&mut req, conn.seen)?;
@@ -281,20 +294,26 @@ async fn proxy<'s>(
         upgrade,
         upstream.version == http::Version::HTTP_2,
     );
-    let authority = parts.uri.authority().map(|a| a.as_str());
+    if client_version == Version::HTTP_2 && upstream.version != Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
     let forwarding = Forwarding::new(
-        &mut parts.headers,
+        &parts.headers,
         &ClientSide {
             ip: client_ip,
             proto: conn.proto,
             version: client_version,
             seen: conn.seen,
         },
-        authority,
         host,
     );
     trace.request_id = Some(forwarding.request_id.clone());
     let path_and_query = upstream_path(&parts.uri, route)?;
+    let authority = if upstream.version == Version::HTTP_2 {
+        h2_authority(&mut parts.headers)?
+    } else {
+        None
+    };
     let retries = upstream.config.retry.attempts;
     let body = replayable_body(
         body,
@@ -310,6 +329,7 @@ async fn proxy<'s>(
         method: parts.method,
         path_and_query,
         headers: parts.headers,
+        authority,
         forwarding,
         version: upstream.version,
         response_timeout: upstream.response_timeout(),
@@ -322,7 +342,9 @@ async fn proxy<'s>(
     // 6. Respond.
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            // A backend may not switch protocols the client did not ask for.
+            // A backend may not switch protocols the client did not ask for, nor to one
+            // palisade did not forward the request as an upgrade for (`Upgrade: h2c` was
+            // dropped): nothing is tunnelled, and the client gets a 502.
             return Err(ProxyError::ConnectionTerminated);
         };
         // The connection now belongs to the tunnel, not to the pool.
@@ -351,6 +373,10 @@ struct Template {
     path_and_query: PathAndQuery,
     /// The client's headers, hop-by-hop ones removed (the forwarding headers are not in it).
     headers: HeaderMap,
+    /// Toward an HTTP/2 backend: the `:authority` to send, the client's Host (which is
+    /// then not in `headers`); `None`: the backend's address (as for a Host-less HTTP/1.0
+    /// request to an HTTP/1.1 backend).
+    authority: Option<Authority>,
     forwarding: Forwarding,
     version: Version,
     /// The upstream's response timeout.
@@ -375,8 +401,8 @@ impl Template {
         }
     }
 
-    /// The request for one attempt through hyper's client (TLS and h2c upstreams). On the
-    /// last attempt that can happen the headers are moved instead of cloned.
+    /// The request for one attempt through hyper (TLS and h2c upstreams). On the last
+    /// attempt that can happen the headers are moved instead of cloned.
     fn request(
         &mut self,
         backend: &Backend,
@@ -385,7 +411,11 @@ impl Template {
     ) -> Result<Request<ProxyBody>, ProxyError> {
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
-            .authority(backend.authority.clone())
+            .authority(
+                self.authority
+                    .clone()
+                    .unwrap_or_else(|| backend.authority.clone()),
+            )
             .path_and_query(self.path_and_query.clone())
             .build()
             .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
@@ -500,7 +530,7 @@ async fn attempt_once<'s>(
             .await
     } else {
         let req = template.request(backend, body.attempt(), last)?;
-        upstream.send_client(req, deadline).await
+        upstream.send_client(index, req, deadline).await
     };
     drop(in_flight);
     let mut outcome = match sent {
@@ -628,28 +658,97 @@ fn check_framing<B>(req: &mut Request<B>, seen: Option<Seen>) -> Result<(), Prox
             ));
         }
     }
-    if req.version() == Version::HTTP_11 {
-        let hosts = match seen {
-            Some(seen) => usize::from(seen.hosts),
-            None => req.headers().get_all(http::header::HOST).iter().count(),
-        };
-        if hosts > 1 || (hosts == 0 && req.uri().authority().is_none()) {
-            return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
-        }
-    }
     Ok(())
 }
 
-/// The host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header
-/// (`host`).
-fn request_host<'a, B>(
-    req: &'a Request<B>,
-    host: Option<&'a http::HeaderValue>,
-) -> Option<&'a str> {
+/// An HTTP/2 request head's size as HTTP/2 measures a header list (RFC 9113 6.5.2, as the
+/// h2 layer counts it): each field's name and value plus 32, the pseudo-header fields
+/// included. `proto` stands in for `:scheme` where the URI kept none.
+fn h2_head_size<B>(req: &Request<B>, proto: &str) -> usize {
+    const FIELD: usize = 32;
+    let uri = req.uri();
+    let path = uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let mut size = FIELD + ":method".len() + req.method().as_str().len();
+    size += FIELD + ":scheme".len() + uri.scheme_str().unwrap_or(proto).len();
+    size += FIELD + ":path".len() + path;
+    if let Some(authority) = uri.authority() {
+        size += FIELD + ":authority".len() + authority.as_str().len();
+    }
+    for (name, value) in req.headers() {
+        size += FIELD + name.as_str().len() + value.len();
+    }
+    size
+}
+
+/// Settles the request's one host, the value that routing, the allow/deny lists,
+/// `X-Forwarded-Host`, the access log and the backend's Host all see, and leaves the
+/// request's headers with at most that one Host (returned).
+///
+/// With an authority in the target (HTTP/2's `:authority`, an HTTP/1.x absolute-form
+/// target) the host is that authority: an HTTP/2 `host` field that differs from it makes
+/// the request malformed (RFC 9113 8.3.1), one that equals it is forwarded once; an
+/// HTTP/1.x Host is replaced by the target's authority (RFC 9112 3.2.2). Without an
+/// authority the host is the Host header: more than one is a 400 for every version, and an
+/// HTTP/1.1 request needs exactly one.
+fn settle_host<B>(
+    req: &mut Request<B>,
+    seen: Option<Seen>,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    // What the codec counted, where it counted (HTTP/1.x); else a lookup (HTTP/2).
+    let hosts = match seen {
+        Some(seen) => usize::from(seen.hosts),
+        None => req.headers().get_all(HOST).iter().count(),
+    };
+    let Some(authority) = req.uri().authority() else {
+        if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+            return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
+        }
+        return Ok(if hosts == 0 {
+            None
+        } else {
+            req.headers().get(HOST).cloned()
+        });
+    };
+    let authority = authority.as_str();
+    if hosts > 1 && req.version() == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
+    }
+    if req.version() == Version::HTTP_2
+        && req
+            .headers()
+            .get_all(HOST)
+            .iter()
+            .any(|h| !h.as_bytes().eq_ignore_ascii_case(authority.as_bytes()))
+    {
+        return Err(ProxyError::BadRequest("host differs from :authority"));
+    }
+    // An authority's characters are all valid in a field value.
+    let host = HeaderValue::from_str(authority)
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    // Replaces every Host the client sent.
+    req.headers_mut().insert(HOST, host.clone());
+    Ok(Some(host))
+}
+
+/// The host a request is for, as [`settle_host`] settled it: the URI authority (HTTP/2,
+/// absolute-form), which is then also its Host, or else its Host header (`host`).
+fn request_host<'a, B>(req: &'a Request<B>, host: Option<&'a HeaderValue>) -> Option<&'a str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| host?.to_str().ok())
+}
+
+/// The `:authority` of a request to an HTTP/2 backend: the client's Host, taken out of
+/// `headers` (HTTP/2 names the host in `:authority` only; a `host` field next to it makes
+/// servers such as nginx answer 400). `None` when the client sent none (HTTP/1.0).
+fn h2_authority(headers: &mut HeaderMap) -> Result<Option<Authority>, ProxyError> {
+    let Some(host) = headers.remove(HOST) else {
+        return Ok(None);
+    };
+    Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(host.as_bytes()))
+        .map(Some)
+        .map_err(|_| ProxyError::BadRequest("invalid host"))
 }
 
 /// The body length the client declared (0 for no body); rejects one already over the limit
@@ -666,9 +765,9 @@ fn declared_length(req: &Request<ClientBody>, max_body: u64) -> Result<Option<u6
     Ok(Some(len))
 }
 
-/// An HTTP/1.1 `Connection: upgrade` GET naming a protocol (WebSocket and the like):
-/// palisade's HTTP/1.1 codec marks every such request with where its connection will go
-/// ([`crate::server::h1::OnUpgrade`]); HTTP/2 requests never upgrade.
+/// An HTTP/1.1 `Connection: upgrade` GET asking for WebSocket (the one upgrade palisade
+/// forwards): palisade's HTTP/1.1 codec marks every such request with where its connection
+/// will go ([`crate::server::h1::OnUpgrade`]); HTTP/2 requests never upgrade.
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::GET
         && req

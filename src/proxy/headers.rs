@@ -9,8 +9,8 @@ use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-    VIA,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE, VIA,
 };
 use http::Version;
 
@@ -43,6 +43,21 @@ pub(crate) fn is_hop_by_hop_name(name: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
         .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Whether a request's Upgrade header asks for WebSocket and nothing else: one protocol,
+/// `websocket` in any case. Only such an upgrade is forwarded and tunnelled (SPEC 3); any
+/// other (`h2c`, a list of protocols the backend could pick from) is a hop-by-hop header
+/// like the rest, dropped, and the request goes on as a plain one.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let mut protocols = headers
+        .get_all(UPGRADE)
+        .iter()
+        .flat_map(|v| crate::http1::items(v.as_bytes()));
+    matches!(
+        (protocols.next(), protocols.next()),
+        (Some(protocol), None) if protocol.eq_ignore_ascii_case(b"websocket")
+    )
 }
 
 /// Which headers palisade's HTTP/1.1 codec saw in a request head while parsing it, so
@@ -137,6 +152,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, te_trailers: bo
     }
 }
 
+/// Joins several `Cookie` fields into one, `; ` between them, in order: HTTP/2 clients may
+/// send each cookie as a field of its own, and a request going on over HTTP/1.1 must carry
+/// them as one (RFC 9113 8.2.3). One field or none: nothing changes, nothing is allocated.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = Vec::with_capacity(first.len() * 4);
+    for (i, value) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Valid: field values joined with bytes that are valid in one.
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(COOKIE, value);
+    }
+}
+
 /// The forwarding headers of one request: `X-Forwarded-For` (client IP appended to any
 /// existing list, as one line), `X-Forwarded-Proto`, `X-Forwarded-Host`, `Via`, and a
 /// valid `X-Request-Id` (the client's, or a new one). Computed once per request and
@@ -157,22 +193,11 @@ pub struct Forwarding {
 }
 
 impl Forwarding {
-    /// The forwarding headers for a request with `headers`, whose Host header `host` the
-    /// caller looked up already. `authority` is the request URI's authority (HTTP/2
-    /// clients send no Host header): it becomes the Host header when there is none, so
-    /// the backend sees the name the client used.
-    pub fn new(
-        headers: &mut HeaderMap,
-        client: &ClientSide,
-        authority: Option<&str>,
-        host: Option<HeaderValue>,
-    ) -> Self {
-        let host = host.or_else(|| {
-            // Rare (HTTP/2 clients): the one change made to the map itself.
-            let value = HeaderValue::from_str(authority?).ok()?;
-            headers.insert(HOST, value.clone());
-            Some(value)
-        });
+    /// The forwarding headers for a request with `headers`, whose one Host header `host`
+    /// the caller settled already (for HTTP/2 clients: the `:authority`, put into
+    /// `headers` as their Host), so that `X-Forwarded-Host` names the host the request was
+    /// routed by.
+    pub fn new(headers: &HeaderMap, client: &ClientSide, host: Option<HeaderValue>) -> Self {
         let seen = client.seen;
         let sent_id = match seen {
             Some(seen) if !seen.request_id => None,
@@ -248,13 +273,9 @@ impl Forwarding {
 
 /// Adds the forwarding headers to `headers` (see [`Forwarding`]); returns the request id
 /// as sent upstream.
-pub fn add_forwarding(
-    headers: &mut HeaderMap,
-    client: &ClientSide,
-    authority: Option<&str>,
-) -> FieldValue {
+pub fn add_forwarding(headers: &mut HeaderMap, client: &ClientSide) -> FieldValue {
     let host = headers.get(HOST).cloned();
-    let forwarding = Forwarding::new(headers, client, authority, host);
+    let forwarding = Forwarding::new(headers, client, host);
     forwarding.apply(headers);
     forwarding.request_id
 }
@@ -492,7 +513,7 @@ mod tests {
     #[test]
     fn forwarding_headers_are_added_and_host_kept() {
         let mut h = map(&[("host", "api.example.com:8080")]);
-        let id = add_forwarding(&mut h, &client(), None);
+        let id = add_forwarding(&mut h, &client());
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com:8080");
@@ -506,13 +527,13 @@ mod tests {
     fn the_longest_ipv6_text_is_kept_whole() {
         let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap();
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, &ClientSide { ip, ..client() }, None);
+        add_forwarding(&mut h, &ClientSide { ip, ..client() });
         assert_eq!(
             h["x-forwarded-for"],
             "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"
         );
         let mut h = map(&[("x-forwarded-for", "1.1.1.1")]);
-        add_forwarding(&mut h, &ClientSide { ip, ..client() }, None);
+        add_forwarding(&mut h, &ClientSide { ip, ..client() });
         assert_eq!(
             h["x-forwarded-for"],
             "1.1.1.1, ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"
@@ -525,25 +546,17 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
         ]);
-        add_forwarding(&mut h, &client(), None);
+        add_forwarding(&mut h, &client());
         let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(all, ["1.1.1.1, 2.2.2.2, 10.1.2.3"]);
     }
 
     #[test]
-    fn authority_becomes_host_for_http2_clients() {
-        let mut h = HeaderMap::new();
-        add_forwarding(&mut h, &client(), Some("example.com"));
-        assert_eq!(h["host"], "example.com");
-        assert_eq!(h["x-forwarded-host"], "example.com");
-    }
-
-    #[test]
     fn valid_request_ids_are_kept_and_invalid_ones_replaced() {
         let mut h = map(&[("x-request-id", "abc-123")]);
-        assert_eq!(add_forwarding(&mut h, &client(), None), "abc-123");
+        assert_eq!(add_forwarding(&mut h, &client()), "abc-123");
         let mut h = map(&[("x-request-id", "has space")]);
-        let id = add_forwarding(&mut h, &client(), None);
+        let id = add_forwarding(&mut h, &client());
         assert_ne!(id, "has space");
         assert_eq!(h["x-request-id"], id);
         assert!(!is_valid_request_id(&[b'a'; 129]));

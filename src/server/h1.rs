@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING,
 };
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -473,8 +473,11 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Proxy
             Some(n) => BodyState::Length(n),
         }
     };
-    let upgrade =
-        connection.upgrade && version == Version::HTTP_11 && headers.contains_key(UPGRADE);
+    // Only a WebSocket upgrade is tunnelled (SPEC 3): `Upgrade: h2c` and the like are
+    // dropped with the other hop-by-hop headers and the request goes on as a plain one.
+    let upgrade = connection.upgrade
+        && version == Version::HTTP_11
+        && crate::proxy::headers::is_websocket_upgrade(&headers);
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;

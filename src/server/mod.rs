@@ -307,13 +307,19 @@ async fn accept_loop(
 }
 
 /// hyper's connection settings for `config` (HTTP/2 only: HTTP/1.x is palisade's codec).
+///
+/// The h2 layer takes request heads up to twice `max_header_bytes`: it would refuse one
+/// over the limit itself with a bare 431 (no `Proxy-Status`, no body, no access line), so
+/// the handler checks the limit instead and gives palisade's own 431
+/// ([`crate::proxy::handler`]). Only heads over twice the limit still get h2's answer.
 fn connection_builder(config: &crate::config::Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let limits = &config.server.limits;
+    let h2_limit = limits.max_header_bytes.saturating_mul(2);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(h2_limit).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
     builder
 }

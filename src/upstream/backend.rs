@@ -45,6 +45,8 @@ pub struct Backend {
     pub(crate) returned_at: AtomicU64,
     /// Idle keep-alive connections (plain HTTP/1.1 upstreams).
     pub pool: super::pool::Pool,
+    /// The HTTP/2 connection (h2c upstreams).
+    pub h2: super::h2::H2Conn,
 }
 
 impl Backend {
@@ -70,6 +72,7 @@ impl Backend {
             ejections: AtomicU32::new(0),
             returned_at: AtomicU64::new(0),
             pool: super::pool::Pool::default(),
+            h2: super::h2::H2Conn::default(),
         }
     }
 

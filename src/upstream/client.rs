@@ -1,5 +1,6 @@
-//! The pooled HTTP client palisade uses for TLS and h2c upstreams (plain HTTP/1.1
-//! upstreams use the backends' own pools, [`super::pool`]).
+//! The pooled HTTP client palisade uses for HTTPS upstreams, and the connector of HTTPS
+//! and h2c upstreams (plain HTTP/1.1 upstreams use the backends' own pools,
+//! [`super::pool`]; h2c upstreams one HTTP/2 connection per backend, [`super::h2`]).
 //!
 //! One keep-alive pool per upstream (hyper-util's legacy client; the pool is keyed by
 //! backend address), TCP_NODELAY, a connect timeout, HTTP/1.1 or HTTP/2 prior knowledge as
@@ -30,15 +31,15 @@ pub type HttpClient = Client<Connector, ProxyBody>;
 /// backends usually close sooner, which the pool notices).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Builds the pooled client for one upstream.
-pub fn build(cfg: &config::Upstream) -> HttpClient {
+/// Builds the pooled client for one upstream, on its `connector`.
+pub fn build(cfg: &config::Upstream, connector: Connector) -> HttpClient {
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .http2_only(cfg.protocol == Protocol::H2c);
-    builder.build(connector(cfg, cfg.timeouts.connect))
+    builder.build(connector)
 }
 
 /// The connector for one upstream's backends (also used by its health probes).

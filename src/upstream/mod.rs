@@ -7,6 +7,7 @@ pub mod backend;
 pub mod budget;
 pub mod client;
 pub mod h1;
+pub mod h2;
 pub mod pool;
 
 use std::net::IpAddr;
@@ -35,8 +36,10 @@ pub struct Upstream {
     pub backends: Vec<Arc<Backend>>,
     /// The selection algorithm, built for `backends`.
     pub balancer: Box<dyn Balance>,
-    /// hyper-util's pooled client, for TLS and h2c upstreams.
+    /// hyper-util's pooled client, for HTTPS upstreams.
     pub client: HttpClient,
+    /// How the client and the h2c connections ([`h2`]) reach a backend.
+    pub connector: client::Connector,
     /// Plain HTTP/1.1: requests go through the backends' own pools ([`pool`]) instead of
     /// `client`, with origin-form URIs.
     pub direct: bool,
@@ -171,20 +174,22 @@ impl Upstream {
                 });
             }
         }
-        let client = match previous {
+        let (client, connector) = match previous {
             Some(p)
                 if p.config.protocol == cfg.protocol
                     && p.config.timeouts.connect == cfg.timeouts.connect
                     && p.config.tls == cfg.tls =>
             {
-                p.client.clone()
+                (p.client.clone(), p.connector.clone())
             }
             _ => {
                 // Connections opened under the old transport settings are not reused.
                 for b in &backends {
                     b.pool.clear();
+                    b.h2.clear();
                 }
-                client::build(cfg)
+                let connector = client::connector(cfg, cfg.timeouts.connect);
+                (client::build(cfg, connector.clone()), connector)
             }
         };
         let balancer = balance::build(algorithm(cfg.balance), &backends);
@@ -198,6 +203,7 @@ impl Upstream {
             name: cfg.name.as_str().into(),
             balancer,
             client,
+            connector,
             direct: cfg.protocol == config::Protocol::Http1 && cfg.tls.is_none(),
             scheme: if cfg.tls.is_some() {
                 http::uri::Scheme::HTTPS
@@ -369,16 +375,29 @@ impl Upstream {
         .await
     }
 
-    /// Sends one request (absolute URI) through hyper-util's client (TLS and h2c
-    /// upstreams), waiting for the response head until `deadline`.
+    /// Sends one request (absolute URI) to backend `index` through hyper: over its
+    /// HTTP/2 connection (h2c upstreams; the URI's authority is the `:authority` sent), or
+    /// through hyper-util's client (HTTPS upstreams; the URI's authority is the backend's).
+    /// Waits for the response head until `deadline`.
     pub async fn send_client(
         &self,
+        index: usize,
         req: http::Request<crate::proxy::body::ProxyBody>,
         deadline: tokio::time::Instant,
     ) -> Result<http::Response<pool::UpstreamBody>, pool::SendError> {
-        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        let sent = if self.version == Version::HTTP_2 {
+            let sending = h2::send(&self.backends[index], &self.connector, &self.scheme, req);
+            tokio::time::timeout_at(deadline, sending).await
+        } else {
+            let sending = self.client.request(req);
+            match tokio::time::timeout_at(deadline, sending).await {
+                Ok(sent) => Ok(sent.map_err(pool::SendError::Client)),
+                Err(elapsed) => Err(elapsed),
+            }
+        };
+        match sent {
             Ok(Ok(resp)) => Ok(resp.map(pool::UpstreamBody::hyper)),
-            Ok(Err(e)) => Err(pool::SendError::Client(e)),
+            Ok(Err(e)) => Err(e),
             Err(_elapsed) => Err(pool::SendError::TimedOut),
         }
     }

@@ -134,8 +134,12 @@ pub enum SendError {
     Connect(io::Error),
     /// The HTTP exchange failed on an open connection.
     Exchange(h1::ProtoError),
-    /// hyper-util's client failed (TLS and h2c upstreams).
+    /// hyper-util's client failed (TLS upstreams).
     Client(hyper_util::client::legacy::Error),
+    /// No HTTP/2 connection could be opened, or a new one took nothing (h2c upstreams).
+    H2Connect(crate::proxy::body::BoxError),
+    /// The HTTP/2 exchange failed (h2c upstreams).
+    H2(hyper::Error),
     /// The response head had not arrived by the response deadline.
     TimedOut,
 }
@@ -144,8 +148,8 @@ impl SendError {
     /// Whether the request never reached the backend.
     pub fn is_connect(&self) -> bool {
         match self {
-            SendError::Connect(_) => true,
-            SendError::Exchange(_) | SendError::TimedOut => false,
+            SendError::Connect(_) | SendError::H2Connect(_) => true,
+            SendError::Exchange(_) | SendError::H2(_) | SendError::TimedOut => false,
             SendError::Client(e) => e.is_connect(),
         }
     }
@@ -160,6 +164,11 @@ impl fmt::Display for SendError {
                 Some(cause) => write!(f, "{e}: {cause}"),
                 None => write!(f, "{e}"),
             },
+            SendError::H2Connect(e) => write!(f, "connect (HTTP/2): {e}"),
+            SendError::H2(e) => match e.source() {
+                Some(cause) => write!(f, "{e}: {cause}"),
+                None => write!(f, "{e}"),
+            },
             SendError::TimedOut => f.write_str("no response head before the response timeout"),
         }
     }
@@ -171,6 +180,8 @@ impl StdError for SendError {
             SendError::Connect(e) => Some(e),
             SendError::Exchange(e) => Some(e),
             SendError::Client(e) => Some(e),
+            SendError::H2Connect(e) => Some(&**e),
+            SendError::H2(e) => Some(e),
             SendError::TimedOut => None,
         }
     }

@@ -122,3 +122,76 @@ async fn an_http2_answer_still_streaming_is_not_cut_at_header_read() {
     assert_eq!(text.lines().count(), 25, "{text}");
     assert!(text.ends_with("chunk 24\n"), "{text}");
 }
+
+/// An HTTP/2-only backend that says what it saw: the request's `:authority` and how many
+/// `host` fields came with it.
+async fn authority_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|req: http::Request<Incoming>| async move {
+                    let authority = req
+                        .uri()
+                        .authority()
+                        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+                    let hosts = req.headers().get_all("host").iter().count();
+                    let mut resp = http::Response::new(Full::new(Bytes::from_static(b"ok")));
+                    let h = resp.headers_mut();
+                    h.insert(
+                        "x-saw-authority",
+                        http::HeaderValue::from_str(&authority).expect("authority"),
+                    );
+                    h.insert("x-saw-host-fields", http::HeaderValue::from(hosts));
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_h2c_upstream_gets_the_clients_host_as_authority_and_no_host_field() {
+    // A `host` field next to `:authority` makes nginx answer 400 ("client sent duplicate
+    // host header") to every request; the backend's address as `:authority` hides the
+    // host the client asked for (SPEC 3: the Host header is kept).
+    let backend = authority_backend().await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{backend}\" }}]\n"
+    ))
+    .await;
+    // An HTTP/1.1 client's Host.
+    let answer = get_with(&proxy.url("/a"), &[("host", "app.test:8080")]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-saw-authority"), Some("app.test:8080"));
+    assert_eq!(answer.header("x-saw-host-fields"), Some("0"));
+    // An HTTP/2 client's :authority.
+    let req = http::Request::get(proxy.url("/b"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = common::h2_client().request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-saw-authority"],
+        proxy.addr.to_string().as_str()
+    );
+    assert_eq!(resp.headers()["x-saw-host-fields"], "0");
+    // An HTTP/1.0 client without Host: the backend's address, as toward HTTP/1.1 backends.
+    let (answer, _) = raw_exchange(
+        proxy.addr,
+        b"GET /c HTTP/1.0\r\n\r\n",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer}");
+    assert!(
+        answer.contains(&format!("x-saw-authority: {backend}\r\n")),
+        "{answer}"
+    );
+    assert!(answer.contains("x-saw-host-fields: 0\r\n"), "{answer}");
+}

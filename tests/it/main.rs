@@ -23,6 +23,7 @@ mod mutation;
 mod pool;
 mod proxy;
 mod reload;
+mod request_headers;
 mod restart;
 mod security;
 mod shared_limits;

@@ -1,0 +1,125 @@
+//! HTTP/2 to the backends of `protocol = "h2c"` upstreams (prior knowledge, or over TLS
+//! with `tls = true`): one multiplexed connection per backend, opened on first use and
+//! opened again once it has closed.
+//!
+//! palisade keeps these connections itself instead of in hyper-util's pooled client
+//! because that client takes a request URI's authority both as the address to connect to
+//! and as the `:authority` it sends. The backend must get the client's host as
+//! `:authority` (SPEC 3: the Host header is kept; HTTP/2 has no other place for it, and a
+//! `host` field next to a differing `:authority` is malformed, RFC 9113 8.3.1), while the
+//! connection goes to the backend's own address.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::Mutex;
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{Builder, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service as _;
+
+use super::client::Connector;
+use super::pool::SendError;
+use super::Backend;
+use crate::proxy::body::ProxyBody;
+
+/// A backend's HTTP/2 connection, while one is open.
+#[derive(Default)]
+pub struct H2Conn(Mutex<Option<SendRequest<ProxyBody>>>);
+
+impl fmt::Debug for H2Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let open = self.0.lock().is_ok_and(|c| c.is_some());
+        f.debug_struct("H2Conn").field("open", &open).finish()
+    }
+}
+
+impl H2Conn {
+    /// Lets go of the connection (it closes once its streams are done); the next request
+    /// opens a new one.
+    pub fn clear(&self) {
+        if let Ok(mut conn) = self.0.lock() {
+            *conn = None;
+        }
+    }
+
+    /// The connection, if one is open.
+    fn open(&self) -> Option<SendRequest<ProxyBody>> {
+        let conn = self.0.lock().ok()?;
+        conn.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+
+    fn keep(&self, sender: &SendRequest<ProxyBody>) {
+        if let Ok(mut conn) = self.0.lock() {
+            *conn = Some(sender.clone());
+        }
+    }
+}
+
+/// Sends `req` (an absolute URI whose authority is the host the backend is to see) to
+/// `backend` over its connection, or a new one through `connector` (`scheme` says whether
+/// TLS). A request that a reused connection gave back unsent (it was closing) goes on a
+/// new connection.
+pub async fn send(
+    backend: &Backend,
+    connector: &Connector,
+    scheme: &Scheme,
+    mut req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, SendError> {
+    loop {
+        let (mut sender, reused) = match backend.h2.open() {
+            Some(sender) => (sender, true),
+            // Boxed: connecting is the rare path.
+            None => {
+                let sender = Box::pin(connect(backend, connector, scheme)).await?;
+                backend.h2.keep(&sender);
+                (sender, false)
+            }
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            Err(mut failed) => match failed.take_message() {
+                Some(unsent) if reused => {
+                    backend.h2.clear();
+                    req = unsent;
+                }
+                // Nothing was sent: as good as a connection that could not be made.
+                Some(_) => return Err(SendError::H2Connect(failed.into_error().into())),
+                None => return Err(SendError::H2(failed.into_error())),
+            },
+        }
+    }
+}
+
+/// Opens an HTTP/2 connection to `backend`.
+async fn connect(
+    backend: &Backend,
+    connector: &Connector,
+    scheme: &Scheme,
+) -> Result<SendRequest<ProxyBody>, SendError> {
+    let target = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(backend.authority.clone())
+        .path_and_query(PathAndQuery::from_static("/"))
+        .build()
+        .map_err(|e| SendError::H2Connect(e.into()))?;
+    let mut connector = connector.clone();
+    poll_fn(|cx| connector.poll_ready(cx))
+        .await
+        .map_err(SendError::H2Connect)?;
+    let io = connector.call(target).await.map_err(SendError::H2Connect)?;
+    let (sender, connection) = Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await
+        .map_err(|e| SendError::H2Connect(e.into()))?;
+    let addr = backend.addr.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(backend = %addr, error = %e, "HTTP/2 connection to the backend ended");
+        }
+    });
+    Ok(sender)
+}
