@@ -563,6 +563,10 @@ async fn serve_io(
                         tracing::debug!(%peer, "request head not received within header_read; closing");
                         return Poll::Ready(());
                     }
+                    Verdict::NotReading => {
+                        tracing::debug!(%peer, "the client took none of its answer within idle; closing");
+                        return Poll::Ready(());
+                    }
                     Verdict::Idle => {
                         tracing::debug!(%peer, "idle timeout; closing");
                         if closing {
@@ -848,6 +852,9 @@ pub(crate) struct Activity {
     in_flight: AtomicU32,
     /// When bytes last moved either way.
     last_io: AtomicU64,
+    /// Since when writes to the client have been waiting for room in its socket (0: they
+    /// are not): a client that stops reading its answer.
+    write_stalled: AtomicU64,
     /// When the first byte of a request head arrived on an otherwise quiet connection
     /// (0: not reading a head).
     head_started: AtomicU64,
@@ -870,6 +877,8 @@ enum Verdict {
     HeadTooSlow,
     /// Nothing happened for `idle`.
     Idle,
+    /// The client has not taken any of its answer for `idle`.
+    NotReading,
 }
 
 impl Activity {
@@ -878,6 +887,7 @@ impl Activity {
         Activity {
             in_flight: AtomicU32::new(0),
             last_io: AtomicU64::new(now),
+            write_stalled: AtomicU64::new(0),
             // A new connection owes us a request head right away.
             head_started: AtomicU64::new(now),
             close_requested: std::sync::atomic::AtomicBool::new(false),
@@ -928,6 +938,19 @@ impl Activity {
 
     fn on_write(&self) {
         self.last_io.store(coarse_ns(), Ordering::Relaxed);
+        if self.write_stalled.load(Ordering::Relaxed) != 0 {
+            self.write_stalled.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A write found no room in the client's socket.
+    fn on_write_blocked(&self) {
+        let _ = self.write_stalled.compare_exchange(
+            0,
+            coarse_ns(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     fn check(&self, limits: ConnLimits) -> Verdict {
@@ -935,6 +958,16 @@ impl Activity {
         let header_read = nanos(limits.header_read);
         let idle = nanos(limits.idle);
         if self.in_flight.load(Ordering::Relaxed) > 0 {
+            // A request waiting for its backend may take as long as the backend's
+            // response timeout; a client that takes none of its answer gets `idle`.
+            let stalled = self.write_stalled.load(Ordering::Relaxed);
+            if stalled != 0 {
+                let deadline = stalled.saturating_add(idle);
+                if now >= deadline {
+                    return Verdict::NotReading;
+                }
+                return Verdict::Fine(instant_at(deadline));
+            }
             return Verdict::Fine(instant_at(now.saturating_add(idle)));
         }
         let head_started = self.head_started.load(Ordering::Relaxed);
@@ -993,8 +1026,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write();
+        match result {
+            Poll::Ready(Ok(n)) if n > 0 => self.activity.on_write(),
+            Poll::Pending => self.activity.on_write_blocked(),
+            _ => {}
         }
         result
     }
@@ -1005,8 +1040,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write();
+        match result {
+            Poll::Ready(Ok(n)) if n > 0 => self.activity.on_write(),
+            Poll::Pending => self.activity.on_write_blocked(),
+            _ => {}
         }
         result
     }

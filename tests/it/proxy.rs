@@ -4,6 +4,7 @@
 use crate::common;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -924,4 +925,31 @@ async fn http2_requests_get_the_same_forwarding_headers() {
     let h = &json["headers"];
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-request-id"].as_str().map(str::len), Some(32));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_closed_after_idle() {
+    // A client that asks for a large answer and then reads none of it: once the socket
+    // buffers between them are full, nothing moves. Its connection (and the backend
+    // connection feeding it) must not be held for ever; nginx's send_timeout does this.
+    let a = Echo::start("a").await;
+    let cfg = single_upstream(&[(a.addr, 1)], "[server.timeouts]\nidle = \"1s\"");
+    let proxy = Proxy::start(&cfg).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut client = socket.connect(proxy.addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut client,
+        b"GET /bytes/100000000 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let open = || proxy.state.connections.load(Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(2), async || open() == 1).await,
+        "the connection never counted"
+    );
+    let closed = eventually(Duration::from_secs(8), async || open() == 0).await;
+    assert!(closed, "a client reading nothing kept its connection");
+    drop(client);
 }
