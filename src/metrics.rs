@@ -6,15 +6,17 @@
 //! gauges that mirror live state (health, in flight, generation, connections, panic) are
 //! read from the atomics when `/metrics` is scraped, so they cost requests nothing.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::clock::now_ns;
-use crate::snapshot::ProxyState;
+use crate::snapshot::{ProxyState, Snapshot};
 
 /// Status codes whose counters are resolved ahead of time; others are looked up by label.
 const COMMON_CODES: [u16; 16] = [
@@ -213,6 +215,54 @@ impl Metrics {
         m
     }
 
+    /// Drops the series of routes, upstreams and backends that `snapshot` no longer has
+    /// (a reload renamed or removed them, or a backend name now resolves elsewhere), so
+    /// that the label sets do not grow with every such reload. Requests still finishing
+    /// on the previous snapshot count into handles that are no longer exported.
+    pub fn retain(&self, snapshot: &Snapshot) {
+        let routes: HashSet<(&str, &str)> = snapshot
+            .config
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.upstream.as_str()))
+            .chain([("", "")])
+            .collect();
+        let route_names: HashSet<&str> = routes.iter().map(|r| r.0).collect();
+        let upstreams: HashSet<&str> = snapshot.upstreams.iter().map(|u| &*u.name).collect();
+        let backends: HashSet<(&str, &str)> = snapshot
+            .upstreams
+            .iter()
+            .flat_map(|u| u.backends.iter().map(move |b| (&*u.name, &*b.addr)))
+            .collect();
+        let route = |v: &[&str]| routes.contains(&(v[0], v[1]));
+        let named_route = |v: &[&str]| route_names.contains(v[0]);
+        let upstream = |v: &[&str]| upstreams.contains(v[0]);
+        let backend = |v: &[&str]| backends.contains(&(v[0], v[1]));
+        prune(&self.requests, &["route", "upstream", "code"], route);
+        prune(&self.duration, &["route", "upstream"], route);
+        prune(
+            &self.upstream_requests,
+            &["upstream", "backend", "code"],
+            backend,
+        );
+        prune(
+            &self.health_checks,
+            &["upstream", "backend", "result"],
+            backend,
+        );
+        prune(
+            &self.upstream_body_errors,
+            &["upstream", "backend"],
+            backend,
+        );
+        prune(&self.retries, &["upstream"], upstream);
+        prune(&self.panic_picks, &["upstream"], upstream);
+        prune(&self.rate_limited, &["route"], named_route);
+        prune(&self.denied, &["route"], named_route);
+        prune(&self.limit_store_up, &["route"], named_route);
+        prune(&self.limit_fallbacks, &["route"], named_route);
+    }
+
     /// The handles one route's requests update.
     pub fn route(&self, route: &str, upstream: &str) -> RouteMetrics {
         // Resolving the refusal counters makes their series appear at 0.
@@ -306,6 +356,33 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Removes the series of `vec` (whose labels are `labels`, in order) that `keep` says no
+/// to, given their label values in that order.
+fn prune<T: MetricVecBuilder>(vec: &MetricVec<T>, labels: &[&str], keep: impl Fn(&[&str]) -> bool) {
+    let mut gone: Vec<Vec<String>> = Vec::new();
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let pairs = metric.get_label();
+            let values: Vec<&str> = labels
+                .iter()
+                .map(|name| {
+                    pairs
+                        .iter()
+                        .find(|p| p.name() == *name)
+                        .map_or("", |p| p.value())
+                })
+                .collect();
+            if !keep(&values) {
+                gone.push(values.iter().map(|v| (*v).to_owned()).collect());
+            }
+        }
+    }
+    for values in gone {
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        let _ = vec.remove_label_values(&values);
     }
 }
 

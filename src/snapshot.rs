@@ -238,6 +238,7 @@ impl ProxyState {
         let next = Snapshot::build(config, Some(&current), &self.resolved(), &self.metrics);
         let generation = next.generation;
         self.restart_checkers(&next);
+        self.metrics.retain(&next);
         self.snapshot.store(Arc::new(next));
         self.changes.send_replace(generation);
         generation
@@ -279,6 +280,7 @@ impl ProxyState {
             *r = resolved;
         }
         self.restart_checkers(&next);
+        self.metrics.retain(&next);
         self.snapshot.store(Arc::new(next));
     }
 
