@@ -563,12 +563,14 @@ async fn attempt_once<'s>(
     }
     let ok = matches!(&outcome, Outcome::Answer(r) if !r.status().is_server_error());
     let mut judged_at_end = false;
-    if let (Outcome::Answer(resp), Some(watch)) = (&mut outcome, upstream.body_watches.get(index)) {
+    if let (Outcome::Answer(resp), Some(watches)) = (&mut outcome, upstream.body_watches.get(index))
+    {
         // A body still to come may break off: a good answer is judged when its body
         // ends (a body the client abandons is not judged at all), and any answer's
         // broken body is logged and counted.
         judged_at_end = ok && !resp.body().is_end_stream();
-        resp.body_mut().watch(watch.clone(), judged_at_end);
+        resp.body_mut()
+            .watch(watches[usize::from(judged_at_end)].clone());
     }
     if !judged_at_end {
         health::record_live(

@@ -67,7 +67,7 @@ pub struct Upstream {
     /// `palisade_retries_total` for this upstream.
     pub retries: prometheus::IntCounter,
     /// What a response body reports to when it breaks off, one per backend (same order).
-    pub body_watches: Vec<Arc<BodyWatch>>,
+    pub body_watches: Vec<[Arc<BodyWatch>; 2]>,
 }
 
 /// Where a backend's response body reports a failure after the head was passed on (a
@@ -80,6 +80,9 @@ pub struct BodyWatch {
     backend: Arc<Backend>,
     passive: Option<config::Passive>,
     errors: prometheus::IntCounter,
+    /// Whether the exchange's passive-health verdict waits for the body's end (one watch
+    /// of each kind per backend, so a response carries a single pointer).
+    pub judged_at_end: bool,
 }
 
 impl BodyWatch {
@@ -232,11 +235,16 @@ impl Upstream {
             body_watches: backends
                 .iter()
                 .map(|b| {
-                    Arc::new(BodyWatch {
-                        upstream: cfg.name.as_str().into(),
-                        backend: b.clone(),
-                        passive: cfg.passive.clone(),
-                        errors: metrics.body_errors(&cfg.name, &b.addr),
+                    let upstream: Arc<str> = cfg.name.as_str().into();
+                    let errors = metrics.body_errors(&cfg.name, &b.addr);
+                    [false, true].map(|judged_at_end| {
+                        Arc::new(BodyWatch {
+                            upstream: upstream.clone(),
+                            backend: b.clone(),
+                            passive: cfg.passive.clone(),
+                            errors: errors.clone(),
+                            judged_at_end,
+                        })
                     })
                 })
                 .collect(),

@@ -254,8 +254,6 @@ pub struct UpstreamBody {
     inner: Inner,
     /// Told how the body ends (taken then, so told once).
     watch: Option<Arc<super::BodyWatch>>,
-    /// Whether the exchange's passive-health verdict waits for the body's end.
-    judged_at_end: bool,
 }
 
 #[derive(Debug)]
@@ -272,7 +270,6 @@ impl UpstreamBody {
         UpstreamBody {
             inner: Inner::Own(Box::new(body)),
             watch: None,
-            judged_at_end: false,
         }
     }
 
@@ -281,16 +278,14 @@ impl UpstreamBody {
         UpstreamBody {
             inner: Inner::Hyper(body),
             watch: None,
-            judged_at_end: false,
         }
     }
 
-    /// Reports how the body ends to `watch`: a failure always, and with
+    /// Reports how the body ends to `watch`: a failure always, and with the watch's
     /// `judged_at_end` the exchange's verdict for passive health (failed or good). A body
     /// dropped before its end (the client left) reports nothing.
-    pub fn watch(&mut self, watch: Arc<super::BodyWatch>, judged_at_end: bool) {
+    pub fn watch(&mut self, watch: Arc<super::BodyWatch>) {
         self.watch = Some(watch);
-        self.judged_at_end = judged_at_end;
     }
 
     /// Tells the watch, if any, how the body ended.
@@ -299,8 +294,8 @@ impl UpstreamBody {
             return;
         };
         match error {
-            Some(error) => watch.broke_off(error, self.judged_at_end),
-            None if self.judged_at_end => watch.completed(),
+            Some(error) => watch.broke_off(error, watch.judged_at_end),
+            None if watch.judged_at_end => watch.completed(),
             None => {}
         }
     }
