@@ -245,10 +245,13 @@ async fn proxy<'s>(
     // 1b. Refuse what a backend could read differently.
     check_framing(&mut req, conn.seen)?;
 
-    // 2. Route.
+    // 2. Route, by the settled host (the target's authority, when it has one, is the Host).
     let route = snapshot
         .routes
-        .find(request_host(&req, host.as_ref()), req.uri().path())
+        .find(
+            host.as_ref().and_then(|h| h.to_str().ok()),
+            req.uri().path(),
+        )
         .ok_or(ProxyError::NoRoute)?;
     trace.route = Some(route);
     let upstream = snapshot
@@ -730,15 +733,6 @@ fn settle_host<B>(
     // Replaces every Host the client sent.
     req.headers_mut().insert(HOST, host.clone());
     Ok(Some(host))
-}
-
-/// The host a request is for, as [`settle_host`] settled it: the URI authority (HTTP/2,
-/// absolute-form), which is then also its Host, or else its Host header (`host`).
-fn request_host<'a, B>(req: &'a Request<B>, host: Option<&'a HeaderValue>) -> Option<&'a str> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| host?.to_str().ok())
 }
 
 /// The `:authority` of a request to an HTTP/2 backend: the client's Host, taken out of
