@@ -19,7 +19,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
-use hyper_util::rt::TokioIo;
 
 use super::body::{ClientBody, ProxyBody, Replayable};
 use super::error::ProxyError;
@@ -27,6 +26,7 @@ use super::headers::{self, ClientSide, Forwarding, Seen};
 use crate::health;
 use crate::limit::client_ip;
 use crate::route::Route;
+use crate::server::tunnel::{BackendEnd, OnUpgrade};
 use crate::snapshot::{ProxyState, Snapshot};
 use crate::upstream::h1::RequestHead;
 use crate::upstream::pool::UpstreamBody;
@@ -195,7 +195,12 @@ fn log_access(
         duration: elapsed,
         finished,
     };
-    if crate::logging::access::write(&access) {
+    write_access(&access);
+}
+
+/// Writes one access line (to the batched JSON sink when installed, else through `tracing`).
+fn write_access(access: &crate::logging::access::Line<'_>) {
+    if crate::logging::access::write(access) {
         return;
     }
     tracing::info!(
@@ -212,9 +217,70 @@ fn log_access(
         attempts = access.attempts,
         bytes_in = access.bytes_in,
         bytes_out = access.bytes_out,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        duration_ms = access.duration.as_secs_f64() * 1000.0,
         "request"
     );
+}
+
+/// Counts, and logs, a request head palisade's HTTP/1.x codec refused before it became a
+/// request (431 over `max_header_bytes`; 400 for a malformed head), as nginx does: under
+/// route `""` in `palisade_requests_total` and the duration histogram, and with an access
+/// line carrying what could be read of its request line (`-` where it is not plain
+/// printable ASCII). `head`: the bytes read of it; `elapsed`: since its first byte.
+pub fn refused(
+    state: &ProxyState,
+    conn: &ConnInfo,
+    resp: &Response<ProxyBody>,
+    head: &[u8],
+    elapsed: Duration,
+) {
+    let snapshot = state.snapshot();
+    let metrics = &snapshot.unrouted;
+    metrics.by_code.inc(resp.status().as_u16());
+    metrics.duration.observe(elapsed.as_secs_f64());
+    if !snapshot.config.server.access_log {
+        return;
+    }
+    let on = crate::logging::access::enabled()
+        .unwrap_or_else(|| tracing::enabled!(target: "palisade::access", tracing::Level::INFO));
+    if !on {
+        return;
+    }
+    let (method, path) = refused_request_line(head);
+    write_access(&crate::logging::access::Line {
+        request_id: b"-",
+        client_ip: conn.peer.ip(),
+        method,
+        host: b"",
+        path,
+        status: resp.status().as_u16(),
+        route: "-",
+        upstream: "-",
+        backend: "-",
+        attempts: 0,
+        bytes_in: -1,
+        bytes_out: response_length(resp),
+        duration: elapsed,
+        finished: Instant::now(),
+    });
+}
+
+/// The method and target of a refused head's request line, each `-` unless it is
+/// printable ASCII without spaces (what reaches the log is never the client's raw bytes).
+fn refused_request_line(head: &[u8]) -> (&str, &str) {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut words = line.split(|&b| b == b' ');
+    let mut word = || {
+        words
+            .next()
+            .filter(|w| !w.is_empty() && w.iter().all(|b| b.is_ascii_graphic()))
+            .and_then(|w| std::str::from_utf8(w).ok())
+            .unwrap_or("-")
+    };
+    let method = word();
+    let path = word();
+    (method, path)
 }
 
 async fn proxy<'s>(
@@ -350,12 +416,13 @@ async fn proxy<'s>(
             // dropped): nothing is tunnelled, and the client gets a 502.
             return Err(ProxyError::ConnectionTerminated);
         };
-        // The connection now belongs to the tunnel, not to the pool.
-        let upstream_side = match resp.body_mut().take_upgrade() {
-            Some((socket, early)) => BackendSide::Socket(socket, early),
-            None => BackendSide::Hyper(hyper::upgrade::on(&mut resp)),
+        // The backend's connection now belongs to the tunnel, not to the pool; the client's
+        // connection runs it once it has written the 101.
+        let backend = match resp.body_mut().take_upgrade() {
+            Some((socket, early)) => BackendEnd::Socket(socket, early),
+            None => BackendEnd::Hyper(hyper::upgrade::on(&mut resp)),
         };
-        tokio::spawn(tunnel(client_upgrade, upstream_side));
+        client_upgrade.attach(backend);
         let (mut parts, _body) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, true, false);
         return Ok(Response::from_parts(parts, ProxyBody::Empty));
@@ -763,13 +830,9 @@ fn declared_length(req: &Request<ClientBody>, max_body: u64) -> Result<Option<u6
 
 /// An HTTP/1.1 `Connection: upgrade` GET asking for WebSocket (the one upgrade palisade
 /// forwards): palisade's HTTP/1.1 codec marks every such request with where its connection
-/// will go ([`crate::server::h1::OnUpgrade`]); HTTP/2 requests never upgrade.
+/// will go ([`OnUpgrade`]); HTTP/2 requests never upgrade.
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.method() == Method::GET
-        && req
-            .extensions()
-            .get::<crate::server::h1::OnUpgrade>()
-            .is_some()
+    req.method() == Method::GET && req.extensions().get::<OnUpgrade>().is_some()
 }
 
 /// The path and query the backend sees (the route's prefix stripped when it says so).
@@ -784,70 +847,8 @@ fn upstream_path(uri: &Uri, route: &Route) -> Result<PathAndQuery, ProxyError> {
     }
 }
 
-/// The backend's end of a tunnel.
-enum BackendSide {
-    /// palisade's own codec: the socket, and what the backend sent past its 101 head.
-    Socket(tokio::net::TcpStream, bytes::Bytes),
-    /// hyper's client (TLS upstreams).
-    Hyper(hyper::upgrade::OnUpgrade),
-}
-
-/// Where the client's connection arrives once the codec has written the 101 (palisade's
-/// HTTP/1.1 codec marks every upgrade request so; HTTP/2 requests never upgrade).
-fn take_client_upgrade(
-    req: &mut Request<ClientBody>,
-) -> Option<tokio::sync::oneshot::Receiver<crate::server::h1::Upgraded>> {
-    req.extensions_mut()
-        .remove::<crate::server::h1::OnUpgrade>()?
-        .take()
-}
-
-/// Copies bytes both ways between an upgraded client connection and an upgraded backend
-/// connection until either side closes.
-async fn tunnel(
-    client: tokio::sync::oneshot::Receiver<crate::server::h1::Upgraded>,
-    backend: BackendSide,
-) {
-    let Ok(client) = client.await else {
-        tracing::debug!("upgrade failed: the client connection ended first");
-        return;
-    };
-    if let Err(e) = pipe(client, backend).await {
-        tracing::debug!(error = %e, "tunnel closed");
-    }
-}
-
-/// The tunnel's copying, once both ends are known. The client's early bytes (sent right
-/// after its request head, already read by the codec) go to the backend first.
-async fn pipe(client: crate::server::h1::Upgraded, backend: BackendSide) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let crate::server::h1::Upgraded {
-        io: mut client,
-        early: client_early,
-    } = client;
-    match backend {
-        BackendSide::Socket(mut socket, early) => {
-            if !early.is_empty() {
-                client.write_all(&early).await?;
-            }
-            if !client_early.is_empty() {
-                socket.write_all(&client_early).await?;
-            }
-            tokio::io::copy_bidirectional(&mut client, &mut socket)
-                .await
-                .map(|_| ())
-        }
-        BackendSide::Hyper(upgrade) => {
-            let mut backend = match upgrade.await {
-                Ok(backend) => TokioIo::new(backend),
-                Err(e) => return Err(std::io::Error::other(e)),
-            };
-            if !client_early.is_empty() {
-                backend.write_all(&client_early).await?;
-            }
-            tokio::io::copy_bidirectional(&mut client, &mut backend)
-                .await
-                .map(|_| ())
-        }
-    }
+/// Where the backend's end of a tunnel goes (palisade's HTTP/1.1 codec puts this on every
+/// WebSocket upgrade request; HTTP/2 requests never upgrade).
+fn take_client_upgrade(req: &mut Request<ClientBody>) -> Option<OnUpgrade> {
+    req.extensions_mut().remove::<OnUpgrade>()
 }

@@ -39,6 +39,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
+use super::tunnel::{self, OnUpgrade};
 use super::{Activity, ClientIo, TrackedIo};
 use crate::http1::{
     content_length, decode_chunk, header_line, parse_decimal, span, BodyWriter, Chunk,
@@ -88,27 +89,6 @@ enum BodyState {
     Chunked(Chunk),
     /// Reading it failed: the connection cannot carry another request.
     Failed,
-}
-
-/// A client connection after an HTTP/1.1 upgrade (101): the socket and the bytes the
-/// client already sent past its request head.
-pub struct Upgraded {
-    /// The socket.
-    pub io: Io,
-    /// Bytes read past the request head (the first bytes of the new protocol).
-    pub early: Bytes,
-}
-
-/// Where the handler picks up the client's connection after a 101 answer (shared only
-/// because request extensions must be `Clone`; taken once).
-#[derive(Clone)]
-pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
-
-impl OnUpgrade {
-    /// The receiver of the connection, the first time it is asked for.
-    pub fn take(&self) -> Option<oneshot::Receiver<Upgraded>> {
-        self.0.lock().ok().and_then(|mut r| r.take())
-    }
 }
 
 /// How the connection ended its first read: HTTP/1 (served here) or an HTTP/2 preface.
@@ -161,7 +141,7 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
                 tracing::debug!(peer = %ctx.info.peer, error = %err, "refused a request head");
                 // Boxed, like every way out below: their state would otherwise size every
                 // connection's task.
-                Box::pin(refuse(&wire, err)).await;
+                Box::pin(refuse(&wire, err, &ctx)).await;
                 return Outcome::Closed;
             }
             Err(Failed::Io(e)) => {
@@ -170,7 +150,7 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
             }
         };
         first = false;
-        let _in_flight = ctx.activity.request_started();
+        let in_flight = ctx.activity.request_started();
 
         // 2. The handler's answer.
         let Head {
@@ -205,12 +185,11 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
             w.body = body;
         }
         let mut req = Request::from_parts(parts, client_body);
-        let mut upgrade_tx = None;
+        let mut on_upgrade = None;
         if upgrade {
-            let (tx, rx) = oneshot::channel();
-            req.extensions_mut()
-                .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
-            upgrade_tx = Some(tx);
+            let slot = OnUpgrade::default();
+            req.extensions_mut().insert(slot.clone());
+            on_upgrade = Some(slot);
         }
         let info = ConnInfo {
             seen: Some(seen),
@@ -247,7 +226,7 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
         // 3. The answer, on the wire.
         let (parts, body) = resp.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(tx) = upgrade_tx {
+            if let Some(backend) = on_upgrade.as_ref().and_then(OnUpgrade::take) {
                 let mut out = Vec::with_capacity(256);
                 status_line(&mut out, Version::HTTP_11, parts.status);
                 for (name, value) in &parts.headers {
@@ -257,8 +236,15 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
                 if write_all(&wire, &out).await.is_err() {
                     return Outcome::Closed;
                 }
-                if let Some((io, early)) = take_io(&wire) {
-                    let _ = tx.send(Upgraded { io, early });
+                let Some((io, early)) = take_io(&wire) else {
+                    return Outcome::Closed;
+                };
+                // The connection is the tunnel's now (see `tunnel`): it stays counted
+                // and drained, and `idle` applies to it.
+                ctx.activity.tunnel_started();
+                drop(in_flight);
+                if let Err(e) = Box::pin(tunnel::run(io, early, backend)).await {
+                    tracing::debug!(peer = %ctx.info.peer, error = %e, "tunnel closed");
                 }
                 return Outcome::Closed;
             }
@@ -606,8 +592,16 @@ fn date_line(out: &mut Vec<u8>) {
 
 /// Answers a head the codec refused with palisade's own error (Proxy-Status, a short text
 /// body), then closes.
-async fn refuse(wire: &SharedWire, err: ProxyError) {
-    let (parts, body) = err.into_response().into_parts();
+async fn refuse(wire: &SharedWire, err: ProxyError, ctx: &Connection) {
+    let resp = err.into_response();
+    let elapsed = ctx
+        .activity
+        .head_started_at()
+        .map_or(Duration::ZERO, |at| at.elapsed());
+    if let Ok(w) = wire.lock() {
+        proxy::handler::refused(&ctx.state, &ctx.info, &resp, &w.buf, elapsed);
+    }
+    let (parts, body) = resp.into_parts();
     let (out, framing, _) = encode_head(&parts, &body, Version::HTTP_11, false, false);
     let _ = send(
         wire,

@@ -36,6 +36,7 @@ use crate::clock::{coarse_ns, instant_at, nanos, now_ns};
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod h1;
+pub mod tunnel;
 use crate::proxy::{self, ConnInfo};
 use crate::snapshot::ProxyState;
 
@@ -58,7 +59,11 @@ fn evict_oldest_idle(registry: &Registry) -> bool {
     };
     let oldest = conns
         .values()
-        .filter(|a| a.in_flight.load(Ordering::Relaxed) == 0 && !a.evicted.load(Ordering::Relaxed))
+        .filter(|a| {
+            a.in_flight.load(Ordering::Relaxed) == 0
+                && !a.tunnel.load(Ordering::Relaxed)
+                && !a.evicted.load(Ordering::Relaxed)
+        })
         .min_by_key(|a| a.last_io.load(Ordering::Relaxed));
     match oldest {
         Some(activity) => {
@@ -524,6 +529,7 @@ async fn serve_io(
             if let Poll::Ready(changed) = stopped {
                 draining = true;
                 let busy = activity.h2.load(Ordering::Relaxed)
+                    || activity.tunnel.load(Ordering::Relaxed)
                     || activity.in_flight.load(Ordering::Relaxed) > 0;
                 if changed.is_ok() && busy {
                     // HTTP/2 says GOAWAY (race-free by design); an HTTP/1 request in
@@ -565,6 +571,10 @@ async fn serve_io(
                     }
                     Verdict::NotReading => {
                         tracing::debug!(%peer, "the client took none of its answer within idle; closing");
+                        return Poll::Ready(());
+                    }
+                    Verdict::TunnelIdle => {
+                        tracing::debug!(%peer, "no bytes through the tunnel within idle; closing");
                         return Poll::Ready(());
                     }
                     Verdict::Idle => {
@@ -868,6 +878,9 @@ pub(crate) struct Activity {
     evict: tokio::sync::Notify,
     /// Already asked (so it is not picked twice).
     evicted: std::sync::atomic::AtomicBool,
+    /// Carries a WebSocket tunnel: busy until either side closes (a drain waits for it up
+    /// to `shutdown`), never evicted, closed after `idle` with no byte either way.
+    tunnel: std::sync::atomic::AtomicBool,
 }
 
 enum Verdict {
@@ -879,6 +892,8 @@ enum Verdict {
     Idle,
     /// The client has not taken any of its answer for `idle`.
     NotReading,
+    /// No byte went through a tunnel, either way, for `idle`.
+    TunnelIdle,
 }
 
 impl Activity {
@@ -895,7 +910,15 @@ impl Activity {
             h2: std::sync::atomic::AtomicBool::new(false),
             evict: tokio::sync::Notify::new(),
             evicted: std::sync::atomic::AtomicBool::new(false),
+            tunnel: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The connection now carries a WebSocket tunnel (set before its request's guard is
+    /// dropped, so that it never looks idle).
+    pub(crate) fn tunnel_started(&self) {
+        self.tunnel.store(true, Ordering::Relaxed);
+        self.last_io.store(coarse_ns(), Ordering::Relaxed);
     }
 
     /// Asks the connection to close gracefully. True when it can simply be dropped now:
@@ -904,6 +927,11 @@ impl Activity {
         self.close_requested.store(true, Ordering::Relaxed);
         if self.h2.load(Ordering::Relaxed) {
             self.shutdown.notify_one();
+            return false;
+        }
+        // A tunnel has no point at which to close gracefully: it runs until either side
+        // closes it, `idle` passes with no byte, or a drain's `shutdown` timeout ends it.
+        if self.tunnel.load(Ordering::Relaxed) {
             return false;
         }
         self.in_flight.load(Ordering::Relaxed) == 0
@@ -929,10 +957,21 @@ impl Activity {
         // On HTTP/2 a read between requests is as likely a PING, a WINDOW_UPDATE or a
         // SETTINGS ack as the start of a request: only the first request (the connection
         // opened owing one) is held to `header_read`; after that, `idle` applies.
-        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && !self.h2.load(Ordering::Relaxed)
+            && !self.tunnel.load(Ordering::Relaxed)
+        {
             let _ =
                 self.head_started
                     .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// When the request head being read began to arrive (None: not reading one).
+    pub(crate) fn head_started_at(&self) -> Option<Instant> {
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(instant_at(at)),
         }
     }
 
@@ -957,6 +996,21 @@ impl Activity {
         let now = now_ns();
         let header_read = nanos(limits.header_read);
         let idle = nanos(limits.idle);
+        if self.tunnel.load(Ordering::Relaxed) {
+            // Bytes either way pass through the client's socket, so `last_io` sees them
+            // all; a client that stops reading stalls the backend's side too.
+            let stalled = self.write_stalled.load(Ordering::Relaxed);
+            let since = if stalled != 0 {
+                stalled
+            } else {
+                self.last_io.load(Ordering::Relaxed)
+            };
+            let deadline = since.saturating_add(idle);
+            if now >= deadline {
+                return Verdict::TunnelIdle;
+            }
+            return Verdict::Fine(instant_at(deadline));
+        }
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             // A request waiting for its backend may take as long as the backend's
             // response timeout; a client that takes none of its answer gets `idle`.

@@ -152,6 +152,22 @@ async fn run_and_capture_n(config: &str, path: &str, n: usize) -> String {
     std::fs::read_to_string(&log).expect("read log")
 }
 
+/// The access lines of a JSON log.
+fn access_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "palisade::access")
+        .collect()
+}
+
+/// The access line for `path` (the whole log in the panic when there is none).
+fn access_line<'a>(lines: &'a [serde_json::Value], path: &str, log: &str) -> &'a serde_json::Value {
+    lines
+        .iter()
+        .find(|l| l["path"] == path)
+        .unwrap_or_else(|| panic!("no access line for {path}: {log}"))
+}
+
 fn access_config(access_log: bool, echo: std::net::SocketAddr) -> String {
     format!(
         "[server]\nlisten = [\"127.0.0.1:{}\"]\naccess_log = {access_log}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[[routes]]\nname = \"web\"\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{echo}\" }}]\n",
@@ -164,11 +180,7 @@ fn access_config(access_log: bool, echo: std::net::SocketAddr) -> String {
 async fn the_access_log_writes_one_json_line_per_request_in_utc() {
     let echo = Echo::start("a").await;
     let log = run_and_capture(&access_config(true, echo.addr), "/shop?item=3").await;
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "palisade::access")
-        .collect();
+    let lines = access_lines(&log);
     assert_eq!(lines.len(), 1, "{log}");
     let line = &lines[0];
     let time = line["timestamp"].as_str().unwrap_or_default();
@@ -224,20 +236,81 @@ async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_ar
     assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
     stop_gracefully(child);
     let log = std::fs::read_to_string(&log).expect("read log");
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "palisade::access")
-        .collect();
-    let line = |path: &str| {
-        lines
-            .iter()
-            .find(|l| l["path"] == path)
-            .unwrap_or_else(|| panic!("no access line for {path}: {log}"))
-    };
+    let lines = access_lines(&log);
+    let line = |path: &str| access_line(&lines, path, &log);
     assert_eq!(line("/smuggle")["host"], "refused.test");
     assert_eq!(line("/smuggle")["status"], 400);
     assert_eq!(line("/caf")["host"], "caf\u{fffd}\"q");
+}
+
+/// Heads the HTTP/1.1 codec refuses (431 over the limit; 400 for obs-fold, for bytes that
+/// are not HTTP) were answered, but neither counted nor logged: a flood of them was
+/// invisible to the metrics and the access log.
+#[tokio::test]
+async fn heads_the_codec_refuses_are_counted_and_get_an_access_line() {
+    let echo = Echo::start("a").await;
+    let config = access_config(true, echo.addr);
+    let (_dir, file) = write_config(&format!("refused-{}.toml", common::free_port()), &config);
+    let log = file.with_extension("log");
+    let child = spawn_logged(&file, &log, "info");
+    let port = |key: &str| -> std::net::SocketAddr {
+        config
+            .split(key)
+            .nth(1)
+            .and_then(|rest| rest.split('"').nth(1))
+            .and_then(|a| a.parse().ok())
+            .expect("address in config")
+    };
+    let (addr, admin) = (port("listen = ["), port("[admin]\nlisten ="));
+    wait_listening(addr).await;
+    let big = format!(
+        "GET /too-big HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(70_000)
+    );
+    let refused: [(&[u8], &str); 3] = [
+        (big.as_bytes(), "HTTP/1.1 431 "),
+        (
+            b"GET /folded HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+            "HTTP/1.1 400 ",
+        ),
+        // A TLS ClientHello's first bytes on the plain port.
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+            "HTTP/1.1 400 ",
+        ),
+    ];
+    for (raw, status) in refused {
+        let (answer, _) = raw_exchange(addr, raw, Duration::from_secs(5)).await;
+        assert!(answer.starts_with(status), "{answer}");
+    }
+    let metrics = get(&format!("http://{admin}/metrics")).await.text();
+    let count = |code: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("palisade_requests_total{")
+                    && l.contains("route=\"\"")
+                    && l.contains(&format!("code=\"{code}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    assert_eq!(count("431"), Some(1), "{metrics}");
+    assert_eq!(count("400"), Some(2), "{metrics}");
+    stop_gracefully(child);
+    let log = std::fs::read_to_string(&log).expect("read log");
+    let lines = access_lines(&log);
+    let line = |path: &str| access_line(&lines, path, &log);
+    assert_eq!(line("/too-big")["status"], 431);
+    assert_eq!(line("/too-big")["method"], "GET");
+    assert_eq!(line("/folded")["status"], 400);
+    assert_eq!(line("/folded")["route"], "-");
+    assert_eq!(line("/folded")["client_ip"], "127.0.0.1");
+    // Bytes that are not a request line are logged as "-", never raw.
+    let garbage = line("-");
+    assert_eq!(garbage["method"], "-");
+    assert_eq!(garbage["status"], 400);
+    assert_eq!(lines.len(), 3, "{log}");
 }
 
 #[tokio::test]
@@ -290,10 +363,8 @@ async fn a_burst_of_long_access_lines_reaches_the_log_whole() {
     assert_eq!(answer.matches("HTTP/1.1 404 ").count(), 40, "{answer}");
     stop_gracefully(child);
     let log = std::fs::read_to_string(&log).expect("read log");
-    let mut paths: Vec<String> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "palisade::access")
+    let mut paths: Vec<String> = access_lines(&log)
+        .into_iter()
         .filter_map(|v| v["path"].as_str().map(str::to_owned))
         .collect();
     let expected: Vec<String> = (0..40).map(|i| format!("/{i:02}/{filler}")).collect();

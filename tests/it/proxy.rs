@@ -665,8 +665,20 @@ async fn h2c_prior_knowledge_clients_are_served() {
 async fn websocket_upgrades_are_tunnelled_both_ways() {
     let a = Echo::start("a").await;
     let proxy = Proxy::start(&single_upstream(&[(a.addr, 1)], "")).await;
+    let mut ws = ws_connect(&proxy).await;
+    for text in ["hello", "through", "palisade"] {
+        ws_echo(&mut ws, text).await;
+    }
+    ws.close(None).await.expect("close");
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket connection to the echo behind `proxy`.
+async fn ws_connect(proxy: &Proxy) -> Ws {
     let url = format!("ws://{}/ws", proxy.addr);
-    let (mut ws, resp) = tokio::time::timeout(
+    let (ws, resp) = tokio::time::timeout(
         Duration::from_secs(5),
         tokio_tungstenite::connect_async(url),
     )
@@ -674,18 +686,104 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
     .expect("handshake in time")
     .expect("handshake");
     assert_eq!(resp.status(), 101);
-    for text in ["hello", "through", "palisade"] {
-        ws.send(tokio_tungstenite::tungstenite::Message::text(text))
-            .await
-            .expect("send");
-        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("echo in time")
-            .expect("a message")
-            .expect("ok message");
-        assert_eq!(echoed.into_text().expect("text").as_str(), text);
-    }
+    ws
+}
+
+/// Sends `text` and expects it back: the tunnel is open both ways.
+async fn ws_echo(ws: &mut Ws, text: &str) {
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .expect("send");
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("a message")
+        .expect("ok message");
+    assert_eq!(echoed.into_text().expect("text").as_str(), text);
+}
+
+/// A tunnel was a task of its own, outside the connection: not in connections_active, not
+/// under max_connections, and a drain did not wait for it (SIGTERM cut it at once).
+#[tokio::test]
+async fn a_websocket_tunnel_is_a_connection_max_connections_counts_and_a_drain_waits_for() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.limits]\nmax_connections = 1\n[server.timeouts]\nshutdown = \"8s\"\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let mut ws = ws_connect(&proxy).await;
+    ws_echo(&mut ws, "open").await;
+    let state = proxy.state.clone();
+    let count = || state.connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(), 1, "the tunnel's connection is not counted");
+    // The one slot is the tunnel's, and a tunnel is never evicted as idle.
+    let (text, closed) = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(closed && text.is_empty(), "served over the cap: {text}");
+    ws_echo(&mut ws, "still open").await;
+
+    // A drain waits for the tunnel, which keeps working meanwhile.
+    let draining = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !draining.is_finished(),
+        "the drain did not wait for the tunnel"
+    );
+    ws_echo(&mut ws, "during the drain").await;
     ws.close(None).await.expect("close");
+    tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .expect("the drain ends once the tunnel closes")
+        .expect("drain task");
+    assert_eq!(count(), 0);
+}
+
+/// Tunnels had no timeout at all; now `idle` with no byte either way closes one (nginx's
+/// proxy_read_timeout), and one that carries bytes lives on.
+#[tokio::test]
+async fn a_websocket_tunnel_closes_after_idle_with_no_bytes_and_lives_while_bytes_flow() {
+    let a = Echo::start("a").await;
+    let cfg = format!(
+        "[server.timeouts]\nidle = \"1s\"\nheader_read = \"500ms\"\n{}",
+        single_upstream(&[(a.addr, 1)], "")
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let mut ws = ws_connect(&proxy).await;
+    // Busy for 3 x idle: never cut (nor by header_read, though the client keeps sending).
+    for i in 0..12 {
+        ws_echo(&mut ws, &format!("message {i}")).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Quiet: closed after about `idle`.
+    let quiet = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an idle tunnel was never closed");
+    assert!(
+        !matches!(
+            end,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))
+        ),
+        "{end:?}"
+    );
+    let lived = quiet.elapsed();
+    assert!(
+        lived >= Duration::from_millis(700),
+        "closed after {lived:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), async || proxy
+            .state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0)
+        .await
+    );
 }
 
 #[tokio::test]
