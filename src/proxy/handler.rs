@@ -49,15 +49,19 @@ pub struct ConnInfo {
     pub seen: Option<Seen>,
 }
 
+/// What nginx logs for a request whose client went away before its answer was ready
+/// ("client closed request"): its access line and `palisade_requests_total` code.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// Answers one client request: the backend's response, or palisade's own error answer.
+/// A request dropped before it is answered (the client went away: an HTTP/1.x
+/// connection closed, an HTTP/2 stream reset) is counted and logged with status 499.
 pub async fn handle(
     state: &ProxyState,
     req: Request<ClientBody>,
     conn: &ConnInfo,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
     let snapshot = state.snapshot();
-    let mut trace = Trace::default();
     // The access log needs the request line after the request has moved on: copy it only
     // when there is an access log.
     let line = snapshot
@@ -65,22 +69,67 @@ pub async fn handle(
         .server
         .access_log
         .then(|| RequestLine::of(&req));
-    let resp = match proxy(&snapshot, req, conn, &mut trace).await {
+    let mut record = Record {
+        snapshot: &snapshot,
+        conn,
+        line,
+        trace: Trace::default(),
+        started: Instant::now(),
+        answered: false,
+    };
+    let resp = match proxy(&snapshot, req, conn, &mut record.trace).await {
         Ok(resp) => resp,
         Err(err) => {
             tracing::debug!(peer = %conn.peer, error = %err, "answered by palisade");
             err.into_response()
         }
     };
-    let finished = Instant::now();
-    let elapsed = finished.saturating_duration_since(started);
-    let metrics = trace.route.map_or(&snapshot.unrouted, |r| &r.metrics);
-    metrics.by_code.inc(resp.status().as_u16());
-    metrics.duration.observe(elapsed.as_secs_f64());
-    if let Some(line) = line {
-        log_access(&line, &trace, conn, &resp, elapsed, finished);
-    }
+    record.answered = true;
+    record.finish(resp.status().as_u16(), response_length(&resp));
     resp
+}
+
+/// Counts and logs a request once it is answered, or when it is dropped unanswered.
+struct Record<'s> {
+    snapshot: &'s Snapshot,
+    conn: &'s ConnInfo,
+    line: Option<RequestLine>,
+    trace: Trace<'s>,
+    started: Instant,
+    answered: bool,
+}
+
+impl Record<'_> {
+    fn finish(&self, status: u16, bytes_out: i64) {
+        let finished = Instant::now();
+        let elapsed = finished.saturating_duration_since(self.started);
+        let metrics = self
+            .trace
+            .route
+            .map_or(&self.snapshot.unrouted, |r| &r.metrics);
+        metrics.by_code.inc(status);
+        metrics.duration.observe(elapsed.as_secs_f64());
+        if let Some(line) = &self.line {
+            log_access(
+                line,
+                &self.trace,
+                self.conn,
+                status,
+                bytes_out,
+                elapsed,
+                finished,
+            );
+        }
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            tracing::debug!(peer = %self.conn.peer, "the client went away before its answer");
+            self.finish(CLIENT_CLOSED, 0);
+        }
+    }
 }
 
 /// What the access log says about a request beyond its request line, filled in as the
@@ -165,7 +214,8 @@ fn log_access(
     line: &RequestLine,
     trace: &Trace<'_>,
     conn: &ConnInfo,
-    resp: &Response<ProxyBody>,
+    status: u16,
+    bytes_out: i64,
     elapsed: Duration,
     finished: Instant,
 ) {
@@ -185,13 +235,13 @@ fn log_access(
         method: line.method.as_str(),
         host: line.host(trace.host.as_ref()),
         path: line.path(),
-        status: resp.status().as_u16(),
+        status,
         route: trace.route.map_or("-", |r| &*r.name),
         upstream: trace.upstream.map_or("-", |u| &*u.name),
         backend: trace.backend.map_or("-", |b| &*b.addr),
         attempts: trace.attempts,
         bytes_in: line.bytes_in,
-        bytes_out: response_length(resp),
+        bytes_out,
         duration: elapsed,
         finished,
     };

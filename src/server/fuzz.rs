@@ -21,6 +21,9 @@ use tokio::net::TcpStream;
 /// has stopped sending (its timeouts are 1 s).
 const HANG: Duration = Duration::from_secs(5);
 
+/// How long the client reads answers with nothing arriving before it stops sending.
+const QUIET: Duration = Duration::from_millis(20);
+
 /// Responses past this many bytes are not checked (the echo backend streams as much as
 /// it is asked for where the routes below let it).
 const MAX_OUTPUT: u64 = 1 << 20;
@@ -126,8 +129,8 @@ fn world() -> &'static World {
 
 /// One client connection: the input's first 8 bytes say where its writes split it (as
 /// for the parse targets), each write a moment after the last so that most arrive as
-/// reads of their own; the rest is what the client sends. Then the client shuts its
-/// sending side and reads everything the proxy answers.
+/// reads of their own; the rest is what the client sends. The client reads answers until
+/// none arrives for [`QUIET`], then shuts its sending side and reads the rest.
 ///
 /// Panics (a finding) if the connection is still open [`HANG`] after the client
 /// finished, or if what came back is not a run of HTTP/1.x responses (unless the input
@@ -157,9 +160,19 @@ pub fn fuzz_connection(data: &[u8]) {
             }
             rest = &rest[n..];
         }
-        let _ = client.shutdown().await;
+        // The answers that come soon are read before the client shuts its sending side:
+        // palisade drops a request whose client closes (half-closes too) before its
+        // answer, as nginx does, and most answers would otherwise never be made.
         let mut out = Vec::new();
-        let mut capped = (&mut client).take(MAX_OUTPUT);
+        let mut buf = [0u8; 4096];
+        while (out.len() as u64) < MAX_OUTPUT {
+            match tokio::time::timeout(QUIET, client.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let _ = client.shutdown().await;
+        let mut capped = (&mut client).take(MAX_OUTPUT.saturating_sub(out.len() as u64));
         match tokio::time::timeout(HANG, capped.read_to_end(&mut out)).await {
             Err(_) => panic!(
                 "the connection was still open {HANG:?} after the client finished; it had \

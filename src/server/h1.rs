@@ -22,7 +22,7 @@
 //! and the connection closes after the answer. A head larger than
 //! `server.limits.max_header_bytes` gets 431.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -203,14 +203,26 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
             Box::new_uninit(),
             proxy::handle(&ctx.state, req, &info),
         ));
+        // While the answer is coming, the client is watched: one that closes its
+        // connection gets nothing, and its request is dropped (the backend's connection
+        // closed, the request logged as 499), as nginx does.
+        let mut answered = poll_fn(|cx| {
+            if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
+            match poll_client_gone(&wire, cx, ctx.max_head) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        });
         let resp = match continue_rx {
-            None => (&mut answer).await,
+            None => (&mut answered).await,
             Some(mut rx) => {
                 let mut asked = false;
                 loop {
                     tokio::select! {
                         biased;
-                        resp = &mut answer => break resp,
+                        resp = &mut answered => break resp,
                         Ok(()) = &mut rx, if !asked => {
                             asked = true;
                             if write_all(&wire, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
@@ -221,7 +233,12 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
                 }
             }
         };
+        drop(answered);
         drop(answer);
+        let Some(resp) = resp else {
+            tracing::debug!(peer = %ctx.info.peer, "the client closed its connection before its answer");
+            return Outcome::Closed;
+        };
 
         // 3. The answer, on the wire.
         let (parts, body) = resp.into_parts();
@@ -588,6 +605,36 @@ fn date_line(out: &mut Vec<u8>) {
             out.extend_from_slice(b"\r\n");
         }
     });
+}
+
+/// Whether the client has closed its connection (or it failed) while its answer is on the
+/// way. Watched only once the request body has been read to its end (before that, the
+/// body's reader sees the close); bytes that arrive meanwhile (a pipelined request) are
+/// kept in the buffer, up to a head's worth, and then the watch stops reading.
+fn poll_client_gone(wire: &SharedWire, cx: &mut Context<'_>, max_head: usize) -> Poll<()> {
+    let Ok(mut guard) = wire.lock() else {
+        return Poll::Pending;
+    };
+    let w = &mut *guard;
+    loop {
+        if w.body != BodyState::Done || w.buf.len() >= max_head {
+            return Poll::Pending;
+        }
+        let Some(io) = w.io.as_mut() else {
+            return Poll::Pending;
+        };
+        if w.buf.capacity() == w.buf.len() {
+            // No room to read into: allocate only once the socket has something.
+            if ready!(io.inner.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(());
+            }
+            w.buf.reserve(HEAD_BUF);
+        }
+        match ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut w.buf)) {
+            Ok(0) | Err(_) => return Poll::Ready(()),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Answers a head the codec refused with palisade's own error (Proxy-Status, a short text

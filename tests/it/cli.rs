@@ -152,6 +152,47 @@ async fn run_and_capture_n(config: &str, path: &str, n: usize) -> String {
     std::fs::read_to_string(&log).expect("read log")
 }
 
+/// palisade run with `config` (from [`access_config`]), logging JSON at info to a file,
+/// serving on the config's listen address.
+struct Logged {
+    _dir: TempDir,
+    log: std::path::PathBuf,
+    child: ChildGuard,
+    addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl Logged {
+    async fn start(config: &str) -> Logged {
+        let (dir, file) = write_config(&format!("logged-{}.toml", common::free_port()), config);
+        let log = file.with_extension("log");
+        let child = spawn_logged(&file, &log, "info");
+        let address = |key: &str| -> std::net::SocketAddr {
+            config
+                .split(key)
+                .nth(1)
+                .and_then(|rest| rest.split('"').nth(1))
+                .and_then(|a| a.parse().ok())
+                .expect("address in config")
+        };
+        let (addr, admin) = (address("listen = ["), address("[admin]\nlisten ="));
+        wait_listening(addr).await;
+        Logged {
+            _dir: dir,
+            log,
+            child,
+            addr,
+            admin,
+        }
+    }
+
+    /// Stops palisade; its log.
+    fn stop(self) -> String {
+        stop_gracefully(self.child);
+        std::fs::read_to_string(&self.log).expect("read log")
+    }
+}
+
 /// The access lines of a JSON log.
 fn access_lines(log: &str) -> Vec<serde_json::Value> {
     log.lines()
@@ -207,17 +248,8 @@ async fn the_access_log_writes_one_json_line_per_request_in_utc() {
 #[tokio::test]
 async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_are_not_utf8() {
     let echo = Echo::start("a").await;
-    let config = access_config(true, echo.addr);
-    let (_dir, file) = write_config(&format!("host-{}.toml", common::free_port()), &config);
-    let log = file.with_extension("log");
-    let child = spawn_logged(&file, &log, "info");
-    let addr: std::net::SocketAddr = config
-        .split("listen = [\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .and_then(|a| a.parse().ok())
-        .expect("listen address in config");
-    wait_listening(addr).await;
+    let palisade = Logged::start(&access_config(true, echo.addr)).await;
+    let addr = palisade.addr;
     // Refused by the framing check, before routing: its Host is still in its line.
     let (answer, _) = raw_exchange(
         addr,
@@ -234,8 +266,7 @@ async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_ar
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
-    stop_gracefully(child);
-    let log = std::fs::read_to_string(&log).expect("read log");
+    let log = palisade.stop();
     let lines = access_lines(&log);
     let line = |path: &str| access_line(&lines, path, &log);
     assert_eq!(line("/smuggle")["host"], "refused.test");
@@ -249,20 +280,8 @@ async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_ar
 #[tokio::test]
 async fn heads_the_codec_refuses_are_counted_and_get_an_access_line() {
     let echo = Echo::start("a").await;
-    let config = access_config(true, echo.addr);
-    let (_dir, file) = write_config(&format!("refused-{}.toml", common::free_port()), &config);
-    let log = file.with_extension("log");
-    let child = spawn_logged(&file, &log, "info");
-    let port = |key: &str| -> std::net::SocketAddr {
-        config
-            .split(key)
-            .nth(1)
-            .and_then(|rest| rest.split('"').nth(1))
-            .and_then(|a| a.parse().ok())
-            .expect("address in config")
-    };
-    let (addr, admin) = (port("listen = ["), port("[admin]\nlisten ="));
-    wait_listening(addr).await;
+    let palisade = Logged::start(&access_config(true, echo.addr)).await;
+    let (addr, admin) = (palisade.addr, palisade.admin);
     let big = format!(
         "GET /too-big HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
         "b".repeat(70_000)
@@ -297,8 +316,7 @@ async fn heads_the_codec_refuses_are_counted_and_get_an_access_line() {
     };
     assert_eq!(count("431"), Some(1), "{metrics}");
     assert_eq!(count("400"), Some(2), "{metrics}");
-    stop_gracefully(child);
-    let log = std::fs::read_to_string(&log).expect("read log");
+    let log = palisade.stop();
     let lines = access_lines(&log);
     let line = |path: &str| access_line(&lines, path, &log);
     assert_eq!(line("/too-big")["status"], 431);
@@ -311,6 +329,36 @@ async fn heads_the_codec_refuses_are_counted_and_get_an_access_line() {
     assert_eq!(garbage["method"], "-");
     assert_eq!(garbage["status"], 400);
     assert_eq!(lines.len(), 3, "{log}");
+}
+
+/// A request whose client went away before its answer had no access line at all.
+#[tokio::test]
+async fn a_request_whose_client_leaves_gets_a_499_access_line() {
+    let echo = Echo::start("a").await;
+    let palisade = Logged::start(&access_config(true, echo.addr)).await;
+    let addr = palisade.addr;
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut client,
+        b"GET /delay/5000 HTTP/1.1\r\nhost: gone.test\r\nx-request-id: gone-1\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = palisade.stop();
+    let lines = access_lines(&log);
+    let line = access_line(&lines, "/delay/5000", &log);
+    assert_eq!(line["status"], 499);
+    assert_eq!(line["request_id"], "gone-1");
+    assert_eq!(line["host"], "gone.test");
+    assert_eq!(line["route"], "web");
+    assert_eq!(line["backend"], echo.addr.to_string());
+    assert!(
+        line["duration_ms"].as_f64().is_some_and(|ms| ms < 3000.0),
+        "{line}"
+    );
 }
 
 #[tokio::test]

@@ -1051,3 +1051,122 @@ async fn a_client_that_stops_reading_its_answer_is_closed_after_idle() {
     assert!(closed, "a client reading nothing kept its connection");
     drop(client);
 }
+
+/// A backend that reads each request head, never answers, and reports how long after
+/// the head its connection was closed by palisade (None: not within 10 s).
+async fn silent_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<Option<Duration>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = Instant::now();
+                let closed = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::io::AsyncReadExt::read(&mut conn, &mut buf),
+                )
+                .await;
+                let _ = tx
+                    .send(matches!(closed, Ok(Ok(0) | Err(_))).then(|| head.elapsed()))
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A client whose `request` has been waiting for its answer for 300 ms.
+async fn waiting_client(proxy: std::net::SocketAddr, request: &[u8]) -> tokio::net::TcpStream {
+    let mut client = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut client, request)
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+}
+
+/// An HTTP/1.1 client that closed its connection while its request waited for the
+/// backend went unnoticed until the response timeout (30 s by default): the backend kept
+/// working for nobody and nothing was logged. Now, as nginx does, the request is dropped
+/// at once (the backend's connection closed) and counted as 499; so is one whose client
+/// only half-closes, and an HTTP/2 stream the client resets.
+#[tokio::test]
+async fn a_request_whose_client_leaves_is_dropped_at_once_and_counted_499() {
+    let (backend, mut closed) = silent_backend().await;
+    let cfg = single_upstream(&[(backend, 1)], "retry = { attempts = 0 }");
+    let proxy = Proxy::start(&cfg).await;
+    let request = b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n";
+    let backend_closed = async |closed: &mut tokio::sync::mpsc::Receiver<Option<Duration>>| {
+        let after = tokio::time::timeout(Duration::from_secs(12), closed.recv())
+            .await
+            .expect("the backend's connection ended")
+            .expect("backend running");
+        let after = after.expect("the backend's connection was never closed");
+        assert!(
+            after < Duration::from_secs(3),
+            "closed {after:?} after the request"
+        );
+    };
+
+    // The client closes its connection.
+    let client = waiting_client(proxy.addr, request).await;
+    drop(client);
+    backend_closed(&mut closed).await;
+
+    // The client stops sending but listens: it gets no answer, and the connection ends.
+    let mut client = waiting_client(proxy.addr, request).await;
+    tokio::io::AsyncWriteExt::shutdown(&mut client)
+        .await
+        .expect("shutdown");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest),
+    )
+    .await
+    .expect("the connection ended in time");
+    assert!(read.is_err() || rest.is_empty(), "{rest:?}");
+    backend_closed(&mut closed).await;
+
+    // An HTTP/2 client gives up on its request (hyper resets the stream).
+    let h2 = h2_client();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        h2.request(
+            http::Request::get(proxy.url("/slow"))
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "answered: {gave_up:?}");
+    backend_closed(&mut closed).await;
+
+    let metrics = get(&format!("http://{}/metrics", proxy.admin)).await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("palisade_requests_total{")
+                && l.contains("route=\"all\"")
+                && l.contains("code=\"499\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+}
