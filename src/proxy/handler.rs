@@ -72,7 +72,7 @@ pub async fn handle(
     let mut record = Record {
         snapshot: &snapshot,
         conn,
-        line,
+        line: line.as_ref(),
         trace: Trace::default(),
         started: Instant::now(),
         answered: false,
@@ -85,7 +85,7 @@ pub async fn handle(
         }
     };
     record.answered = true;
-    record.finish(resp.status().as_u16(), response_length(&resp));
+    record.finish(resp.status().as_u16(), Some(&resp));
     resp
 }
 
@@ -93,14 +93,16 @@ pub async fn handle(
 struct Record<'s> {
     snapshot: &'s Snapshot,
     conn: &'s ConnInfo,
-    line: Option<RequestLine>,
+    /// Borrowed, not moved in: it is large, and only the access log reads it.
+    line: Option<&'s RequestLine>,
     trace: Trace<'s>,
     started: Instant,
     answered: bool,
 }
 
 impl Record<'_> {
-    fn finish(&self, status: u16, bytes_out: i64) {
+    /// Counts and logs the request with `status`; `resp`: the answer (None: there is none).
+    fn finish(&self, status: u16, resp: Option<&Response<ProxyBody>>) {
         let finished = Instant::now();
         let elapsed = finished.saturating_duration_since(self.started);
         let metrics = self
@@ -109,13 +111,13 @@ impl Record<'_> {
             .map_or(&self.snapshot.unrouted, |r| &r.metrics);
         metrics.by_code.inc(status);
         metrics.duration.observe(elapsed.as_secs_f64());
-        if let Some(line) = &self.line {
+        if let Some(line) = self.line {
             log_access(
                 line,
                 &self.trace,
                 self.conn,
                 status,
-                bytes_out,
+                resp.map_or(0, response_length),
                 elapsed,
                 finished,
             );
@@ -127,7 +129,7 @@ impl Drop for Record<'_> {
     fn drop(&mut self) {
         if !self.answered {
             tracing::debug!(peer = %self.conn.peer, "the client went away before its answer");
-            self.finish(CLIENT_CLOSED, 0);
+            self.finish(CLIENT_CLOSED, None);
         }
     }
 }
@@ -652,7 +654,6 @@ async fn attempt_once<'s>(
         let req = template.request(backend, body.attempt(), last)?;
         upstream.send_client(index, req, deadline).await
     };
-    drop(in_flight);
     let mut outcome = match sent {
         Ok(resp) => {
             backend.record_latency(started.elapsed());
@@ -691,6 +692,10 @@ async fn attempt_once<'s>(
         judged_at_end = ok && !resp.body().is_end_stream();
         resp.body_mut()
             .watch(watches[usize::from(judged_at_end)].clone());
+        // The request stays in flight to the backend until its body ends.
+        in_flight.hand_over();
+    } else {
+        drop(in_flight);
     }
     if !judged_at_end {
         health::record_live(

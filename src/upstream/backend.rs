@@ -139,6 +139,11 @@ impl Backend {
         })
     }
 
+    /// Ends the count of a request [`InFlight::hand_over`] handed over.
+    pub fn finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Counts a failed exchange.
     pub fn record_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
@@ -163,6 +168,14 @@ impl Backend {
 pub struct InFlight<'a> {
     backend: &'a Backend,
     notify: Option<&'a Notify>,
+}
+
+impl InFlight<'_> {
+    /// Keeps the request counted past this guard: whoever it is handed to calls
+    /// [`Backend::finished`] (and wakes the queue) exactly once.
+    pub fn hand_over(self) {
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for InFlight<'_> {

@@ -54,7 +54,7 @@ pub struct Upstream {
     /// Per-backend in-flight cap (u32::MAX without a queue).
     cap: u32,
     /// Woken when a backend drops below its cap (queue only).
-    slot_freed: Notify,
+    slot_freed: Arc<Notify>,
     /// Requests waiting in the queue right now.
     pub queued: AtomicU32,
     /// Whether the last pick found no healthy backend: the log says when a pick enters
@@ -80,6 +80,8 @@ pub struct BodyWatch {
     backend: Arc<Backend>,
     passive: Option<config::Passive>,
     errors: prometheus::IntCounter,
+    /// The upstream's queue, woken when a body ends and frees its backend's slot.
+    slot_freed: Option<Arc<Notify>>,
     /// Whether the exchange's passive-health verdict waits for the body's end (one watch
     /// of each kind per backend, so a response carries a single pointer).
     pub judged_at_end: bool,
@@ -99,6 +101,16 @@ impl BodyWatch {
         );
         if count_failure {
             crate::health::record_live(&self.upstream, &self.backend, self.passive.as_ref(), false);
+        }
+    }
+
+    /// The response's body ended (read whole, broken off, or dropped): its request is no
+    /// longer in flight to the backend (least_conn, the queue's cap and
+    /// `palisade_backend_in_flight` count a request until then, as nginx and HAProxy do).
+    pub fn release(&self) {
+        self.backend.finished();
+        if let Some(queue) = &self.slot_freed {
+            queue.notify_one();
         }
     }
 
@@ -196,6 +208,7 @@ impl Upstream {
             }
         };
         let balancer = balance::build(algorithm(cfg.balance), &backends);
+        let slot_freed = Arc::new(Notify::new());
         let budget = match previous {
             Some(p) if p.config.retry.budget_percent == cfg.retry.budget_percent => {
                 p.budget.clone()
@@ -223,7 +236,7 @@ impl Upstream {
                 .queue
                 .as_ref()
                 .map_or(u32::MAX, |q| q.max_in_flight_per_backend),
-            slot_freed: Notify::new(),
+            slot_freed: slot_freed.clone(),
             queued: AtomicU32::new(0),
             panic_logged: AtomicBool::new(false),
             panic_picks: AtomicU64::new(0),
@@ -243,6 +256,7 @@ impl Upstream {
                             backend: b.clone(),
                             passive: cfg.passive.clone(),
                             errors: errors.clone(),
+                            slot_freed: cfg.queue.as_ref().map(|_| slot_freed.clone()),
                             judged_at_end,
                         })
                     })
@@ -301,7 +315,7 @@ impl Upstream {
     }
 
     fn notify(&self) -> Option<&Notify> {
-        self.config.queue.as_ref().map(|_| &self.slot_freed)
+        self.config.queue.as_ref().map(|_| &*self.slot_freed)
     }
 
     fn pick(&self, key: u64, tried: &Tried) -> Option<usize> {

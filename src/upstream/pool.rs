@@ -283,12 +283,14 @@ impl UpstreamBody {
 
     /// Reports how the body ends to `watch`: a failure always, and with the watch's
     /// `judged_at_end` the exchange's verdict for passive health (failed or good). A body
-    /// dropped before its end (the client left) reports nothing.
+    /// dropped before its end (the client left) reports nothing. Either way its end, or
+    /// its drop, ends the request's in-flight count, which the caller handed over
+    /// ([`super::InFlight::hand_over`]).
     pub fn watch(&mut self, watch: Arc<super::BodyWatch>) {
         self.watch = Some(watch);
     }
 
-    /// Tells the watch, if any, how the body ended.
+    /// Tells the watch, if any, how the body ended, and ends its request's count.
     fn ended(&mut self, error: Option<&BoxError>) {
         let Some(watch) = self.watch.take() else {
             return;
@@ -298,6 +300,7 @@ impl UpstreamBody {
             None if watch.judged_at_end => watch.completed(),
             None => {}
         }
+        watch.release();
     }
 
     /// The header lines palisade's own codec kept as the backend wrote them.
@@ -322,6 +325,14 @@ impl UpstreamBody {
         match &mut self.inner {
             Inner::Own(body) => body.take_upgrade(),
             Inner::Hyper(_) => None,
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.release();
         }
     }
 }

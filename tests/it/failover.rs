@@ -673,3 +673,61 @@ async fn a_client_that_leaves_mid_body_is_not_held_against_the_backend() {
     );
     assert!(metrics.lines().any(|l| l == series), "{metrics}");
 }
+
+/// A request counted as in flight to its backend only until the response head: while
+/// its body still streamed, least_conn saw the backend as idle and the queue's cap let
+/// another request through. nginx and HAProxy count a request until its response ends.
+#[tokio::test]
+async fn a_request_stays_in_flight_to_its_backend_until_its_body_ends() {
+    let a = Echo::start("a").await;
+    let cfg = config(
+        &[a.addr],
+        "[upstreams.app.queue]\nmax_in_flight_per_backend = 1\nsize = 10\ntimeout = \"5s\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let in_flight = async || {
+        let metrics = get(&format!("http://{}/metrics", proxy.admin)).await.text();
+        metrics
+            .lines()
+            .find(|l| l.starts_with("palisade_backend_in_flight{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    // Eight chunks 100 ms apart: the head at once, the body over 700 ms.
+    let streaming = client()
+        .request(
+            http::Request::get(proxy.url("/stream/8"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("head");
+    assert_eq!(streaming.status(), 200);
+    assert_eq!(
+        in_flight().await,
+        Some(1),
+        "not in flight while its body streams"
+    );
+    let url = proxy.url("/");
+    let queued = tokio::spawn(async move { get(&url).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !queued.is_finished(),
+        "a second request went past the cap of 1 while the first body streamed"
+    );
+    let body = http_body_util::BodyExt::collect(streaming.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body.iter().filter(|&&b| b == b'\n').count(), 8);
+    let status = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("the queued request is served once the body ended")
+        .expect("task");
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(3), async || in_flight().await
+            == Some(0))
+        .await
+    );
+}
