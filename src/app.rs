@@ -1,6 +1,7 @@
 //! Wiring for the `run` and `demo` commands: bind, serve, reload on SIGHUP, drain on
 //! SIGTERM/SIGINT.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -46,18 +47,33 @@ pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, StartError> {
 
 /// Binds every plain and every TLS listen address of `config`.
 pub fn bind_listeners(config: &Config) -> Result<Vec<server::Listener>, StartError> {
-    let mut listeners: Vec<server::Listener> = bind_all(config)?
-        .into_iter()
-        .map(server::Listener::plain)
-        .collect();
+    bind_listeners_from(config, &mut HashMap::new())
+}
+
+/// [`bind_listeners`], using the sockets a running palisade handed over where it had the
+/// address ([`server::handover`]).
+fn bind_listeners_from(
+    config: &Config,
+    inherited: &mut HashMap<server::handover::Key, std::net::TcpListener>,
+) -> Result<Vec<server::Listener>, StartError> {
+    let mut open = |addr: SocketAddr, tls: bool| -> Result<TcpListener, StartError> {
+        if let Some(listener) = inherited.remove(&(addr, tls)) {
+            return TcpListener::from_std(listener)
+                .map_err(|source| StartError::Bind { addr, source });
+        }
+        server::bind(addr).map_err(|source| StartError::Bind { addr, source })
+    };
+    let mut listeners = Vec::new();
+    for &addr in &config.server.listen {
+        listeners.push(server::Listener::plain(open(addr, false)?));
+    }
     let mut tls_addrs: Vec<std::net::SocketAddr> =
         config.server.tls.iter().map(|t| t.listen).collect();
     tls_addrs.sort();
     tls_addrs.dedup();
     for addr in tls_addrs {
-        let socket = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
         listeners.push(server::Listener {
-            socket,
+            socket: open(addr, true)?,
             tls: Some(addr),
         });
     }
@@ -69,7 +85,14 @@ pub fn bind_listeners(config: &Config) -> Result<Vec<server::Listener>, StartErr
 pub async fn run(config: Config) -> Result<(), StartError> {
     // Certificates must load before anything listens.
     crate::tls::build(&config).map_err(StartError::Config)?;
-    let listeners = bind_listeners(&config)?;
+    // A running palisade on these addresses hands its listening sockets over: no
+    // connection queued on them is lost when it stops.
+    let mut inherited = server::handover::name(&config)
+        .map(|name| server::handover::fetch(&name))
+        .unwrap_or_default();
+    let listeners = bind_listeners_from(&config, &mut inherited)?;
+    // Sockets for addresses this config no longer has are closed here.
+    drop(inherited);
     let admin_listener = bind_admin(&config)?;
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening");

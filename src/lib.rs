@@ -6,7 +6,8 @@
 //!   on reload (`arc-swap`), carrying live state over;
 //! - `server` owns listeners, the accept loop, connection timeouts and graceful drain, and
 //!   (`server::h1`) palisade's HTTP/1.1 server codec; `http1` is what it shares with the
-//!   backend-side codec (`upstream::h1`);
+//!   backend-side codec (`upstream::h1`); `server::tunnel` runs WebSocket tunnels,
+//!   `server::handover` passes the listening sockets on to a replacing process;
 //! - `proxy::handler` is one request's life top to bottom: route, check, pick, forward, respond;
 //! - `route` matches host and path; `limit` resolves the client IP;
 //! - `upstream` holds pools, per-backend live state (atomics) and the pooled client;

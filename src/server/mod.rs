@@ -36,6 +36,7 @@ use crate::clock::{coarse_ns, instant_at, nanos, now_ns};
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod h1;
+pub mod handover;
 pub mod tunnel;
 use crate::proxy::{self, ConnInfo};
 use crate::snapshot::ProxyState;
@@ -150,7 +151,15 @@ async fn serve_inner(
     // closes both kinds.
     let mut accept_tasks: HashMap<(SocketAddr, bool), JoinHandle<()>> = HashMap::new();
     let registry: Registry = Arc::default();
+    // The listening sockets a replacing process may take over (see `handover`).
+    let offered: handover::Offered = Arc::default();
     let spawn = |socket: TcpListener, tls: Option<SocketAddr>| {
+        let socket = Arc::new(socket);
+        if managed {
+            if let (Ok(addr), Ok(mut offered)) = (socket.local_addr(), offered.lock()) {
+                offered.insert((tls.unwrap_or(addr), tls.is_some()), socket.clone());
+            }
+        }
         tokio::spawn(accept_loop(
             socket,
             state.clone(),
@@ -167,6 +176,12 @@ async fn serve_inner(
         let key = (listener.tls.unwrap_or(addr), listener.tls.is_some());
         accept_tasks.insert(key, spawn(listener.socket, listener.tls));
     }
+    let offering = if managed {
+        handover::name(&state.snapshot().config)
+            .map(|name| tokio::spawn(handover::serve(name, offered.clone(), stop_rx.clone())))
+    } else {
+        None
+    };
     let mut changes = state.subscribe();
     // Addresses a reload asked for that could not be bound (each logged once): tried
     // again every REBIND_EVERY, since a reload that changes nothing else is skipped.
@@ -195,6 +210,9 @@ async fn serve_inner(
             if !keep {
                 tracing::info!(%addr, tls, "listen address removed: closing the listener");
                 task.abort();
+                if let Ok(mut offered) = offered.lock() {
+                    offered.remove(&(addr, tls));
+                }
             }
             keep
         });
@@ -220,8 +238,18 @@ async fn serve_inner(
     drop(done_tx);
 
     state.start_draining();
-    warn_if_queued_connections_would_reset();
     let _ = stop_tx.send(true);
+    // The hand-over stops first: a process that took the sockets over keeps them open.
+    let handed_over = match offering {
+        Some(offering) => offering.await.unwrap_or(false),
+        None => false,
+    };
+    if let Ok(mut offered) = offered.lock() {
+        offered.clear();
+    }
+    if !handed_over {
+        warn_if_queued_connections_would_reset();
+    }
     for task in accept_tasks.into_values() {
         task.abort();
         let _ = task.await;
@@ -255,7 +283,7 @@ fn warn_if_queued_connections_would_reset() {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     state: Arc<ProxyState>,
     stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,

@@ -26,35 +26,55 @@ const IN_NETNS: &str = "PALISADE_TEST_IN_NETNS";
 #[test]
 fn restart_under_load_loses_no_request() {
     let migrating = std::fs::read_to_string(MIGRATE_REQ).is_ok_and(|v| v.trim() == "1");
-    if !migrating && std::env::var_os(IN_NETNS).is_none() {
-        // Run this very test again in a fresh network namespace (needs root, as CI is).
+    if migrating {
+        run_scenario();
+    } else {
+        in_netns("restart_under_load_loses_no_request", "1");
+    }
+}
+
+/// With `tcp_migrate_req` = 0 (Linux's default), the old process's queued connections are
+/// not moved when its listener closes: they were reset, unless the new process took the
+/// very same listening socket over (`server::handover`), which it now does.
+#[test]
+fn restart_under_load_loses_no_request_with_tcp_migrate_req_off() {
+    in_netns(
+        "restart_under_load_loses_no_request_with_tcp_migrate_req_off",
+        "0",
+    );
+}
+
+/// Runs the restart scenario inside a fresh network namespace (needs root, as CI is) with
+/// `tcp_migrate_req` set to `migrate`: by running `test` again there.
+fn in_netns(test: &str, migrate: &str) {
+    if std::env::var_os(IN_NETNS).is_none() {
         let exe = std::env::current_exe().expect("test binary path");
         let status = Command::new("unshare")
             .args(["--net", "--"])
             .arg(exe)
-            .args([
-                "restart_under_load_loses_no_request",
-                "--exact",
-                "--nocapture",
-            ])
+            // The full test name: with `--exact`, a bare one matches no test (and the
+            // run passes having run nothing).
+            .args([&format!("restart::{test}"), "--exact", "--nocapture"])
             .env(IN_NETNS, "1")
             .status()
             .expect("run unshare (util-linux)");
         assert!(
             status.success(),
             "the restart test failed in its network namespace ({status}); it needs root to \
-             create one, or run it with {MIGRATE_REQ} = 1"
+             create one"
         );
         return;
     }
-    if !migrating {
-        let lo = Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("run ip (iproute2)");
-        assert!(lo.success(), "cannot bring lo up in the test's namespace");
-        std::fs::write(MIGRATE_REQ, "1").expect("set tcp_migrate_req in the test's namespace");
-    }
+    let lo = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("run ip (iproute2)");
+    assert!(lo.success(), "cannot bring lo up in the test's namespace");
+    std::fs::write(MIGRATE_REQ, migrate).expect("set tcp_migrate_req in the test's namespace");
+    run_scenario();
+}
+
+fn run_scenario() {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -267,6 +287,65 @@ async fn one_request(addr: SocketAddr) -> std::io::Result<()> {
         let head = String::from_utf8_lossy(&answer[..answer.len().min(80)]).into_owned();
         Err(std::io::Error::other(format!("answer: {head:?}")))
     }
+}
+
+/// With SO_REUSEPORT alone, each process had a listening socket of its own, and the
+/// connections the kernel queued on the old one were lost when it closed (unless
+/// tcp_migrate_req = 1). Now the new process takes the old one's socket over: the two
+/// accept from one queue, so with the old process frozen, every connection is still
+/// served, by the new one. Then again one generation later (the new process has taken
+/// over the hand-over name once the old one stopped).
+#[tokio::test]
+async fn a_replacing_process_takes_over_the_listening_socket_itself() {
+    let echo = Echo::start("a").await;
+    let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dir = TempDir::new("handover");
+    let instance = |name: &str| -> (PathBuf, SocketAddr) {
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = [\"{proxy}\"]\n[admin]\nlisten = \"{admin}\"\n\
+                 [[routes]]\nname = \"all\"\nupstream = \"app\"\n\
+                 [upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+                echo.addr
+            ),
+        )
+        .expect("config");
+        (path, admin)
+    };
+    let signal = |child: &ChildGuard, sig: &str| {
+        let pid = child.0.id().to_string();
+        let sent = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {sig} {pid}");
+    };
+    let (path, admin) = instance("a");
+    let mut old = start_ready(&path, admin).await;
+    for name in ["b", "c"] {
+        let (path, admin) = instance(name);
+        // The old process offers its sockets once it holds the hand-over name: at once
+        // for the first, within a second of its predecessor's exit for the next.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let new = start_ready(&path, admin).await;
+        signal(&old, "-STOP");
+        let answered = futures_util::future::join_all(
+            (0..32).map(|_| tokio::time::timeout(Duration::from_secs(3), one_request(proxy))),
+        )
+        .await;
+        signal(&old, "-CONT");
+        let served = answered.iter().filter(|a| matches!(a, Ok(Ok(())))).count();
+        assert_eq!(
+            served, 32,
+            "{name}: with the old process frozen, only {served} of 32 connections were served"
+        );
+        terminate_and_wait(old).await;
+        old = new;
+    }
+    terminate_and_wait(old).await;
 }
 
 #[tokio::test]

@@ -1,0 +1,256 @@
+//! Listener hand-over between the palisade process that is running and the one replacing
+//! it (SPEC 7: an upgrade or restart loses no request).
+//!
+//! With SO_REUSEPORT alone, each process has a listening socket of its own on the shared
+//! port, and Linux resets the connections still queued on the old one when it closes
+//! (unless `net.ipv4.tcp_migrate_req` = 1, off by default). So a running palisade also
+//! offers its listening sockets on an abstract Unix socket named after its lowest listen
+//! address, and a new one starting with that address asks for them first (SCM_RIGHTS):
+//! both processes then accept from the very same socket, and when the old one stops
+//! accepting and closes its copy, what is queued stays queued for the new one. HAProxy
+//! (`-x`), nginx (binary upgrade) and Envoy (hot restart) pass their listeners on the
+//! same way.
+//!
+//! Only a process of the same user is served, and only one of the same user is asked:
+//! both sides check the peer's credentials. Without a running palisade (or on any
+//! failure), the new process binds its addresses itself, as before.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+/// The most listeners handed over in one go (any beyond are bound afresh).
+const MAX_FDS: usize = 64;
+
+/// How long a new process waits for the running one's answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A listener's key: its configured address, and whether it is a TLS one.
+pub type Key = (SocketAddr, bool);
+
+/// The listening sockets a process offers, kept current as reloads add and remove them.
+pub type Offered = Arc<Mutex<HashMap<Key, Arc<TcpListener>>>>;
+
+/// The abstract socket name of the hand-over for `config`: after its lowest listen
+/// address (plain or TLS), which an old and a new process share. None without any.
+pub fn name(config: &Config) -> Option<String> {
+    let lowest = config
+        .server
+        .listen
+        .iter()
+        .copied()
+        .chain(config.server.tls.iter().map(|t| t.listen))
+        .min()?;
+    Some(format!("palisade-handover/{lowest}"))
+}
+
+/// Asks a running palisade for its listening sockets. Empty when there is none (or it
+/// cannot be asked: every failure is logged and leaves the new process to bind its own).
+pub fn fetch(name: &str) -> HashMap<Key, std::net::TcpListener> {
+    match ask(name) {
+        Ok(listeners) => {
+            if !listeners.is_empty() {
+                tracing::info!(
+                    listeners = listeners.len(),
+                    "took over the listening sockets of the running palisade"
+                );
+            }
+            listeners
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+            ) =>
+        {
+            HashMap::new()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not take over the running palisade's listening sockets; binding new ones");
+            HashMap::new()
+        }
+    }
+}
+
+fn ask(name: &str) -> io::Result<HashMap<Key, std::net::TcpListener>> {
+    let addr = UnixAddr::from_abstract_name(name.as_bytes())?;
+    let stream = UnixStream::connect_addr(&addr)?;
+    same_user(&stream)?;
+    stream.set_read_timeout(Some(ASK_TIMEOUT))?;
+    let mut text = vec![0u8; 64 * 1024];
+    let mut space = vec![0u8; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        &stream,
+        &mut [io::IoSliceMut::new(&mut text)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = message {
+            fds.extend(rights);
+        }
+    }
+    let text = text.get(..received.bytes).unwrap_or_default();
+    let text = std::str::from_utf8(text)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "hand-over list is not UTF-8"))?;
+    let mut listeners = HashMap::new();
+    for (line, fd) in text.lines().zip(fds) {
+        let Some(key) = parse_key(line) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad hand-over line {line:?}"),
+            ));
+        };
+        let listener = std::net::TcpListener::from(fd);
+        // What it is, not what it is said to be.
+        if listener.local_addr()? != key.0 {
+            continue;
+        }
+        listener.set_nonblocking(true)?;
+        listeners.insert(key, listener);
+    }
+    Ok(listeners)
+}
+
+/// `plain ADDR` or `tls ADDR`.
+fn parse_key(line: &str) -> Option<Key> {
+    let (kind, addr) = line.split_once(' ')?;
+    let tls = match kind {
+        "plain" => false,
+        "tls" => true,
+        _ => return None,
+    };
+    Some((addr.parse().ok()?, tls))
+}
+
+/// The peer runs as this process's user (or this process is root's and so is the peer).
+fn same_user(stream: &UnixStream) -> io::Result<()> {
+    let peer = rustix::net::sockopt::get_socket_peercred(stream.as_fd())?;
+    if peer.uid != rustix::process::getuid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the hand-over socket belongs to another user (pid {})",
+                peer.pid.as_raw_nonzero()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Offers `offered` under `name` until `stop` says the process is stopping. While another
+/// process holds the name (the one this one took over from, until it stops), binding is
+/// tried again every second. Returns whether a process took the sockets over.
+pub async fn serve(
+    name: String,
+    offered: Offered,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let listener = loop {
+        match bind(&name) {
+            Ok(listener) => break listener,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot offer the listening sockets for hand-over; a replacing process will bind its own");
+                return false;
+            }
+        }
+        tokio::select! {
+            () = stopping(&mut stop) => return false,
+            () = tokio::time::sleep(super::REBIND_EVERY) => {}
+        }
+    };
+    let mut handed = false;
+    loop {
+        tokio::select! {
+            () = stopping(&mut stop) => return handed,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let Ok(stream) = stream.into_std() else { continue };
+                let offered = offered.clone();
+                // Blocking calls, on a socket just connected: quick.
+                let sent = tokio::task::spawn_blocking(move || answer(&stream, &offered)).await;
+                match sent {
+                    Ok(Ok(count)) => {
+                        handed = true;
+                        tracing::info!(listeners = count, "handed the listening sockets to a new palisade process");
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "listener hand-over failed"),
+                    Err(e) => tracing::warn!(error = %e, "listener hand-over failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the process is stopping.
+async fn stopping(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn bind(name: &str) -> io::Result<tokio::net::UnixListener> {
+    let addr = UnixAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
+/// Sends the offered sockets, one line per socket and the sockets themselves alongside.
+fn answer(stream: &UnixStream, offered: &Offered) -> io::Result<usize> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(ASK_TIMEOUT))?;
+    same_user(stream)?;
+    let listeners: Vec<(Key, Arc<TcpListener>)> = match offered.lock() {
+        Ok(offered) => offered
+            .iter()
+            .take(MAX_FDS)
+            .map(|(key, listener)| (*key, listener.clone()))
+            .collect(),
+        Err(_) => return Err(io::Error::other("hand-over list poisoned")),
+    };
+    let mut text = String::new();
+    for ((addr, tls), _) in &listeners {
+        text.push_str(if *tls { "tls " } else { "plain " });
+        text.push_str(&addr.to_string());
+        text.push('\n');
+    }
+    let fds: Vec<_> = listeners.iter().map(|(_, l)| l.as_fd()).collect();
+    let mut space = vec![0u8; rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other(
+            "too many listeners for one hand-over message",
+        ));
+    }
+    // An empty list still sends one byte's worth of text: a zero-length message with
+    // rights attached is not delivered as one.
+    if text.is_empty() {
+        text.push('\n');
+    }
+    rustix::net::sendmsg(
+        stream,
+        &[io::IoSlice::new(text.as_bytes())],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    Ok(listeners.len())
+}
