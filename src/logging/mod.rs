@@ -35,8 +35,8 @@ impl LogFormat {
 /// queue makes the logging thread wait). The returned guard flushes what is queued when
 /// dropped: hold it until the process exits.
 pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> {
-    let filter =
-        EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
+    let filter = EnvFilter::try_new(with_quiet_tls(level))
+        .map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("palisade-log")
@@ -63,6 +63,18 @@ pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> 
         access::install(level);
     }
     Ok(Some(LogGuard { _worker: guard }))
+}
+
+/// `level`, with rustls held to errors unless it names rustls itself: rustls warns about
+/// what a peer does (an IP address as SNI, a TLS alert, an unexpected message), once per
+/// handshake, so any client could fill the log; palisade logs failed handshakes at debug.
+/// `--log-level debug,rustls=debug` shows them.
+fn with_quiet_tls(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_owned()
+    } else {
+        format!("{level},rustls=error")
+    }
 }
 
 /// Flushes the batched access lines, then (its field dropping) the writer's queue.

@@ -612,6 +612,9 @@ async fn attempt_until_done<'s>(
         if !retryable || attempt >= policy.attempts || !upstream.budget.try_withdraw() {
             return result;
         }
+        // The failed answer goes before the next attempt: its body holds its backend's
+        // in-flight slot until dropped.
+        drop(result);
         attempt += 1;
         upstream.retries.inc();
         // Boxed: retries are rare, and every request's future would carry the timer.

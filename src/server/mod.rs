@@ -294,6 +294,10 @@ async fn accept_loop(
     // The connection settings follow reloads: rebuilt when the generation changes.
     let mut generation = 0;
     let mut builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    // Connections refused at max_connections since the last warning, and when that was:
+    // one warning a second at most (a flood would otherwise write a line per connection).
+    let mut refused: u64 = 0;
+    let mut warned: Option<Instant> = None;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -316,8 +320,17 @@ async fn accept_loop(
         // connection is refused.
         if open >= limits.max_connections && !evict_oldest_idle(&registry) {
             state.connections.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(%peer, open, "max_connections reached and none idle; closing the new connection");
             drop(stream);
+            refused += 1;
+            let now = Instant::now();
+            if warned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+                tracing::warn!(
+                    %peer, open, refused,
+                    "max_connections reached and none idle; closing new connections (this warning: at most once a second, `refused` counts them)"
+                );
+                warned = Some(now);
+                refused = 0;
+            }
             continue;
         }
         next_id += 1;

@@ -361,6 +361,69 @@ async fn a_request_whose_client_leaves_gets_a_499_access_line() {
     );
 }
 
+/// At max_connections with no connection idle, every refused connection wrote a warning:
+/// a flood of connections was a flood of log lines (9,890 in 3 s in an audit).
+#[tokio::test]
+async fn refusals_at_max_connections_are_logged_at_most_once_a_second() {
+    let echo = Echo::start("a").await;
+    let config = format!(
+        "{}[server.limits]\nmax_connections = 1\n",
+        access_config(false, echo.addr)
+    );
+    let palisade = Logged::start(&config).await;
+    let active = async || {
+        let metrics = get(&format!("http://{}/metrics", palisade.admin))
+            .await
+            .text();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("palisade_connections_active "))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    // wait_listening's probe connection has gone.
+    assert!(eventually(Duration::from_secs(5), async || active().await == Some(0)).await);
+    // The one slot, busy for 8 s.
+    let mut busy = tokio::net::TcpStream::connect(palisade.addr)
+        .await
+        .expect("connect");
+    let request = b"GET /delay/8000 HTTP/1.1\r\nhost: x\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut busy, request)
+        .await
+        .expect("write");
+    let counted = eventually(Duration::from_secs(10), async || active().await == Some(1)).await;
+    assert!(
+        counted,
+        "the busy connection is not counted: {:?}; log: {}",
+        active().await,
+        std::fs::read_to_string(&palisade.log).unwrap_or_default()
+    );
+    let started = std::time::Instant::now();
+    for i in 0..50 {
+        let (answer, closed) = raw_exchange(
+            palisade.addr,
+            b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(
+            closed && answer.is_empty(),
+            "{i} after {:?}: served over the cap: {answer}",
+            started.elapsed()
+        );
+    }
+    drop(busy);
+    let log = palisade.stop();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("max_connections reached"))
+        .collect();
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 3,
+        "{} warnings for 50 refusals: {log}",
+        warnings.len()
+    );
+}
+
 #[tokio::test]
 async fn every_access_line_reaches_the_log_when_the_process_stops_right_after() {
     // Access lines are batched per thread and handed to the writer every 20 ms; the ones

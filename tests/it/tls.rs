@@ -481,3 +481,50 @@ async fn https_backends_are_verified_against_ca_file_and_server_name() {
     .await;
     assert_eq!(get(&untrusted.url("/")).await.status, 502);
 }
+
+/// rustls warns about what a client does in its handshake (an IP address as SNI, among
+/// others), once per handshake: any client could fill the log. palisade holds rustls to
+/// errors unless `--log-level` names it.
+#[tokio::test]
+async fn a_client_sending_an_ip_address_as_sni_does_not_fill_the_log() {
+    let backend = Echo::start("a").await;
+    let dir = temp_dir("ip-sni");
+    write_pair(&dir, "a", &make_cert(&["a.test"]));
+    let port = free_port();
+    let path = dir.join("palisade.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n\
+             [[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n\
+             [[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+            free_port(),
+            free_port(),
+            backend.addr
+        ),
+    )
+    .expect("config");
+    let run = async |level: &str| -> String {
+        let log = dir.join(format!("{}.log", level.replace([',', '='], "-")));
+        let child = spawn_logged(&path, &log, level);
+        wait_listening(([127, 0, 0, 1], port).into()).await;
+        for _ in 0..3 {
+            let done = std::process::Command::new("openssl")
+                .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+                .args(["-servername", "127.0.0.1"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("run openssl s_client");
+            assert!(done.success(), "openssl s_client failed");
+        }
+        stop_gracefully(child);
+        std::fs::read_to_string(&log).expect("read log")
+    };
+    let quiet = run("info").await;
+    assert!(!quiet.contains("Illegal SNI"), "{quiet}");
+    // The same handshakes, with rustls' warnings asked for: they are there to be seen.
+    let loud = run("info,rustls=warn").await;
+    assert_eq!(loud.matches("Illegal SNI").count(), 3, "{loud}");
+}
