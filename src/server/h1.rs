@@ -623,11 +623,12 @@ fn poll_client_gone(wire: &SharedWire, cx: &mut Context<'_>, max_head: usize) ->
         let Some(io) = w.io.as_mut() else {
             return Poll::Pending;
         };
+        // Readiness first: while the client is quiet (nearly always) that is all it takes,
+        // without a read through the connection's layers.
+        if ready!(io.inner.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
+        }
         if w.buf.capacity() == w.buf.len() {
-            // No room to read into: allocate only once the socket has something.
-            if ready!(io.inner.poll_read_ready(cx)).is_err() {
-                return Poll::Ready(());
-            }
             w.buf.reserve(HEAD_BUF);
         }
         match ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut w.buf)) {

@@ -130,6 +130,37 @@ async fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
     assert_eq!(get(&proxy.url("/")).await.json()["backend"], "b");
 }
 
+/// A writer that keeps the config file open (an editor, a process that writes and
+/// lingers) never closes it: what it wrote is read once nothing has changed for 5 s.
+#[tokio::test]
+async fn a_file_its_writer_keeps_open_is_read_after_five_quiet_seconds() {
+    use std::io::Write as _;
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let (_dir, path) = temp_config("open", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let generation = || proxy.state.snapshot().generation;
+
+    let mut file = std::fs::File::create(&path).expect("truncate");
+    file.write_all(routes_to(&[b.addr], "/").as_bytes())
+        .expect("write");
+    file.flush().expect("flush");
+    // Still open: waiting for the writer to close it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        generation(),
+        1,
+        "read before the writer closed it or went quiet"
+    );
+    assert!(
+        eventually(Duration::from_secs(8), async || generation() == 2).await,
+        "a file left open was never read"
+    );
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "b");
+    drop(file);
+}
+
 #[tokio::test]
 async fn an_empty_config_file_is_never_applied_by_a_reload() {
     // A generator that failed, or a file caught between its truncation and its first
