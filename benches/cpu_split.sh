@@ -9,6 +9,7 @@
 #
 #   benches/cpu_split.sh                     # 8 rounds x 3 s each, path /
 #   benches/cpu_split.sh --rounds 12 --duration 3 --path /16k
+#   PALISADE_BIN=/tmp/old/palisade benches/cpu_split.sh   # another build of palisade
 #
 # Prints the median user, system and total microseconds per request of each proxy, and
 # the most palisade could be ahead of nginx here if its own code cost nothing: nginx's
@@ -37,8 +38,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy wrk >/dev/null
 fi
-cargo build --release --quiet
-bin="$root/target/release/palisade"
+# PALISADE_BIN=path measures another build (an older commit's, for an A/B against the
+# same nginx and HAProxy runs) instead of this tree's.
+if [[ -n "${PALISADE_BIN:-}" ]]; then
+  bin="$PALISADE_BIN"
+else
+  cargo build --release --quiet
+  bin="$root/target/release/palisade"
+fi
 work=$(mktemp -d /tmp/palisade-split.XXXXXX)
 pids=()
 cleanup() {
