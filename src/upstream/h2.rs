@@ -11,7 +11,9 @@
 
 use std::fmt;
 use std::future::poll_fn;
-use std::sync::Mutex;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
@@ -25,13 +27,14 @@ use super::pool::SendError;
 use super::Backend;
 use crate::proxy::body::ProxyBody;
 
-/// A backend's HTTP/2 connection, while one is open.
+/// A backend's HTTP/2 connection, while one is open. Read on every request without a
+/// lock (requests on several cores share it).
 #[derive(Default)]
-pub struct H2Conn(Mutex<Option<SendRequest<ProxyBody>>>);
+pub struct H2Conn(ArcSwapOption<SendRequest<ProxyBody>>);
 
 impl fmt::Debug for H2Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let open = self.0.lock().is_ok_and(|c| c.is_some());
+        let open = self.0.load().is_some();
         f.debug_struct("H2Conn").field("open", &open).finish()
     }
 }
@@ -40,21 +43,16 @@ impl H2Conn {
     /// Lets go of the connection (it closes once its streams are done); the next request
     /// opens a new one.
     pub fn clear(&self) {
-        if let Ok(mut conn) = self.0.lock() {
-            *conn = None;
-        }
+        self.0.store(None);
     }
 
     /// The connection, if one is open.
     fn open(&self) -> Option<SendRequest<ProxyBody>> {
-        let conn = self.0.lock().ok()?;
-        conn.as_ref().filter(|c| !c.is_closed()).cloned()
+        self.0.load().as_deref().filter(|c| !c.is_closed()).cloned()
     }
 
     fn keep(&self, sender: &SendRequest<ProxyBody>) {
-        if let Ok(mut conn) = self.0.lock() {
-            *conn = Some(sender.clone());
-        }
+        self.0.store(Some(Arc::new(sender.clone())));
     }
 }
 
