@@ -176,7 +176,15 @@ impl Logged {
                 .expect("address in config")
         };
         let (addr, admin) = (address("listen = ["), address("[admin]\nlisten ="));
-        wait_listening(addr).await;
+        let up = eventually(Duration::from_secs(20), async || {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(
+            up,
+            "palisade never listened on {addr}; its log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         Logged {
             _dir: dir,
             log,
