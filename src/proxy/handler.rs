@@ -69,10 +69,17 @@ pub async fn handle(
         .server
         .access_log
         .then(|| RequestLine::of(&req));
+    // For the access line of a request refused before it is forwarded (403, 413, 429, a
+    // 404...): the client's id (none was made for it yet). Looked up only when the codec
+    // saw one.
+    let sent_id = line
+        .as_ref()
+        .and_then(|_| headers::sent_request_id(req.headers(), conn.seen).cloned());
     let mut record = Record {
         snapshot: &snapshot,
         conn,
         line: line.as_ref(),
+        sent_id,
         trace: Trace::default(),
         started: Instant::now(),
         answered: false,
@@ -95,6 +102,9 @@ struct Record<'s> {
     conn: &'s ConnInfo,
     /// Borrowed, not moved in: it is large, and only the access log reads it.
     line: Option<&'s RequestLine>,
+    /// The client's `X-Request-Id` (with the access log on), for a request that was never
+    /// given one because it was refused before being forwarded.
+    sent_id: Option<HeaderValue>,
     trace: Trace<'s>,
     started: Instant,
     answered: bool,
@@ -102,7 +112,7 @@ struct Record<'s> {
 
 impl Record<'_> {
     /// Counts and logs the request with `status`; `resp`: the answer (None: there is none).
-    fn finish(&self, status: u16, resp: Option<&Response<ProxyBody>>) {
+    fn finish(&mut self, status: u16, resp: Option<&Response<ProxyBody>>) {
         let finished = Instant::now();
         let elapsed = finished.saturating_duration_since(self.started);
         let metrics = self
@@ -112,6 +122,9 @@ impl Record<'_> {
         metrics.by_code.inc(status);
         metrics.duration.observe(elapsed.as_secs_f64());
         if let Some(line) = self.line {
+            if self.trace.request_id.is_none() {
+                self.trace.request_id = Some(headers::request_id(self.sent_id.as_ref()).0);
+            }
             log_access(
                 line,
                 &self.trace,

@@ -199,16 +199,7 @@ impl Forwarding {
     /// routed by.
     pub fn new(headers: &HeaderMap, client: &ClientSide, host: Option<HeaderValue>) -> Self {
         let seen = client.seen;
-        let sent_id = match seen {
-            Some(seen) if !seen.request_id => None,
-            _ => headers.get(&X_REQUEST_ID),
-        };
-        let (request_id, new_request_id) = match sent_id {
-            Some(id) if is_valid_request_id(id.as_bytes()) => {
-                (FieldValue::Shared(id.clone()), false)
-            }
-            _ => (new_request_id(), true),
-        };
+        let (request_id, new_request_id) = request_id(sent_request_id(headers, seen));
         let chain = seen.is_none_or(|seen| seen.forwarded_for);
         Forwarding {
             forwarded_for: forwarded_for(headers, client.ip, chain),
@@ -400,6 +391,24 @@ fn write_ipv4(buf: &mut [u8; 64], octets: [u8; 4]) -> usize {
 
 /// A client-sent request id is kept when it is 1 to 128 characters of `[A-Za-z0-9._:+/=@-]`
 /// (covers UUIDs, ULIDs, trace ids and base64); anything else is replaced.
+/// The client's `X-Request-Id`, if it sent one (looked up only when palisade's codec saw
+/// one; `seen` is None for HTTP/2).
+pub fn sent_request_id(headers: &HeaderMap, seen: Option<Seen>) -> Option<&HeaderValue> {
+    match seen {
+        Some(seen) if !seen.request_id => None,
+        _ => headers.get(&X_REQUEST_ID),
+    }
+}
+
+/// The request's id: the client's when it is a valid one, else a new one (true: new,
+/// so it is added to the request).
+pub fn request_id(sent: Option<&HeaderValue>) -> (FieldValue, bool) {
+    match sent {
+        Some(id) if is_valid_request_id(id.as_bytes()) => (FieldValue::Shared(id.clone()), false),
+        _ => (new_request_id(), true),
+    }
+}
+
 pub fn is_valid_request_id(id: &[u8]) -> bool {
     !id.is_empty()
         && id.len() <= 128

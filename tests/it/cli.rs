@@ -261,7 +261,7 @@ async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_ar
     // Refused by the framing check, before routing: its Host is still in its line.
     let (answer, _) = raw_exchange(
         addr,
-        b"POST /smuggle HTTP/1.1\r\nHost: refused.test\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /smuggle HTTP/1.1\r\nHost: refused.test\r\nX-Request-Id: refused-1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
@@ -279,6 +279,16 @@ async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_ar
     let line = |path: &str| access_line(&lines, path, &log);
     assert_eq!(line("/smuggle")["host"], "refused.test");
     assert_eq!(line("/smuggle")["status"], 400);
+    // Refused before it was forwarded, it still has its id: the client's, or a new one.
+    assert_eq!(line("/smuggle")["request_id"], "refused-1");
+    let made = line("/caf")["request_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{made:?}"
+    );
     assert_eq!(line("/caf")["host"], "caf\u{fffd}\"q");
 }
 
