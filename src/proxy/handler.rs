@@ -234,9 +234,7 @@ fn log_access(
     elapsed: Duration,
     finished: Instant,
 ) {
-    let on = crate::logging::access::enabled()
-        .unwrap_or_else(|| tracing::enabled!(target: "palisade::access", tracing::Level::INFO));
-    if !on {
+    if !access_lines_on() {
         return;
     }
     // A request id is ASCII: checked or made by `Forwarding`.
@@ -261,6 +259,13 @@ fn log_access(
         finished,
     };
     write_access(&access);
+}
+
+/// Whether access lines pass the log filter (known once per process when the JSON sink is
+/// installed; otherwise asked of `tracing`).
+fn access_lines_on() -> bool {
+    crate::logging::access::enabled()
+        .unwrap_or_else(|| tracing::enabled!(target: "palisade::access", tracing::Level::INFO))
 }
 
 /// Writes one access line (to the batched JSON sink when installed, else through `tracing`).
@@ -306,9 +311,7 @@ pub fn refused(
     if !snapshot.config.server.access_log {
         return;
     }
-    let on = crate::logging::access::enabled()
-        .unwrap_or_else(|| tracing::enabled!(target: "palisade::access", tracing::Level::INFO));
-    if !on {
+    if !access_lines_on() {
         return;
     }
     let (method, path) = refused_request_line(head);

@@ -15,43 +15,24 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-/// An HTTP/2-only backend answering like a gRPC server: a body, then `grpc-status` in the
-/// trailers. Headers say what it saw: the HTTP version, `te`, and the request body size.
-async fn grpc_like_backend() -> SocketAddr {
+/// An HTTP/2-only backend on a free port that answers every request with `answer`.
+async fn h2_backend<F, Fut, B>(answer: F) -> SocketAddr
+where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let service = service_fn(|req: http::Request<Incoming>| async move {
-                    let te = req.headers().get("te").cloned();
-                    let version = format!("{:?}", req.version());
-                    let received = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes().len())
-                        .unwrap_or(0);
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                    trailers.insert("grpc-message", http::HeaderValue::from_static("fine"));
-                    let body = Full::new(Bytes::from_static(b"\x00\x00\x00\x00\x02hi"))
-                        .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) });
-                    let mut resp = http::Response::new(body);
-                    let h = resp.headers_mut();
-                    h.insert(
-                        "content-type",
-                        http::HeaderValue::from_static("application/grpc"),
-                    );
-                    h.insert(
-                        "x-saw-version",
-                        http::HeaderValue::from_str(&version).expect("version"),
-                    );
-                    h.insert("x-saw-request-bytes", http::HeaderValue::from(received));
-                    if let Some(te) = te {
-                        h.insert("x-saw-te", te);
-                    }
-                    Ok::<_, Infallible>(resp)
+                let service = service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(req).await) }
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -60,6 +41,42 @@ async fn grpc_like_backend() -> SocketAddr {
         }
     });
     addr
+}
+
+/// An HTTP/2-only backend answering like a gRPC server: a body, then `grpc-status` in the
+/// trailers. Headers say what it saw: the HTTP version, `te`, and the request body size.
+async fn grpc_like_backend() -> SocketAddr {
+    h2_backend(|req: http::Request<Incoming>| async move {
+        let te = req.headers().get("te").cloned();
+        let version = format!("{:?}", req.version());
+        let received = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().len())
+            .unwrap_or(0);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        trailers.insert("grpc-message", http::HeaderValue::from_static("fine"));
+        let body = Full::new(Bytes::from_static(b"\x00\x00\x00\x00\x02hi"))
+            .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) });
+        let mut resp = http::Response::new(body);
+        let h = resp.headers_mut();
+        h.insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "x-saw-version",
+            http::HeaderValue::from_str(&version).expect("version"),
+        );
+        h.insert("x-saw-request-bytes", http::HeaderValue::from(received));
+        if let Some(te) = te {
+            h.insert("x-saw-te", te);
+        }
+        resp
+    })
+    .await
 }
 
 #[tokio::test]
@@ -126,33 +143,22 @@ async fn an_http2_answer_still_streaming_is_not_cut_at_header_read() {
 /// An HTTP/2-only backend that says what it saw: the request's `:authority` and how many
 /// `host` fields came with it.
 async fn authority_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = service_fn(|req: http::Request<Incoming>| async move {
-                    let authority = req
-                        .uri()
-                        .authority()
-                        .map_or_else(|| "-".to_owned(), |a| a.to_string());
-                    let hosts = req.headers().get_all("host").iter().count();
-                    let mut resp = http::Response::new(Full::new(Bytes::from_static(b"ok")));
-                    let h = resp.headers_mut();
-                    h.insert(
-                        "x-saw-authority",
-                        http::HeaderValue::from_str(&authority).expect("authority"),
-                    );
-                    h.insert("x-saw-host-fields", http::HeaderValue::from(hosts));
-                    Ok::<_, Infallible>(resp)
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    h2_backend(|req: http::Request<Incoming>| async move {
+        let authority = req
+            .uri()
+            .authority()
+            .map_or_else(|| "-".to_owned(), |a| a.to_string());
+        let hosts = req.headers().get_all("host").iter().count();
+        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"ok")));
+        let h = resp.headers_mut();
+        h.insert(
+            "x-saw-authority",
+            http::HeaderValue::from_str(&authority).expect("authority"),
+        );
+        h.insert("x-saw-host-fields", http::HeaderValue::from(hosts));
+        resp
+    })
+    .await
 }
 
 #[tokio::test]
