@@ -369,6 +369,55 @@ async fn a_replacing_process_takes_over_the_listening_socket_itself() {
     terminate_and_wait(old).await;
 }
 
+/// A running process that cannot answer the hand-over (frozen here; hung in practice)
+/// must not keep a new one from starting: the new one gives up asking after 2 s, binds
+/// its own socket (SO_REUSEPORT) and serves.
+#[tokio::test]
+async fn a_new_process_starts_even_when_the_old_one_cannot_hand_over() {
+    let echo = Echo::start("a").await;
+    let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dir = TempDir::new("handover-hung");
+    let instance = |name: &str| -> (PathBuf, SocketAddr) {
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let path = dir.write(
+            &format!("{name}.toml"),
+            &format!(
+                "[server]\nlisten = [\"{proxy}\"]\n[admin]\nlisten = \"{admin}\"\n\
+                 [[routes]]\nname = \"all\"\nupstream = \"app\"\n\
+                 [upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+                echo.addr
+            ),
+        );
+        (path, admin)
+    };
+    let (path, admin) = instance("a");
+    let old = start_ready(&path, admin).await;
+    let pid = old.0.id().to_string();
+    let kill = |sig: &str| {
+        let sent = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {sig} {pid}");
+    };
+    kill("-STOP");
+    let (path, admin) = instance("b");
+    let new = start_ready(&path, admin).await;
+    // Its own socket: some new connections land in the frozen process's queue, but the
+    // new process serves the ones that reach it.
+    let served = futures_util::future::join_all(
+        (0..16).map(|_| tokio::time::timeout(Duration::from_secs(3), one_request(proxy))),
+    )
+    .await
+    .iter()
+    .filter(|a| matches!(a, Ok(Ok(()))))
+    .count();
+    assert!(served > 0, "the new process served nothing");
+    kill("-CONT");
+    terminate_and_wait(old).await;
+    terminate_and_wait(new).await;
+}
+
 #[tokio::test]
 async fn a_keep_alive_connection_that_stays_quiet_at_drain_is_closed_after_the_grace() {
     let a = Echo::start("a").await;
