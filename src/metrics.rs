@@ -44,6 +44,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     generation: IntGauge,
     connections: IntGauge,
+    connections_refused: IntCounterVec,
     health_checks: IntCounterVec,
     upstream_panic: IntGaugeVec,
     panic_picks: IntCounterVec,
@@ -171,6 +172,12 @@ impl Metrics {
             ),
             generation,
             connections,
+            connections_refused: counter_vec(
+                &registry,
+                "palisade_connections_refused_total",
+                "Client connections closed on arrival because max_connections was reached and none was idle, by listen address.",
+                &["listener"],
+            ),
             health_checks: counter_vec(
                 &registry,
                 "palisade_health_checks_total",
@@ -308,6 +315,11 @@ impl Metrics {
             self.health_checks
                 .with_label_values(&[upstream, backend, "fail"]),
         )
+    }
+
+    /// The counter of connections refused at `max_connections` on `listener`.
+    pub fn connections_refused(&self, listener: &str) -> IntCounter {
+        self.connections_refused.with_label_values(&[listener])
     }
 
     /// Counts a reload.

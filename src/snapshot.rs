@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
@@ -111,7 +111,10 @@ impl Snapshot {
 const LIMITER_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How often idle upstream connections are checked for age and closure.
-const POOL_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// The shortest time between two sweeps (upstreams with a short or zero `idle`).
+const MIN_POOL_SWEEP: Duration = Duration::from_millis(100);
 
 /// What every connection and request of one palisade instance shares.
 #[derive(Debug)]
@@ -190,18 +193,30 @@ impl ProxyState {
         for upstream in &snapshot.upstreams {
             checkers.extend(crate::health::active::spawn_checks(upstream, &self.metrics));
         }
-        let pooled: Vec<Arc<crate::upstream::Backend>> = snapshot
-            .upstreams
-            .iter()
-            .filter(|u| u.direct)
+        // Backends whose connections palisade keeps itself (plain HTTP/1.1 pools, h2c).
+        let own_pools = || {
+            snapshot
+                .upstreams
+                .iter()
+                .filter(|u| u.direct || u.version == http::Version::HTTP_2)
+        };
+        let pooled: Vec<Arc<crate::upstream::Backend>> = own_pools()
             .flat_map(|u| u.backends.iter().cloned())
             .collect();
+        // Often enough that no connection outstays its upstream's `idle` by more than half.
+        let sweep_every = own_pools()
+            .map(|u| u.config.timeouts.idle / 2)
+            .fold(POOL_SWEEP_EVERY, Duration::min)
+            .max(MIN_POOL_SWEEP);
         if !pooled.is_empty() {
             checkers.push(tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(POOL_SWEEP_EVERY).await;
+                    tokio::time::sleep(sweep_every).await;
                     for backend in &pooled {
                         backend.pool.sweep();
+                        backend
+                            .h2
+                            .sweep(backend.in_flight(), backend.pool.idle_limit());
                     }
                 }
             }));

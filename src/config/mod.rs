@@ -472,6 +472,11 @@ pub struct UpstreamTimeouts {
     /// Until the response head arrives.
     #[serde(serialize_with = "ser_duration")]
     pub response: Duration,
+    /// How long a backend connection with nothing to do is kept for the next request
+    /// (zero: none is kept). An extension of the SPEC, like nginx's upstream
+    /// `keepalive_timeout`.
+    #[serde(serialize_with = "ser_duration")]
+    pub idle: Duration,
 }
 
 /// `[upstreams.NAME.queue]`.

@@ -205,6 +205,7 @@ pub struct RawRetry {
 pub struct RawUpstreamTimeouts {
     pub connect: Option<S<String>>,
     pub response: Option<S<String>>,
+    pub idle: Option<S<String>>,
 }
 
 /// `[upstreams.NAME.queue]`.

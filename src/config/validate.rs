@@ -246,6 +246,7 @@ mod default {
     pub const BUDGET_PERCENT: i64 = 20;
     pub const CONNECT: Duration = Duration::from_secs(1);
     pub const RESPONSE: Duration = Duration::from_secs(30);
+    pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
     pub const QUEUE_IN_FLIGHT: i64 = 100;
     pub const QUEUE_SIZE: i64 = 1000;
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -262,7 +263,8 @@ const MAX_ATTEMPTS: i64 = 100;
 /// Whether a zero duration is meaningful for a key.
 #[derive(Clone, Copy, PartialEq)]
 enum Zero {
-    /// `shutdown = "0s"` (exit at once) and `backoff = "0s"` (retry at once).
+    /// `shutdown = "0s"` (exit at once), `backoff = "0s"` (retry at once) and an
+    /// upstream's `idle = "0s"` (no idle backend connection kept).
     Allowed,
     /// Every other duration: zero would disable the feature or fail every request.
     Rejected,
@@ -765,6 +767,7 @@ impl Validator<'_> {
         let timeouts = UpstreamTimeouts {
             connect: self.duration_or(t.connect, default::CONNECT, Zero::Rejected),
             response: self.duration_or(t.response, default::RESPONSE, Zero::Rejected),
+            idle: self.duration_or(t.idle, default::UPSTREAM_IDLE, Zero::Allowed),
         };
         let queue = raw.queue.map(|q| Queue {
             max_in_flight_per_backend: self.int_or(
@@ -1723,6 +1726,7 @@ mod tests {
             UpstreamTimeouts {
                 connect: Duration::from_secs(1),
                 response: Duration::from_secs(30),
+                idle: Duration::from_secs(60),
             }
         );
     }

@@ -298,6 +298,11 @@ async fn accept_loop(
     // one warning a second at most (a flood would otherwise write a line per connection).
     let mut refused: u64 = 0;
     let mut warned: Option<Instant> = None;
+    let refusals = state.metrics.connections_refused(
+        &listener
+            .local_addr()
+            .map_or_else(|_| String::new(), |a| a.to_string()),
+    );
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -321,12 +326,13 @@ async fn accept_loop(
         if open >= limits.max_connections && !evict_oldest_idle(&registry) {
             state.connections.fetch_sub(1, Ordering::Relaxed);
             drop(stream);
+            refusals.inc();
             refused += 1;
             let now = Instant::now();
             if warned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
                 tracing::warn!(
                     %peer, open, refused,
-                    "max_connections reached and none idle; closing new connections (this warning: at most once a second, `refused` counts them)"
+                    "max_connections reached and none idle; closing new connections (this warning: at most once a second, `refused` counts them since the last; palisade_connections_refused_total counts all)"
                 );
                 warned = Some(now);
                 refused = 0;

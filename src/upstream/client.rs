@@ -27,18 +27,17 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// The client type of every upstream.
 pub type HttpClient = Client<Connector, ProxyBody>;
 
-/// How long an unused pooled connection stays open (nginx's `keepalive_timeout` is 60 s;
-/// backends usually close sooner, which the pool notices).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Builds the pooled client for one upstream, on its `connector`.
 pub fn build(cfg: &config::Upstream, connector: Connector) -> HttpClient {
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_idle_timeout(cfg.timeouts.idle)
         .http2_only(cfg.protocol == Protocol::H2c);
+    if cfg.timeouts.idle.is_zero() {
+        builder.pool_max_idle_per_host(0);
+    }
     builder.build(connector)
 }
 

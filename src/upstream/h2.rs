@@ -1,6 +1,7 @@
 //! HTTP/2 to the backends of `protocol = "h2c"` upstreams (prior knowledge, or over TLS
 //! with `tls = true`): one multiplexed connection per backend, opened on first use and
-//! opened again once it has closed.
+//! opened again once it has closed. A connection that carried no request for the upstream's
+//! `timeouts.idle` is closed by the pool sweeper, as idle HTTP/1.1 ones are.
 //!
 //! palisade keeps these connections itself instead of in hyper-util's pooled client
 //! because that client takes a request URI's authority both as the address to connect to
@@ -11,7 +12,9 @@
 
 use std::fmt;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
@@ -25,17 +28,23 @@ use tower_service::Service as _;
 use super::client::Connector;
 use super::pool::SendError;
 use super::Backend;
+use crate::clock;
 use crate::proxy::body::ProxyBody;
 
 /// A backend's HTTP/2 connection, while one is open. Read on every request without a
 /// lock (requests on several cores share it).
 #[derive(Default)]
-pub struct H2Conn(ArcSwapOption<SendRequest<ProxyBody>>);
+pub struct H2Conn {
+    conn: ArcSwapOption<SendRequest<ProxyBody>>,
+    /// When a request last went out ([`clock::coarse_ns`]).
+    used: AtomicU64,
+}
 
 impl fmt::Debug for H2Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let open = self.0.load().is_some();
-        f.debug_struct("H2Conn").field("open", &open).finish()
+        f.debug_struct("H2Conn")
+            .field("open", &self.is_open())
+            .finish()
     }
 }
 
@@ -43,16 +52,40 @@ impl H2Conn {
     /// Lets go of the connection (it closes once its streams are done); the next request
     /// opens a new one.
     pub fn clear(&self) {
-        self.0.store(None);
+        self.conn.store(None);
+    }
+
+    /// Whether a connection is open.
+    pub fn is_open(&self) -> bool {
+        self.conn.load().as_deref().is_some_and(|c| !c.is_closed())
+    }
+
+    /// Lets go of the connection once the backend closed it, or once no request went out
+    /// on it for `limit` and none is `in_flight` (a long response keeps it). Requests
+    /// still holding it finish first; hyper closes it after the last one.
+    pub fn sweep(&self, in_flight: u32, limit: Duration) {
+        let current = self.conn.load_full();
+        let Some(conn) = current.as_deref() else {
+            return;
+        };
+        let unused = clock::coarse_ns().saturating_sub(self.used.load(Ordering::Relaxed));
+        if conn.is_closed() || (in_flight == 0 && unused >= clock::nanos(limit)) {
+            // Only this connection: one a request opened meanwhile stays.
+            self.conn.compare_and_swap(&current, None);
+        }
     }
 
     /// The connection, if one is open.
     fn open(&self) -> Option<SendRequest<ProxyBody>> {
-        self.0.load().as_deref().filter(|c| !c.is_closed()).cloned()
+        self.conn
+            .load()
+            .as_deref()
+            .filter(|c| !c.is_closed())
+            .cloned()
     }
 
     fn keep(&self, sender: &SendRequest<ProxyBody>) {
-        self.0.store(Some(Arc::new(sender.clone())));
+        self.conn.store(Some(Arc::new(sender.clone())));
     }
 }
 
@@ -67,6 +100,7 @@ pub async fn send(
     mut req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, SendError> {
     loop {
+        backend.h2.used.store(clock::coarse_ns(), Ordering::Relaxed);
         let (mut sender, reused) = match backend.h2.open() {
             Some(sender) => (sender, true),
             // Boxed: connecting is the rare path.

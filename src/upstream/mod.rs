@@ -189,10 +189,14 @@ impl Upstream {
                 });
             }
         }
+        for b in &backends {
+            b.pool.set_idle_limit(cfg.timeouts.idle);
+        }
         let (client, connector) = match previous {
             Some(p)
                 if p.config.protocol == cfg.protocol
                     && p.config.timeouts.connect == cfg.timeouts.connect
+                    && p.config.timeouts.idle == cfg.timeouts.idle
                     && p.config.tls == cfg.tls =>
             {
                 (p.client.clone(), p.connector.clone())

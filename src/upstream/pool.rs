@@ -16,6 +16,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,8 +32,9 @@ use super::Backend;
 use crate::clock;
 use crate::proxy::body::{BoxError, ProxyBody};
 
-/// How long an unused connection stays open (nginx's `keepalive_timeout` is 60 s; backends
-/// usually close sooner, which the pool notices).
+/// How long an unused connection stays open unless the upstream's `timeouts.idle` says
+/// otherwise (nginx's upstream `keepalive_timeout` is 60 s; backends that close sooner are
+/// noticed, but a request can meet the close: set `idle` below the backend's own timeout).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Idle connections kept per backend; more are closed when they are given back (nginx's
@@ -49,16 +51,27 @@ struct Idle {
 }
 
 impl Idle {
-    /// Idle for less than [`IDLE_TIMEOUT`] at `now` ([`clock::coarse_ns`]).
-    fn is_fresh(&self, now: u64) -> bool {
-        now.saturating_sub(self.since) < clock::nanos(IDLE_TIMEOUT)
+    /// Idle for less than `limit` nanoseconds at `now` ([`clock::coarse_ns`]).
+    fn is_fresh(&self, now: u64, limit: u64) -> bool {
+        now.saturating_sub(self.since) < limit
     }
 }
 
 /// The idle connections of one backend.
-#[derive(Default)]
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
+    /// How long a connection may stay idle, in nanoseconds (the upstream's
+    /// `timeouts.idle`, set again on every reload; 0: none is kept).
+    limit: AtomicU64,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            idle: Mutex::default(),
+            limit: AtomicU64::new(clock::nanos(IDLE_TIMEOUT)),
+        }
+    }
 }
 
 impl fmt::Debug for Pool {
@@ -75,12 +88,23 @@ impl Pool {
         self.idle.lock().map_or(0, |v| v.len())
     }
 
+    /// Sets how long a connection may stay idle (zero: none is kept).
+    pub fn set_idle_limit(&self, limit: Duration) {
+        self.limit.store(clock::nanos(limit), Ordering::Relaxed);
+    }
+
+    /// How long a connection may stay idle.
+    pub fn idle_limit(&self) -> Duration {
+        Duration::from_nanos(self.limit.load(Ordering::Relaxed))
+    }
+
     /// The newest idle connection that is still open and not too old.
     fn take(&self) -> Option<Conn> {
         let now = clock::coarse_ns();
+        let limit = self.limit.load(Ordering::Relaxed);
         loop {
             let idle = self.idle.lock().ok()?.pop()?;
-            if idle.is_fresh(now) && idle.conn.is_open() {
+            if idle.is_fresh(now, limit) && idle.conn.is_open() {
                 return Some(idle.conn);
             }
             // Closed by the backend, or idle too long: dropping it closes it.
@@ -89,12 +113,16 @@ impl Pool {
 
     /// Gives a connection back for the next request (closing it when the pool is full).
     pub(super) fn put(&self, conn: Conn) {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return;
+        }
         let now = clock::coarse_ns();
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
         // The oldest connection sits at the bottom of the stack; retire it once it aged.
-        if idle.first().is_some_and(|old| !old.is_fresh(now)) {
+        if idle.first().is_some_and(|old| !old.is_fresh(now, limit)) {
             idle.remove(0);
         }
         if idle.len() < MAX_IDLE {
@@ -102,15 +130,16 @@ impl Pool {
         }
     }
 
-    /// Closes the connections that were idle for [`IDLE_TIMEOUT`] or that the backend
+    /// Closes the connections that were idle for the idle limit or that the backend
     /// closed (run every few seconds, so that an unused pool does not hold sockets open).
     pub fn sweep(&self) {
         let now = clock::coarse_ns();
+        let limit = self.limit.load(Ordering::Relaxed);
         let stale: Vec<Idle> = match self.idle.lock() {
             Ok(mut idle) => {
                 let (keep, stale) = std::mem::take(&mut *idle)
                     .into_iter()
-                    .partition(|i| i.is_fresh(now) && i.conn.is_open());
+                    .partition(|i| i.is_fresh(now, limit) && i.conn.is_open());
                 *idle = keep;
                 stale
             }

@@ -429,6 +429,20 @@ async fn refusals_at_max_connections_are_logged_at_most_once_a_second() {
             started.elapsed()
         );
     }
+    // Each refusal is counted, also those after the last warning.
+    let metrics = get(&format!("http://{}/metrics", palisade.admin))
+        .await
+        .text();
+    let listener = palisade.addr.to_string();
+    assert_eq!(
+        sample(
+            &metrics,
+            "palisade_connections_refused_total",
+            &[("listener", &listener)]
+        ),
+        Some(50.0),
+        "{metrics}"
+    );
     drop(busy);
     let log = palisade.stop();
     let warnings: Vec<&str> = log

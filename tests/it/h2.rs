@@ -5,6 +5,8 @@ use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +18,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 /// An HTTP/2-only backend on a free port that answers every request with `answer`.
-async fn h2_backend<F, Fut, B>(answer: F) -> SocketAddr
+struct H2Backend {
+    addr: SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+    /// Connections that ended.
+    ended: Arc<AtomicUsize>,
+}
+
+async fn h2_backend<F, Fut, B>(answer: F) -> H2Backend
 where
     F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
@@ -26,9 +36,14 @@ where
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
+    let (a, e) = (accepted.clone(), ended.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
             let answer = answer.clone();
+            let e = e.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let answer = answer.clone();
@@ -37,10 +52,15 @@ where
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+                e.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    addr
+    H2Backend {
+        addr,
+        accepted,
+        ended,
+    }
 }
 
 /// An HTTP/2-only backend answering like a gRPC server: a body, then `grpc-status` in the
@@ -77,6 +97,7 @@ async fn grpc_like_backend() -> SocketAddr {
         resp
     })
     .await
+    .addr
 }
 
 #[tokio::test]
@@ -159,6 +180,7 @@ async fn authority_backend() -> SocketAddr {
         resp
     })
     .await
+    .addr
 }
 
 #[tokio::test]
@@ -200,4 +222,58 @@ async fn an_h2c_upstream_gets_the_clients_host_as_authority_and_no_host_field() 
         "{answer}"
     );
     assert!(answer.contains("x-saw-host-fields: 0\r\n"), "{answer}");
+}
+
+/// An h2c backend connection that carried no request for the upstream's `idle` is closed
+/// (it stayed open until the backend closed it), but not while a response is still
+/// streaming on it: requests meanwhile share it.
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_but_not_while_a_response_streams() {
+    let backend = h2_backend(|req: http::Request<Incoming>| async move {
+        let body = if req.uri().path() == "/slow" {
+            // Three chunks, 500 ms apart.
+            let chunks = futures_util::stream::unfold(0u8, |n| async move {
+                if n == 3 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let frame = hyper::body::Frame::data(Bytes::from_static(b"chunk\n"));
+                Some((Ok::<_, Infallible>(frame), n + 1))
+            });
+            http_body_util::StreamBody::new(chunks).boxed()
+        } else {
+            Full::new(Bytes::from_static(b"ok")).boxed()
+        };
+        http::Response::new(body)
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{}\" }}]\n[upstreams.h2.timeouts]\nidle = \"300ms\"\n",
+        backend.addr
+    ))
+    .await;
+    let accepted = || backend.accepted.load(Ordering::SeqCst);
+    let ended = || backend.ended.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/a")).await.text(), "ok");
+    }
+    assert_eq!(accepted(), 1, "the connection was not shared");
+    assert!(
+        eventually(Duration::from_secs(5), async || ended() == 1).await,
+        "the idle connection is still open"
+    );
+    // A response streaming for 1.5 s, three times `idle`: a request meanwhile shares its
+    // connection.
+    let slow = tokio::spawn({
+        let url = proxy.url("/slow");
+        async move { get(&url).await.text() }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(get(&proxy.url("/b")).await.text(), "ok");
+    assert_eq!(slow.await.expect("slow"), "chunk\nchunk\nchunk\n");
+    assert_eq!(
+        accepted(),
+        2,
+        "a connection was let go while a response streamed on it"
+    );
 }

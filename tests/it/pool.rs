@@ -1,6 +1,7 @@
 //! palisade's own upstream connection pool (plain HTTP/1.1 backends): connections are
-//! reused across requests, given back only when a response was read to its end, and a
-//! connection the backend closed while idle costs no failed request.
+//! reused across requests, given back only when a response was read to its end, a
+//! connection the backend closed while idle costs no failed request, and one unused for
+//! the upstream's `timeouts.idle` is closed.
 
 use crate::common;
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{get, single_upstream, Proxy};
+use common::{eventually, get, single_upstream, Proxy};
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +31,8 @@ struct RawBackend {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// Connections that ended (the peer closed, or the backend did).
+    ended: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -39,19 +42,29 @@ impl RawBackend {
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (a, r) = (accepted.clone(), requests.clone());
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (a, r, e) = (accepted.clone(), requests.clone(), ended.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, r.clone()));
+                let (r, e) = (r.clone(), e.clone());
+                tokio::spawn(async move {
+                    serve(stream, r).await;
+                    e.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
         RawBackend {
             addr,
             accepted,
             requests,
+            ended,
             task,
         }
+    }
+
+    fn ended(&self) -> usize {
+        self.ended.load(Ordering::SeqCst)
     }
 
     fn accepted(&self) -> usize {
@@ -135,6 +148,12 @@ async fn serve(mut stream: TcpStream, requests: Arc<AtomicUsize>) {
 
 async fn proxy_for(backend: &RawBackend) -> Proxy {
     Proxy::start(&single_upstream(&[(backend.addr, 1)], "")).await
+}
+
+/// A proxy for `backend` whose upstream keeps idle connections for `idle`.
+async fn proxy_with_idle(backend: &RawBackend, idle: &str) -> Proxy {
+    let extra = format!("[upstreams.app.timeouts]\nidle = \"{idle}\"\n");
+    Proxy::start(&single_upstream(&[(backend.addr, 1)], &extra)).await
 }
 
 #[tokio::test]
@@ -245,4 +264,41 @@ async fn a_connection_the_backend_closed_while_idle_costs_no_failed_request() {
     }
     assert_eq!(backend.requests(), 20);
     assert_eq!(backend.accepted(), 20);
+}
+
+/// A pooled connection unused for the upstream's `timeouts.idle` is closed even when no
+/// request comes to find it stale (it stayed open until the backend closed it, 60 s at
+/// the earliest from palisade's side, with no setting).
+#[tokio::test]
+async fn a_connection_idle_for_the_upstreams_idle_timeout_is_closed() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_with_idle(&backend, "300ms").await;
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/cl")).await.text(), "hello");
+    }
+    assert_eq!(backend.accepted(), 1, "the connection was not reused");
+    assert!(
+        eventually(Duration::from_secs(5), async || backend.ended() == 1).await,
+        "the idle connection is still open"
+    );
+    // The next request opens a new one and is served.
+    assert_eq!(get(&proxy.url("/cl")).await.text(), "hello");
+    assert_eq!(backend.accepted(), 2);
+}
+
+/// `idle = "0s"`: no connection is kept, every request opens its own (nginx without
+/// `keepalive`).
+#[tokio::test]
+async fn idle_zero_keeps_no_backend_connection() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_with_idle(&backend, "0s").await;
+    for _ in 0..3 {
+        assert_eq!(get(&proxy.url("/cl")).await.text(), "hello");
+    }
+    assert_eq!(backend.accepted(), 3);
+    assert!(
+        eventually(Duration::from_secs(5), async || backend.ended() == 3).await,
+        "{} of 3 connections ended",
+        backend.ended()
+    );
 }

@@ -981,6 +981,17 @@ async fn at_max_connections_with_none_idle_a_new_connection_is_refused() {
     )
     .await;
     assert!(closed && text.is_empty(), "served over the cap: {text}");
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    let listener = proxy.addr.to_string();
+    assert_eq!(
+        sample(
+            &metrics,
+            "palisade_connections_refused_total",
+            &[("listener", &listener)]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
     for b in busy {
         assert_eq!(b.await.expect("busy"), 200, "a busy connection was evicted");
     }
