@@ -87,12 +87,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     crate::tls::build(&config).map_err(StartError::Config)?;
     // A running palisade on these addresses hands its listening sockets over: no
     // connection queued on them is lost when it stops.
-    let mut inherited = server::handover::name(&config)
-        .map(|name| server::handover::fetch(&name))
-        .unwrap_or_default();
+    let mut inherited = server::handover::take_over(&config);
     let listeners = bind_listeners_from(&config, &mut inherited)?;
     // Sockets for addresses this config no longer has are closed here.
     drop(inherited);
+    // Offered in turn from before this process says it is ready.
+    let offer = server::handover::name(&config).map(server::handover::Offer::claim);
     let admin_listener = bind_admin(&config)?;
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening");
@@ -121,7 +121,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         shutdown_signal().await;
         crate::sdnotify::stopping();
     };
-    server::serve_managed(listeners, state, shutdown).await;
+    server::serve_managed(listeners, state, offer, shutdown).await;
     sighup.abort();
     dns_task.abort();
     let _ = admin_stop.send(());

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,22 +45,50 @@ pub type Key = (SocketAddr, bool);
 /// The listening sockets a process offers, kept current as reloads add and remove them.
 pub type Offered = Arc<Mutex<HashMap<Key, Arc<TcpListener>>>>;
 
-/// The abstract socket name of the hand-over for `config`: after its lowest listen
-/// address (plain or TLS), which an old and a new process share. None without any.
+/// The abstract socket name under which a process offers its listeners: after its lowest
+/// listen address (plain or TLS). None without any.
 pub fn name(config: &Config) -> Option<String> {
-    let lowest = config
+    listen_addresses(config).first().map(|&addr| name_of(addr))
+}
+
+fn name_of(addr: SocketAddr) -> String {
+    format!("palisade-handover/{addr}")
+}
+
+/// Every listen address of `config` (plain and TLS), lowest first.
+fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = config
         .server
         .listen
         .iter()
         .copied()
         .chain(config.server.tls.iter().map(|t| t.listen))
-        .min()?;
-    Some(format!("palisade-handover/{lowest}"))
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// The listening sockets that running palisades offer for `config`'s addresses. The
+/// names of its addresses are asked lowest first, skipping addresses already taken over:
+/// usually the first answer has them all. A running process offers under its own lowest
+/// address, which need not be this config's lowest (a listen address added meanwhile).
+pub fn take_over(config: &Config) -> HashMap<Key, std::net::TcpListener> {
+    let mut taken: HashMap<Key, std::net::TcpListener> = HashMap::new();
+    for addr in listen_addresses(config) {
+        if taken.keys().any(|(have, _)| *have == addr) {
+            continue;
+        }
+        for (key, listener) in fetch(&name_of(addr)) {
+            taken.entry(key).or_insert(listener);
+        }
+    }
+    taken
 }
 
 /// Asks a running palisade for its listening sockets. Empty when there is none (or it
 /// cannot be asked: every failure is logged and leaves the new process to bind its own).
-pub fn fetch(name: &str) -> HashMap<Key, std::net::TcpListener> {
+fn fetch(name: &str) -> HashMap<Key, std::net::TcpListener> {
     match ask(name) {
         Ok(listeners) => {
             if !listeners.is_empty() {
@@ -153,32 +182,72 @@ fn same_user(stream: &UnixStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Offers `offered` under `name` until `stop` says the process is stopping. While another
-/// process holds the name (the one this one took over from, until it stops), binding is
-/// tried again every second. Returns whether a process took the sockets over.
-pub async fn serve(
+/// The hand-over name of a process, claimed before the process says it is ready, so that
+/// a new process started as soon as this one is ready finds it. A new process asking
+/// before [`serve`] runs waits in the socket's queue.
+#[derive(Debug)]
+pub struct Offer {
     name: String,
+    /// The bound name; None while the process being replaced still holds it.
+    bound: Option<UnixListener>,
+}
+
+impl Offer {
+    /// Claims `name` if it is free. While a process being replaced still holds it,
+    /// [`serve`] keeps trying.
+    pub fn claim(name: String) -> Offer {
+        let bound = match bind(&name) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::AddrInUse {
+                    tracing::debug!(error = %e, "hand-over name not bound yet");
+                }
+                None
+            }
+        };
+        Offer { name, bound }
+    }
+
+    /// The name offered under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Offers `offered` under `offer`'s name until `stop` says the process is stopping. While
+/// another process holds the name (the one this one took over from, until it stops),
+/// binding is tried again every second. Sets `handed` once a process took the sockets
+/// over.
+pub async fn serve(
+    offer: Offer,
     offered: Offered,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> bool {
+    handed: Arc<AtomicBool>,
+) {
+    let mut bound = offer.bound;
     let listener = loop {
-        match bind(&name) {
-            Ok(listener) => break listener,
+        match bound.take().map_or_else(|| bind(&offer.name), Ok) {
+            Ok(listener) => match tokio::net::UnixListener::from_std(listener) {
+                Ok(listener) => break listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot offer the listening sockets for hand-over; a replacing process will bind its own");
+                    return;
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot offer the listening sockets for hand-over; a replacing process will bind its own");
-                return false;
+                return;
             }
         }
         tokio::select! {
-            () = stopping(&mut stop) => return false,
+            () = stopping(&mut stop) => return,
             () = tokio::time::sleep(super::REBIND_EVERY) => {}
         }
     };
-    let mut handed = false;
     loop {
         tokio::select! {
-            () = stopping(&mut stop) => return handed,
+            () = stopping(&mut stop) => return,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let Ok(stream) = stream.into_std() else { continue };
@@ -187,8 +256,13 @@ pub async fn serve(
                 let sent = tokio::task::spawn_blocking(move || answer(&stream, &offered)).await;
                 match sent {
                     Ok(Ok(count)) => {
-                        handed = true;
+                        handed.store(true, Ordering::Relaxed);
                         tracing::info!(listeners = count, "handed the listening sockets to a new palisade process");
+                    }
+                    // It gave up waiting (this process was too slow, or stopped) and
+                    // bound its own sockets: nothing lost, nothing to warn about.
+                    Ok(Err(e)) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+                        tracing::info!(error = %e, "a new process asked for the listening sockets but left before the answer (it binds its own)");
                     }
                     Ok(Err(e)) => tracing::warn!(error = %e, "listener hand-over failed"),
                     Err(e) => tracing::warn!(error = %e, "listener hand-over failed"),
@@ -207,11 +281,11 @@ async fn stopping(stop: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-fn bind(name: &str) -> io::Result<tokio::net::UnixListener> {
+fn bind(name: &str) -> io::Result<UnixListener> {
     let addr = UnixAddr::from_abstract_name(name.as_bytes())?;
     let listener = UnixListener::bind_addr(&addr)?;
     listener.set_nonblocking(true)?;
-    tokio::net::UnixListener::from_std(listener)
+    Ok(listener)
 }
 
 /// Sends the offered sockets, one line per socket and the sockets themselves alongside.

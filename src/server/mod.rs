@@ -114,7 +114,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let listeners = listeners.into_iter().map(Listener::plain).collect();
-    serve_inner(listeners, state, shutdown, false).await;
+    serve_inner(listeners, state, shutdown, None).await;
 }
 
 /// Serves plain and TLS listeners until `shutdown` resolves, then drains.
@@ -123,26 +123,34 @@ pub async fn serve_listeners(
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_inner(listeners, state, shutdown, false).await;
+    serve_inner(listeners, state, shutdown, None).await;
 }
 
 /// Like [`serve_listeners`], and the plain listeners follow `server.listen`: a reload that
 /// adds an address opens it, one that removes an address closes it (its open connections
-/// carry on). TLS listeners stay as started; their certificates follow reloads.
+/// carry on). TLS listeners stay as started; their certificates follow reloads. The
+/// listeners are offered to a replacing process under `offer` ([`handover`]), and under
+/// the name of the new lowest listen address after a reload that changes it.
 pub async fn serve_managed(
     listeners: Vec<Listener>,
     state: Arc<ProxyState>,
+    offer: Option<handover::Offer>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_inner(listeners, state, shutdown, true).await;
+    serve_inner(listeners, state, shutdown, Some(offer)).await;
 }
 
+/// `managed`: Some for [`serve_managed`], with its offer.
 async fn serve_inner(
     listeners: Vec<Listener>,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
-    managed: bool,
+    managed: Option<Option<handover::Offer>>,
 ) {
+    let (managed, first_offer) = match managed {
+        Some(offer) => (true, offer),
+        None => (false, None),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone of `done_tx`; when all are dropped, `recv`
     // returns None: all connections are gone.
@@ -176,12 +184,14 @@ async fn serve_inner(
         let key = (listener.tls.unwrap_or(addr), listener.tls.is_some());
         accept_tasks.insert(key, spawn(listener.socket, listener.tls));
     }
-    let offering = if managed {
-        handover::name(&state.snapshot().config)
-            .map(|name| tokio::spawn(handover::serve(name, offered.clone(), stop_rx.clone())))
-    } else {
-        None
+    // Offered under the lowest listen address, which a reload may change.
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let offer = |offer: handover::Offer| {
+        let name = offer.name().to_owned();
+        let task = handover::serve(offer, offered.clone(), stop_rx.clone(), handed_over.clone());
+        (name, tokio::spawn(task))
     };
+    let mut offering = first_offer.map(offer);
     let mut changes = state.subscribe();
     // Addresses a reload asked for that could not be bound (each logged once): tried
     // again every REBIND_EVERY, since a reload that changes nothing else is skipped.
@@ -234,20 +244,26 @@ async fn serve_inner(
                 }
             }
         }
+        let name = handover::name(&state.snapshot().config);
+        if managed && offering.as_ref().map(|(offered_as, _)| offered_as) != name.as_ref() {
+            if let Some((_, task)) = offering.take() {
+                task.abort();
+            }
+            offering = name.map(|name| offer(handover::Offer::claim(name)));
+        }
     }
     drop(done_tx);
 
     state.start_draining();
     let _ = stop_tx.send(true);
     // The hand-over stops first: a process that took the sockets over keeps them open.
-    let handed_over = match offering {
-        Some(offering) => offering.await.unwrap_or(false),
-        None => false,
-    };
+    if let Some((_, task)) = offering {
+        let _ = task.await;
+    }
     if let Ok(mut offered) = offered.lock() {
         offered.clear();
     }
-    if !handed_over {
+    if !handed_over.load(Ordering::Relaxed) {
         warn_if_queued_connections_would_reset();
     }
     for task in accept_tasks.into_values() {

@@ -300,29 +300,7 @@ async fn a_replacing_process_takes_over_the_listening_socket_itself() {
     let echo = Echo::start("a").await;
     let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let dir = TempDir::new("handover");
-    let instance = |name: &str| -> (PathBuf, SocketAddr) {
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "[server]\nlisten = [\"{proxy}\"]\n[admin]\nlisten = \"{admin}\"\n\
-                 [[routes]]\nname = \"all\"\nupstream = \"app\"\n\
-                 [upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
-                echo.addr
-            ),
-        )
-        .expect("config");
-        (path, admin)
-    };
-    let signal = |child: &ChildGuard, sig: &str| {
-        let pid = child.0.id().to_string();
-        let sent = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(sent.success(), "kill {sig} {pid}");
-    };
+    let instance = |name: &str| listen_config(&dir, name, &[proxy], echo.addr);
     let (path, admin) = instance("a");
     let mut old = start_ready(&path, admin).await;
     for name in ["b", "c"] {
@@ -331,33 +309,7 @@ async fn a_replacing_process_takes_over_the_listening_socket_itself() {
         // for the first, within a second of its predecessor's exit for the next.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let new = start_ready(&path, admin).await;
-        signal(&old, "-STOP");
-        // Stopped ("T" in /proc), not merely signalled.
-        let stat = format!("/proc/{}/stat", old.0.id());
-        let stopped = eventually(Duration::from_secs(5), async || {
-            std::fs::read_to_string(&stat).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|state| state.trim_start().starts_with('T'))
-            })
-        })
-        .await;
-        assert!(stopped, "{name}: the old process did not stop");
-        // A connection left in a queue only the frozen process reads never gets an answer;
-        // the time limit is generous for a loaded machine.
-        let answered = futures_util::future::join_all(
-            (0..32).map(|_| tokio::time::timeout(Duration::from_secs(10), one_request(proxy))),
-        )
-        .await;
-        signal(&old, "-CONT");
-        let failed: Vec<String> = answered
-            .iter()
-            .filter_map(|a| match a {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("no answer in 10 s".to_owned()),
-            })
-            .collect();
+        let failed = failures_with_the_old_one_frozen(&old, proxy).await;
         assert!(
             failed.is_empty(),
             "{name}: with the old process frozen, {} of 32 connections failed: {failed:?}",
@@ -377,30 +329,10 @@ async fn a_new_process_starts_even_when_the_old_one_cannot_hand_over() {
     let echo = Echo::start("a").await;
     let proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let dir = TempDir::new("handover-hung");
-    let instance = |name: &str| -> (PathBuf, SocketAddr) {
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let path = dir.write(
-            &format!("{name}.toml"),
-            &format!(
-                "[server]\nlisten = [\"{proxy}\"]\n[admin]\nlisten = \"{admin}\"\n\
-                 [[routes]]\nname = \"all\"\nupstream = \"app\"\n\
-                 [upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
-                echo.addr
-            ),
-        );
-        (path, admin)
-    };
+    let instance = |name: &str| listen_config(&dir, name, &[proxy], echo.addr);
     let (path, admin) = instance("a");
     let old = start_ready(&path, admin).await;
-    let pid = old.0.id().to_string();
-    let kill = |sig: &str| {
-        let sent = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(sent.success(), "kill {sig} {pid}");
-    };
-    kill("-STOP");
+    signal(&old, "-STOP");
     let (path, admin) = instance("b");
     let new = start_ready(&path, admin).await;
     // Its own socket: some new connections land in the frozen process's queue, but the
@@ -413,7 +345,7 @@ async fn a_new_process_starts_even_when_the_old_one_cannot_hand_over() {
     .filter(|a| matches!(a, Ok(Ok(()))))
     .count();
     assert!(served > 0, "the new process served nothing");
-    kill("-CONT");
+    signal(&old, "-CONT");
     terminate_and_wait(old).await;
     terminate_and_wait(new).await;
 }
@@ -527,4 +459,142 @@ async fn under_systemd_it_says_ready_once_serving_and_stopping_on_sigterm() {
     terminate_and_wait(child).await;
     let (message, _) = stopping.await.expect("recv task");
     assert_eq!(message, "STOPPING=1");
+}
+
+/// Sends `sig` to the process.
+fn signal(child: &ChildGuard, sig: &str) {
+    let pid = child.0.id().to_string();
+    let sent = Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
+/// Freezes `old`, sends 32 requests on new connections to `addr` and thaws it again:
+/// the requests that failed. None fail only when every connection went to a process
+/// that still accepts, that is when the two share the listening socket: a connection left
+/// in a queue only the frozen process reads never gets an answer.
+async fn failures_with_the_old_one_frozen(old: &ChildGuard, addr: SocketAddr) -> Vec<String> {
+    signal(old, "-STOP");
+    // Stopped ("T" in /proc), not merely signalled.
+    let stat = format!("/proc/{}/stat", old.0.id());
+    let stopped = eventually(Duration::from_secs(5), async || {
+        std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|state| state.trim_start().starts_with('T'))
+        })
+    })
+    .await;
+    assert!(stopped, "the old process did not stop");
+    // The time limit is generous for a loaded machine.
+    let answered = futures_util::future::join_all(
+        (0..32).map(|_| tokio::time::timeout(Duration::from_secs(10), one_request(addr))),
+    )
+    .await;
+    signal(old, "-CONT");
+    answered
+        .iter()
+        .filter_map(|a| match a {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer in 10 s".to_owned()),
+        })
+        .collect()
+}
+
+/// A config for one instance, `name`: `listen`, an admin address of its own, one route
+/// to `backend`.
+fn listen_config(
+    dir: &TempDir,
+    name: &str,
+    listen: &[SocketAddr],
+    backend: SocketAddr,
+) -> (PathBuf, SocketAddr) {
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let path = dir.join(format!("{name}.toml"));
+    write_config(&path, listen, admin, backend);
+    (path, admin)
+}
+
+fn write_config(path: &Path, listen: &[SocketAddr], admin: SocketAddr, backend: SocketAddr) {
+    let listen: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
+    std::fs::write(
+        path,
+        format!(
+            "[server]\nlisten = [{}]\n[admin]\nlisten = \"{admin}\"\n\
+             [[routes]]\nname = \"all\"\nupstream = \"app\"\n\
+             [upstreams.app]\nbackends = [{{ addr = \"{backend}\" }}]\n",
+            listen.join(", ")
+        ),
+    )
+    .expect("config");
+}
+
+/// Two listen addresses, lowest first.
+fn two_addresses() -> (SocketAddr, SocketAddr) {
+    let mut ports = [free_port(), free_port()];
+    ports.sort_unstable();
+    (
+        ([127, 0, 0, 1], ports[0]).into(),
+        ([127, 0, 0, 1], ports[1]).into(),
+    )
+}
+
+/// A process offers its sockets under its lowest listen address, and a reload can change
+/// which that is: it now offers under the new one. Before, it kept the name it started
+/// with, and a new process whose lowest address was the reload's new one found nobody to
+/// take over from and bound a socket of its own (its predecessor's queue then lost).
+#[tokio::test]
+async fn a_reload_that_adds_a_lower_address_moves_the_hand_over_with_it() {
+    let echo = Echo::start("a").await;
+    let dir = TempDir::new("handover-reload");
+    let (low, high) = two_addresses();
+    let (path, admin) = listen_config(&dir, "a", &[high], echo.addr);
+    let old = start_ready(&path, admin).await;
+    write_config(&path, &[low, high], admin, echo.addr);
+    let reloaded = post(&format!("http://{admin}/reload"), Vec::new()).await;
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    assert!(
+        eventually(Duration::from_secs(5), async || one_request(low)
+            .await
+            .is_ok())
+        .await,
+        "the reload did not open {low}"
+    );
+    replace_and_check_the_take_over(old, &dir, &[low], low, echo.addr).await;
+}
+
+/// A new process whose lowest listen address is not the running one's (it adds a lower
+/// one) still takes the running one's sockets over: it asks under each of its addresses.
+#[tokio::test]
+async fn a_new_process_with_a_lower_address_added_still_takes_over() {
+    let echo = Echo::start("a").await;
+    let dir = TempDir::new("handover-added");
+    let (low, high) = two_addresses();
+    let (path, admin) = listen_config(&dir, "a", &[high], echo.addr);
+    let old = start_ready(&path, admin).await;
+    replace_and_check_the_take_over(old, &dir, &[low, high], high, echo.addr).await;
+}
+
+/// Starts a process listening on `listen` next to `old`, and checks that it took `addr`'s
+/// socket over (every connection served with `old` frozen); then stops both.
+async fn replace_and_check_the_take_over(
+    old: ChildGuard,
+    dir: &TempDir,
+    listen: &[SocketAddr],
+    addr: SocketAddr,
+    backend: SocketAddr,
+) {
+    let (path, admin) = listen_config(dir, "new", listen, backend);
+    let new = start_ready(&path, admin).await;
+    let failed = failures_with_the_old_one_frozen(&old, addr).await;
+    assert!(
+        failed.is_empty(),
+        "with the old process frozen, {} of 32 connections to {addr} failed: {failed:?}",
+        failed.len()
+    );
+    terminate_and_wait(old).await;
+    terminate_and_wait(new).await;
 }
