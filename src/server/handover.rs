@@ -226,14 +226,9 @@ pub async fn serve(
 ) {
     let mut bound = offer.bound;
     let listener = loop {
-        match bound.take().map_or_else(|| bind(&offer.name), Ok) {
-            Ok(listener) => match tokio::net::UnixListener::from_std(listener) {
-                Ok(listener) => break listener,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot offer the listening sockets for hand-over; a replacing process will bind its own");
-                    return;
-                }
-            },
+        let listener = bound.take().map_or_else(|| bind(&offer.name), Ok);
+        match listener.and_then(tokio::net::UnixListener::from_std) {
+            Ok(listener) => break listener,
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot offer the listening sockets for hand-over; a replacing process will bind its own");

@@ -114,7 +114,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let listeners = listeners.into_iter().map(Listener::plain).collect();
-    serve_inner(listeners, state, shutdown, None).await;
+    serve_inner(listeners, state, shutdown, Mode::Fixed).await;
 }
 
 /// Serves plain and TLS listeners until `shutdown` resolves, then drains.
@@ -123,7 +123,7 @@ pub async fn serve_listeners(
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_inner(listeners, state, shutdown, None).await;
+    serve_inner(listeners, state, shutdown, Mode::Fixed).await;
 }
 
 /// Like [`serve_listeners`], and the plain listeners follow `server.listen`: a reload that
@@ -137,19 +137,26 @@ pub async fn serve_managed(
     offer: Option<handover::Offer>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_inner(listeners, state, shutdown, Some(offer)).await;
+    serve_inner(listeners, state, shutdown, Mode::Managed(offer)).await;
 }
 
-/// `managed`: Some for [`serve_managed`], with its offer.
+/// Whether the listeners follow the config ([`serve_managed`]).
+enum Mode {
+    /// The listeners given, until the end.
+    Fixed,
+    /// Listeners follow `server.listen` and are offered for hand-over, first under this.
+    Managed(Option<handover::Offer>),
+}
+
 async fn serve_inner(
     listeners: Vec<Listener>,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
-    managed: Option<Option<handover::Offer>>,
+    mode: Mode,
 ) {
-    let (managed, first_offer) = match managed {
-        Some(offer) => (true, offer),
-        None => (false, None),
+    let (managed, first_offer) = match mode {
+        Mode::Managed(offer) => (true, offer),
+        Mode::Fixed => (false, None),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone of `done_tx`; when all are dropped, `recv`

@@ -60,15 +60,20 @@ impl H2Conn {
         self.conn.load().as_deref().is_some_and(|c| !c.is_closed())
     }
 
-    /// Lets go of the connection once the backend closed it, or once no request went out
-    /// on it for `limit` and none is `in_flight` (a long response keeps it). Requests
-    /// still holding it finish first; hyper closes it after the last one.
+    /// Lets go of the connection once the backend closed it, or once it had nothing in
+    /// flight for `limit` (as far as these sweeps saw: a sweep that finds requests
+    /// `in_flight` counts as use). Requests still holding it finish first; hyper closes
+    /// it after the last one.
     pub fn sweep(&self, in_flight: u32, limit: Duration) {
         let current = self.conn.load_full();
         let Some(conn) = current.as_deref() else {
             return;
         };
-        let unused = clock::coarse_ns().saturating_sub(self.used.load(Ordering::Relaxed));
+        let now = clock::coarse_ns();
+        if in_flight > 0 {
+            self.used.store(now, Ordering::Relaxed);
+        }
+        let unused = now.saturating_sub(self.used.load(Ordering::Relaxed));
         if conn.is_closed() || (in_flight == 0 && unused >= clock::nanos(limit)) {
             // Only this connection: one a request opened meanwhile stays.
             self.conn.compare_and_swap(&current, None);
