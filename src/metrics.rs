@@ -45,6 +45,7 @@ pub struct Metrics {
     generation: IntGauge,
     connections: IntGauge,
     connections_refused: IntCounterVec,
+    connections_evicted: IntCounter,
     health_checks: IntCounterVec,
     upstream_panic: IntGaugeVec,
     panic_picks: IntCounterVec,
@@ -120,6 +121,14 @@ impl Metrics {
             )
             .expect(STATIC_DEFINITION),
         );
+        let connections_evicted = register(
+            &registry,
+            IntCounter::new(
+                "palisade_connections_evicted_total",
+                "Idle client connections (keep-alive, or no request yet) closed at max_connections to make room for a new one.",
+            )
+            .expect(STATIC_DEFINITION),
+        );
         let m = Metrics {
             requests: counter_vec(
                 &registry,
@@ -178,6 +187,7 @@ impl Metrics {
                 "Client connections closed on arrival because max_connections was reached and none was idle, by listen address.",
                 &["listener"],
             ),
+            connections_evicted,
             health_checks: counter_vec(
                 &registry,
                 "palisade_health_checks_total",
@@ -320,6 +330,11 @@ impl Metrics {
     /// The counter of connections refused at `max_connections` on `listener`.
     pub fn connections_refused(&self, listener: &str) -> IntCounter {
         self.connections_refused.with_label_values(&[listener])
+    }
+
+    /// The counter of idle connections closed at `max_connections` to make room.
+    pub fn connections_evicted(&self) -> IntCounter {
+        self.connections_evicted.clone()
     }
 
     /// Counts a reload.

@@ -321,6 +321,7 @@ async fn accept_loop(
     // one warning a second at most (a flood would otherwise write a line per connection).
     let mut refused: u64 = 0;
     let mut warned: Option<Instant> = None;
+    let evictions = state.metrics.connections_evicted();
     let refusals = state.metrics.connections_refused(
         &listener
             .local_addr()
@@ -346,7 +347,14 @@ async fn accept_loop(
         let open = state.connections.fetch_add(1, Ordering::Relaxed);
         // At the cap, the longest-idle connection makes room; with none idle, the new
         // connection is refused.
-        if open >= limits.max_connections && !evict_oldest_idle(&registry) {
+        let room = open < limits.max_connections || {
+            let evicted = evict_oldest_idle(&registry);
+            if evicted {
+                evictions.inc();
+            }
+            evicted
+        };
+        if !room {
             state.connections.fetch_sub(1, Ordering::Relaxed);
             drop(stream);
             refusals.inc();

@@ -950,6 +950,20 @@ async fn at_max_connections_the_oldest_idle_connection_makes_room() {
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "the oldest idle connection was not closed"
     );
+    // Counted as an eviction (the connections were idle: none was refused).
+    let metrics = get(&proxy.admin_url("/metrics")).await.text();
+    assert_eq!(
+        sample(&metrics, "palisade_connections_evicted_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    let listener = proxy.addr.to_string();
+    let refused = [("listener", listener.as_str())];
+    assert_eq!(
+        sample(&metrics, "palisade_connections_refused_total", &refused),
+        Some(0.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
