@@ -277,3 +277,66 @@ async fn an_idle_h2c_connection_is_closed_but_not_while_a_response_streams() {
         "a connection was let go while a response streamed on it"
     );
 }
+
+/// An h2c backend that closes each connection gracefully (GOAWAY) right after its first
+/// answer, as a backend does at its own max-requests or idle limit. palisade's kept
+/// connection is then closing or closed when the next request comes: that request goes
+/// on a new connection, and no request fails or counts against the backend. (Two things
+/// see to it: a closed connection is not reused, and a request a closing one gives back
+/// unsent is resent. With the first disabled, the second alone passes this test; with
+/// both, requests fail with 502.)
+#[tokio::test]
+async fn an_h2c_backend_closing_its_connection_between_requests_fails_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let answered = Arc::new(tokio::sync::Notify::new());
+                let notify = answered.clone();
+                let service = service_fn(move |_req: http::Request<Incoming>| {
+                    notify.notify_one();
+                    async {
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"ok",
+                        ))))
+                    }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    () = answered.notified() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{addr}\" }}]\n[upstreams.h2.retry]\nattempts = 0\n"
+    ))
+    .await;
+    // In waves of four at once (each wave spans a connection's close) and one at a time.
+    let url = proxy.url("/");
+    for wave in 0..10 {
+        let width = if wave % 2 == 0 { 4 } else { 1 };
+        let answers =
+            futures_util::future::join_all((0..width).map(|_| async { get(&url).await })).await;
+        for answer in answers {
+            assert_eq!(answer.status, 200, "wave {wave}: {}", answer.text());
+        }
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 5,
+        "the backend did not close its connections: {} accepted",
+        accepted.load(Ordering::SeqCst)
+    );
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let backend = &status["upstreams"]["h2"]["backends"][0];
+    assert_eq!(backend["failures"], 0, "{status}");
+    assert_eq!(backend["requests"], 25, "{status}");
+}
