@@ -309,12 +309,7 @@ async fn a_replacing_process_takes_over_the_listening_socket_itself() {
         // for the first, within a second of its predecessor's exit for the next.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let new = start_ready(&path, admin).await;
-        let failed = failures_with_the_old_one_frozen(&old, proxy).await;
-        assert!(
-            failed.is_empty(),
-            "{name}: with the old process frozen, {} of 32 connections failed: {failed:?}",
-            failed.len()
-        );
+        assert_served_with_the_old_one_frozen(&old, proxy, name).await;
         terminate_and_wait(old).await;
         old = new;
     }
@@ -471,11 +466,12 @@ fn signal(child: &ChildGuard, sig: &str) {
     assert!(sent.success(), "kill {sig} {pid}");
 }
 
-/// Freezes `old`, sends 32 requests on new connections to `addr` and thaws it again:
-/// the requests that failed. None fail only when every connection went to a process
-/// that still accepts, that is when the two share the listening socket: a connection left
-/// in a queue only the frozen process reads never gets an answer.
-async fn failures_with_the_old_one_frozen(old: &ChildGuard, addr: SocketAddr) -> Vec<String> {
+/// Freezes `old`, sends 32 requests on new connections to `addr`, thaws it again and
+/// asserts that none failed (`who` names the new process in the message). None fail only
+/// when every connection went to a process that still accepts, that is when the two share
+/// the listening socket: a connection left in a queue only the frozen process reads never
+/// gets an answer.
+async fn assert_served_with_the_old_one_frozen(old: &ChildGuard, addr: SocketAddr, who: &str) {
     signal(old, "-STOP");
     // Stopped ("T" in /proc), not merely signalled.
     let stat = format!("/proc/{}/stat", old.0.id());
@@ -494,14 +490,19 @@ async fn failures_with_the_old_one_frozen(old: &ChildGuard, addr: SocketAddr) ->
     )
     .await;
     signal(old, "-CONT");
-    answered
+    let failed: Vec<String> = answered
         .iter()
         .filter_map(|a| match a {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("no answer in 10 s".to_owned()),
         })
-        .collect()
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{who}: with the old process frozen, {} of 32 connections to {addr} failed: {failed:?}",
+        failed.len()
+    );
 }
 
 /// A config for one instance, `name`: `listen`, an admin address of its own, one route
@@ -589,12 +590,7 @@ async fn replace_and_check_the_take_over(
 ) {
     let (path, admin) = listen_config(dir, "new", listen, backend);
     let new = start_ready(&path, admin).await;
-    let failed = failures_with_the_old_one_frozen(&old, addr).await;
-    assert!(
-        failed.is_empty(),
-        "with the old process frozen, {} of 32 connections to {addr} failed: {failed:?}",
-        failed.len()
-    );
+    assert_served_with_the_old_one_frozen(&old, addr, "new").await;
     terminate_and_wait(old).await;
     terminate_and_wait(new).await;
 }
