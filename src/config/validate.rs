@@ -246,7 +246,8 @@ mod default {
     pub const BUDGET_PERCENT: i64 = 20;
     pub const CONNECT: Duration = Duration::from_secs(1);
     pub const RESPONSE: Duration = Duration::from_secs(30);
-    pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+    /// The pool's own default, so that the two cannot drift apart.
+    pub const UPSTREAM_IDLE: Duration = crate::upstream::pool::IDLE_TIMEOUT;
     pub const QUEUE_IN_FLIGHT: i64 = 100;
     pub const QUEUE_SIZE: i64 = 1000;
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);

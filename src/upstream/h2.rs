@@ -56,7 +56,7 @@ impl H2Conn {
     }
 
     /// Whether a connection is open.
-    pub fn is_open(&self) -> bool {
+    fn is_open(&self) -> bool {
         self.conn.load().as_deref().is_some_and(|c| !c.is_closed())
     }
 

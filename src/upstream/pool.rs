@@ -32,9 +32,10 @@ use super::Backend;
 use crate::clock;
 use crate::proxy::body::{BoxError, ProxyBody};
 
-/// How long an unused connection stays open unless the upstream's `timeouts.idle` says
-/// otherwise (nginx's upstream `keepalive_timeout` is 60 s; backends that close sooner are
-/// noticed, but a request can meet the close: set `idle` below the backend's own timeout).
+/// How long an unused connection stays open: the default of the upstream's
+/// `timeouts.idle` (nginx's upstream `keepalive_timeout` is 60 s; backends that close
+/// sooner are noticed, but a request can meet the close: set `idle` below the backend's
+/// own timeout).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Idle connections kept per backend; more are closed when they are given back (nginx's
