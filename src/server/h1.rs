@@ -181,9 +181,6 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
                 expect,
             })
         };
-        if let Ok(mut w) = wire.lock() {
-            w.body = body;
-        }
         let mut req = Request::from_parts(parts, client_body);
         let mut on_upgrade = None;
         if upgrade {
@@ -287,16 +284,17 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
         drop(writer);
 
         // 4. Another request, or the end.
-        let body_read = wire.lock().is_ok_and(|w| w.body == BodyState::Done);
+        let body_read = wire.lock().is_ok_and(|mut w| {
+            let read = w.body == BodyState::Done;
+            if read && keep_alive && w.buf.is_empty() {
+                // Nothing pipelined: an idle connection keeps no buffer.
+                w.buf = BytesMut::new();
+            }
+            read
+        });
         if !keep_alive || !body_read {
             Box::pin(close(&wire, !body_read)).await;
             return Outcome::Closed;
-        }
-        if let Ok(mut w) = wire.lock() {
-            // Nothing pipelined: an idle connection keeps no buffer.
-            if w.buf.is_empty() {
-                w.buf = BytesMut::new();
-            }
         }
     }
 }
@@ -338,7 +336,11 @@ fn poll_head(
                 return Poll::Ready(Ok(Some(Parsed::H2)));
             } else {
                 match parse_head(&mut w.buf, max_head) {
-                    Ok(Some(head)) => return Poll::Ready(Ok(Some(Parsed::Head(Box::new(head))))),
+                    Ok(Some(head)) => {
+                        // Where the request's body stands, set under this same lock.
+                        w.body = head.body;
+                        return Poll::Ready(Ok(Some(Parsed::Head(Box::new(head)))));
+                    }
                     Ok(None) => {}
                     Err(e) => return Poll::Ready(Err(Failed::Head(e))),
                 }
