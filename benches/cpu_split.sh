@@ -30,14 +30,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-missing=()
-for tool in nginx haproxy wrk; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy wrk >/dev/null
-fi
+. "$root/benches/lib/side_by_side.sh"
+bench_require nginx haproxy wrk
 # PALISADE_BIN=path measures another build (an older commit's, for an A/B against the
 # same nginx and HAProxy runs) instead of this tree's.
 if [[ -n "${PALISADE_BIN:-}" ]]; then
@@ -46,111 +40,14 @@ else
   cargo build --release --quiet
   bin="$root/target/release/palisade"
 fi
-work=$(mktemp -d /tmp/palisade-split.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Three backends on CPU 1: a 3-byte answer on /, 16 KiB on /16k.
-mkdir -p "$work/www" "$work/tmp"
-head -c 16384 /dev/zero | tr '\0' 'x' >"$work/www/16k"
-temp_paths="client_body_temp_path $work/tmp; proxy_temp_path $work/tmp; fastcgi_temp_path $work/tmp; uwsgi_temp_path $work/tmp; scgi_temp_path $work/tmp;"
-cat >"$work/backends.conf" <<NGINX
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $work/backends-error.log warn;
-pid $work/backends.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  $temp_paths
-  server {
-    listen 127.0.0.1:19601; listen 127.0.0.1:19602; listen 127.0.0.1:19603;
-    location / { return 200 "ok\n"; }
-    location = /16k { root $work/www; }
-  }
-}
-NGINX
-taskset -c 1 nginx -c "$work/backends.conf" -p "$work" &
-pids+=($!)
-
-# The proxies, configured as peers.sh configures them.
-cat >"$work/palisade.toml" <<TOML
-[server]
-listen = ["127.0.0.1:19610"]
-access_log = false
-[admin]
-listen = "127.0.0.1:19611"
-[[routes]]
-name = "all"
-upstream = "b"
-[upstreams.b]
-balance = "round_robin"
-backends = [{ addr = "127.0.0.1:19601" }, { addr = "127.0.0.1:19602" }, { addr = "127.0.0.1:19603" }]
-[upstreams.b.retry]
-attempts = 0
-TOML
-cat >"$work/nginx.conf" <<NGINX
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $work/nginx-error.log warn;
-pid $work/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_timeout 75s;
-  keepalive_requests 1000000;
-  tcp_nodelay on;
-  $temp_paths
-  upstream backends {
-    server 127.0.0.1:19601; server 127.0.0.1:19602; server 127.0.0.1:19603;
-    keepalive 64;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-  }
-  server {
-    listen 127.0.0.1:19620 backlog=4096;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-NGINX
-cat >"$work/haproxy.cfg" <<HAPROXY
-global
-    nbthread 1
-    maxconn 4000
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-    http-reuse always
-frontend fe
-    bind 127.0.0.1:19630
-    default_backend be
-backend be
-    balance roundrobin
-    server s1 127.0.0.1:19601
-    server s2 127.0.0.1:19602
-    server s3 127.0.0.1:19603
-HAPROXY
+bench_init 19600
+bench_write_configs
+bench_start_backends
 
 declare -A pid_of port_of
-port_of[palisade]=19610
-port_of[nginx]=19620
-port_of[haproxy]=19630
+port_of[palisade]=$palisade_port
+port_of[nginx]=$nginx_port
+port_of[haproxy]=$haproxy_port
 taskset -c 0 "$bin" run -c "$work/palisade.toml" --log-level warn 2>"$work/palisade.log" &
 pids+=($!)
 pid_of[palisade]=$!
@@ -161,12 +58,7 @@ taskset -c 0 haproxy -db -f "$work/haproxy.cfg" 2>"$work/haproxy.log" &
 pids+=($!)
 pid_of[haproxy]=$!
 for name in palisade nginx haproxy; do
-  up=""
-  for _ in $(seq 100); do
-    if curl -sf -o /dev/null "http://127.0.0.1:${port_of[$name]}$path"; then up=1; break; fi
-    sleep 0.1
-  done
-  [ -n "$up" ] || { echo "benches/cpu_split.sh: $name did not answer on ${port_of[$name]}" >&2; exit 1; }
+  bench_wait_answering "benches/cpu_split.sh: $name" "${port_of[$name]}" "$path" || exit 1
   # Warm up: connections to the backends, allocator caches.
   taskset -c 1 wrk -t1 -c64 -d1s "http://127.0.0.1:${port_of[$name]}$path" >/dev/null 2>&1
 done

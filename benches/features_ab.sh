@@ -31,48 +31,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
-fi
+. "$root/benches/lib/side_by_side.sh"
+bench_require nginx wrk
 cargo build --release --quiet
 bin="$root/target/release/palisade"
-work=$(mktemp -d /tmp/palisade-ab.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# Three backends on CPU 1: a 3-byte answer on /, 16 KiB on /16k.
-mkdir -p "$work/www"
-head -c 16384 /dev/zero | tr '\0' 'x' >"$work/www/16k"
-cat >"$work/nginx.conf" <<NGINX
-daemon off;
-master_process off;
-worker_processes 1;
-error_log $work/nginx-error.log warn;
-pid $work/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  client_body_temp_path $work;
-  proxy_temp_path $work;
-  fastcgi_temp_path $work;
-  uwsgi_temp_path $work;
-  scgi_temp_path $work;
-  server {
-    listen 127.0.0.1:19501; listen 127.0.0.1:19502; listen 127.0.0.1:19503;
-    location / { return 200 "ok\n"; }
-    location = /16k { root $work/www; }
-  }
-}
-NGINX
-taskset -c 1 nginx -c "$work/nginx.conf" -p "$work" &
-pids+=($!)
+# The backends on 19501-19503 (CPU 1); the two palisades' configs are written below.
+bench_init 19500
+bench_write_configs
+bench_start_backends
 
 backends='backends = [{ addr = "127.0.0.1:19501" }, { addr = "127.0.0.1:19502" }, { addr = "127.0.0.1:19503" }]'
 cat >"$work/bare.toml" <<TOML
