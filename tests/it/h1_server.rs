@@ -699,16 +699,25 @@ async fn request_bodies_by_length_and_chunked_reach_the_backend_intact_and_the_c
     assert_eq!(answer.head.status(), 200, "{:?}", answer.head);
     assert_eq!(answer.text(), "");
 
-    // The connection carries on.
+    // The connection carries on, with and without bodies (the codec hands the connection
+    // to each body's reader and takes it back).
     client.send(get("/after-uploads", "")).await;
     assert_eq!(client.answer("GET").await.text(), "GET /after-uploads");
+    client
+        .send("POST /upload HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nagain")
+        .await;
+    assert_eq!(client.answer("POST").await.text(), "again");
+    client.send(get("/last", "")).await;
+    assert_eq!(client.answer("GET").await.text(), "GET /last");
     assert_eq!(
         backend.seen(),
         [
             "POST /upload",
             "POST /upload",
             "POST /upload",
-            "GET /after-uploads"
+            "GET /after-uploads",
+            "POST /upload",
+            "GET /last"
         ]
     );
 }
