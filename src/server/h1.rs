@@ -209,160 +209,169 @@ pub(crate) async fn serve(io: Io, ctx: Connection) -> Outcome {
             }
         };
         first = false;
-        let in_flight = ctx.activity.request_started();
-
-        // 2. The handler's answer.
-        let Head {
-            request,
-            body,
-            mut keep_alive,
-            expect_continue,
-            upgrade,
-            seen,
-        } = *head;
-        let (parts, ()) = request.into_parts();
-        let version = parts.version;
-        let head_request = parts.method == Method::HEAD;
-        if parts.method == Method::CONNECT {
-            keep_alive = false;
-        }
-        let mut continue_rx = None;
-        let client_body = if body == BodyState::Done {
-            ClientBody::Empty
-        } else {
-            let expect = expect_continue.then(|| {
-                let (tx, rx) = oneshot::channel();
-                continue_rx = Some(rx);
-                tx
-            });
-            ClientBody::Own(RequestBody {
-                wire: wire.share(),
-                expect,
-            })
-        };
-        let mut req = Request::from_parts(parts, client_body);
-        let mut on_upgrade = None;
-        if upgrade {
-            let slot = OnUpgrade::default();
-            req.extensions_mut().insert(slot.clone());
-            on_upgrade = Some(slot);
-        }
-        let info = ConnInfo {
-            seen: Some(seen),
-            ..ctx.info
-        };
-        // Boxed: the handler's future is large and exists only while a request is in
-        // flight; unboxed it would sit in every idle connection.
-        // Allocated first and written in place: `Box::pin(future)` built the 4 KiB future
-        // on the stack and copied all of it into the box (callgrind: ~430 instructions).
-        let mut answer = Box::into_pin(Box::write(
+        // Boxed, and allocated first and written in place: this request's state (its
+        // handler's above all, 4 KiB) exists only while a request is in flight, and unboxed
+        // it would sit in every idle connection's task. (`Box::pin(future)` built the
+        // future on the stack and copied all of it into the box: ~430 instructions.)
+        let request = Box::into_pin(Box::write(
             Box::new_uninit(),
-            proxy::handle(&ctx.state, req, &info),
+            exchange(&mut wire, &ctx, head),
         ));
-        // While the answer is coming, the client is watched: one that closes its
-        // connection gets nothing, and its request is dropped (the backend's connection
-        // closed, the request logged as 499), as nginx does.
-        // `100 Continue` is written through the shared wire (there is a body to ask for),
-        // while `answered` holds the connection's own handle.
-        let continue_wire = continue_rx.as_ref().map(|_| wire.share());
-        let mut answered = poll_fn(|cx| {
-            if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
-                return Poll::Ready(Some(resp));
-            }
-            match poll_client_gone(&mut wire, cx, ctx.max_head) {
-                Poll::Ready(()) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
+        if !request.await {
+            return Outcome::Closed;
+        }
+    }
+}
+
+/// One request on the connection, from its parsed head to its answer written. `false`:
+/// the connection is over.
+async fn exchange(wire: &mut Slot, ctx: &Connection, head: Box<Head>) -> bool {
+    let in_flight = ctx.activity.request_started();
+
+    // 2. The handler's answer.
+    let Head {
+        request,
+        body,
+        mut keep_alive,
+        expect_continue,
+        upgrade,
+        seen,
+    } = *head;
+    let (parts, ()) = request.into_parts();
+    let version = parts.version;
+    let head_request = parts.method == Method::HEAD;
+    if parts.method == Method::CONNECT {
+        keep_alive = false;
+    }
+    let mut continue_rx = None;
+    let client_body = if body == BodyState::Done {
+        ClientBody::Empty
+    } else {
+        let expect = expect_continue.then(|| {
+            let (tx, rx) = oneshot::channel();
+            continue_rx = Some(rx);
+            tx
         });
-        let resp = match (continue_rx, continue_wire) {
-            (Some(mut rx), Some(shared)) => {
-                let mut asked = false;
-                loop {
-                    tokio::select! {
-                        biased;
-                        resp = &mut answered => break resp,
-                        Ok(()) = &mut rx, if !asked => {
-                            asked = true;
-                            let mut sink = Slot::Shared(shared.clone());
-                            if write_all(&mut sink, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-                                return Outcome::Closed;
-                            }
+        ClientBody::Own(RequestBody {
+            wire: wire.share(),
+            expect,
+        })
+    };
+    let mut req = Request::from_parts(parts, client_body);
+    let mut on_upgrade = None;
+    if upgrade {
+        let slot = OnUpgrade::default();
+        req.extensions_mut().insert(slot.clone());
+        on_upgrade = Some(slot);
+    }
+    let info = ConnInfo {
+        seen: Some(seen),
+        ..ctx.info
+    };
+    // Not boxed on its own: this whole exchange is (see `serve`).
+    let mut answer = std::pin::pin!(proxy::handle(&ctx.state, req, &info));
+    // While the answer is coming, the client is watched: one that closes its
+    // connection gets nothing, and its request is dropped (the backend's connection
+    // closed, the request logged as 499), as nginx does.
+    // `100 Continue` is written through the shared wire (there is a body to ask for),
+    // while `answered` holds the connection's own handle.
+    let continue_wire = continue_rx.as_ref().map(|_| wire.share());
+    let mut answered = poll_fn(|cx| {
+        if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some(resp));
+        }
+        match poll_client_gone(wire, cx, ctx.max_head) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    let resp = match (continue_rx, continue_wire) {
+        (Some(mut rx), Some(shared)) => {
+            let mut asked = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    resp = &mut answered => break resp,
+                    Ok(()) = &mut rx, if !asked => {
+                        asked = true;
+                        let mut sink = Slot::Shared(shared.clone());
+                        if write_all(&mut sink, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                            return false;
                         }
                     }
                 }
             }
-            _ => (&mut answered).await,
-        };
-        drop(answered);
-        drop(answer);
-        let Some(resp) = resp else {
-            tracing::debug!(peer = %ctx.info.peer, "the client closed its connection before its answer");
-            return Outcome::Closed;
-        };
+        }
+        _ => (&mut answered).await,
+    };
+    drop(answered);
+    let Some(resp) = resp else {
+        tracing::debug!(peer = %ctx.info.peer, "the client closed its connection before its answer");
+        return false;
+    };
 
-        // 3. The answer, on the wire.
-        let (parts, body) = resp.into_parts();
-        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(backend) = on_upgrade.as_ref().and_then(OnUpgrade::take) {
-                let mut out = Vec::with_capacity(256);
-                status_line(&mut out, Version::HTTP_11, parts.status);
-                for (name, value) in &parts.headers {
-                    header_line(&mut out, name, value.as_bytes());
-                }
-                out.extend_from_slice(b"\r\n");
-                if write_all(&mut wire, &out).await.is_err() {
-                    return Outcome::Closed;
-                }
-                let Some((io, early)) = take_io(&mut wire) else {
-                    return Outcome::Closed;
-                };
-                // The connection is the tunnel's now (see `tunnel`): it stays counted
-                // and drained, and `idle` applies to it.
-                ctx.activity.tunnel_started();
-                drop(in_flight);
-                if let Err(e) = Box::pin(tunnel::run(io, early, backend)).await {
-                    tracing::debug!(peer = %ctx.info.peer, error = %e, "tunnel closed");
-                }
-                return Outcome::Closed;
+    // 3. The answer, on the wire.
+    let (parts, body) = resp.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(backend) = on_upgrade.as_ref().and_then(OnUpgrade::take) {
+            let mut out = Vec::with_capacity(256);
+            status_line(&mut out, Version::HTTP_11, parts.status);
+            for (name, value) in &parts.headers {
+                header_line(&mut out, name, value.as_bytes());
             }
-        }
-        if ctx.state.is_draining() || ctx.activity.close_requested() {
-            keep_alive = false;
-        }
-        // A request body not read to its end (the answer came first, or reading it failed)
-        // ends the connection, unless the rest of it is already in the buffer; the answer
-        // says so.
-        if wire.with(skip_buffered_body) != Some(true) {
-            keep_alive = false;
-        }
-        let (out, framing, keep_alive) =
-            encode_head(&parts, &body, version, head_request, keep_alive);
-        drop(parts);
-        let mut writer = BodyWriter::new(body, framing, false).with_head(out);
-        if let Err(e) = send(&mut wire, &mut writer).await {
-            tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
-            Box::pin(close(&mut wire, false)).await;
-            return Outcome::Closed;
-        }
-        drop(writer);
-
-        // 4. Another request, or the end.
-        let body_read = wire.with(|w| {
-            let read = w.body == BodyState::Done;
-            if read && keep_alive && w.buf.is_empty() {
-                // Nothing pipelined: an idle connection keeps no buffer.
-                w.buf = BytesMut::new();
+            out.extend_from_slice(b"\r\n");
+            if write_all(wire, &out).await.is_err() {
+                return false;
             }
-            read
-        }) == Some(true);
-        if !keep_alive || !body_read {
-            Box::pin(close(&mut wire, !body_read)).await;
-            return Outcome::Closed;
+            let Some((io, early)) = take_io(wire) else {
+                return false;
+            };
+            // The connection is the tunnel's now (see `tunnel`): it stays counted
+            // and drained, and `idle` applies to it.
+            ctx.activity.tunnel_started();
+            drop(in_flight);
+            if let Err(e) = Box::pin(tunnel::run(io, early, backend)).await {
+                tracing::debug!(peer = %ctx.info.peer, error = %e, "tunnel closed");
+            }
+            return false;
         }
-        // The body's reader is done with the wire (dropped with the request): the next
-        // request starts without the lock.
-        wire.reclaim();
     }
+    if ctx.state.is_draining() || ctx.activity.close_requested() {
+        keep_alive = false;
+    }
+    // A request body not read to its end (the answer came first, or reading it failed)
+    // ends the connection, unless the rest of it is already in the buffer; the answer
+    // says so.
+    if wire.with(skip_buffered_body) != Some(true) {
+        keep_alive = false;
+    }
+    let (out, framing, keep_alive) = encode_head(&parts, &body, version, head_request, keep_alive);
+    drop(parts);
+    let mut writer = BodyWriter::new(body, framing, false).with_head(out);
+    if let Err(e) = send(wire, &mut writer).await {
+        tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
+        Box::pin(close(wire, false)).await;
+        return false;
+    }
+    drop(writer);
+
+    // 4. Another request, or the end.
+    let body_read = wire.with(|w| {
+        let read = w.body == BodyState::Done;
+        if read && keep_alive && w.buf.is_empty() {
+            // Nothing pipelined: an idle connection keeps no buffer.
+            w.buf = BytesMut::new();
+        }
+        read
+    }) == Some(true);
+    if !keep_alive || !body_read {
+        Box::pin(close(wire, !body_read)).await;
+        return false;
+    }
+    // The body's reader is done with the wire (dropped with the request): the next
+    // request starts without the lock.
+    wire.reclaim();
+    true
 }
 
 enum Parsed {
