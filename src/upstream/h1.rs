@@ -235,13 +235,22 @@ pub async fn exchange(
     // send), and with the client's pause limit while the writer waits for the client.
     let mut moved = None;
     let mut client_turn = false;
+    // Writing the body failed: the backend may have answered and closed without reading
+    // it all (EPIPE, or a reset after its answer). What it sent is read first; only when
+    // there is no answer is this the failure.
+    let mut write_failed: Option<ProtoError> = None;
     let parsing = poll_fn(|cx| {
         // The body is written while the response is awaited: a backend may answer early
         // (413, 401, a redirect) without reading the whole body.
-        if !writer.done() || moved.is_some() {
+        if write_failed.is_none() && (!writer.done() || moved.is_some()) {
             if !writer.done() {
-                if let Poll::Ready(Err(e)) = writer.poll_write(cx, io) {
-                    return Poll::Ready(Err(Failure::Failed(e.into())));
+                match writer.poll_write(cx, io) {
+                    // Only the socket's failure waits for what the backend sent; the
+                    // client's body failing (cut short, too large, malformed) is the
+                    // request's failure at once.
+                    Poll::Ready(Err(WriteError::Io(e))) => write_failed = Some(ProtoError::Io(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Failed(e.into()))),
+                    _ => {}
                 }
             }
             let done = writer.done();
@@ -267,9 +276,17 @@ pub async fn exchange(
             buf.reserve(HEAD_BUF);
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut buf);
             let n = match read {
-                Poll::Ready(read) => read.map_err(|e| Failure::Failed(e.into()))?,
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(Failure::Failed(
+                        write_failed.take().unwrap_or_else(|| e.into()),
+                    )))
+                }
+                Poll::Ready(Ok(n)) => n,
                 Poll::Pending => break,
             };
+            if let (0, Some(e)) = (n, write_failed.take()) {
+                return Poll::Ready(Err(Failure::Failed(e)));
+            }
             if n == 0 {
                 return Poll::Ready(Err(Failure::Failed(if buf.is_empty() {
                     ProtoError::ClosedBeforeResponse

@@ -405,6 +405,60 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
 }
 
 #[tokio::test]
+async fn an_early_answer_from_a_backend_that_then_closes_reaches_the_client() {
+    // The backend answers after the head and closes at once, with the body unread: its
+    // kernel resets the connection, and palisade's next body write fails (EPIPE or a
+    // reset). The answer was already on palisade's side: it is what the client gets, not
+    // a 502. Ten uploads, since which write fails first is a race.
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nearly",
+                )
+                .await;
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    for round in 0..10 {
+        // 4 MiB, well over the 64 KiB palisade reads before forwarding: it streams.
+        let size: usize = 4 << 20;
+        let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+        client
+            .write_all(
+                format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("head");
+        let (mut reader, mut writer) = client.into_split();
+        let upload = tokio::spawn(async move {
+            let chunk = vec![b'u'; 64 * 1024];
+            for _ in 0..size / chunk.len() {
+                if writer.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        upload.abort();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "round {round}: {text}");
+    }
+}
+
+#[tokio::test]
 async fn request_bodies_are_framed_for_the_backend_as_they_arrive() {
     // The backend answers with what it received: the framing headers and the raw body.
     let backend = Scripted::start(|mut stream| async move {
