@@ -347,27 +347,10 @@ async fn a_malformed_chunk_aborts_the_client_response_and_retires_the_connection
     );
 }
 
-#[tokio::test]
-async fn an_early_answer_to_an_upload_reaches_the_client() {
-    // The backend refuses after the head and never reads the body (as a server enforcing
-    // its own size limit does).
-    let backend = Scripted::start(|mut stream| async move {
-        if request_head(&mut stream).await.is_some() {
-            let _ = stream
-                .write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo much")
-                .await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-    })
-    .await;
-    let proxy = Proxy::start(&format!(
-        "[server.limits]\nmax_body_bytes = 0\n{}",
-        single_upstream(&[(backend.addr, 1)], "")
-    ))
-    .await;
-    // 64 MiB: far more than the socket buffers between palisade and the backend hold.
-    let size: usize = 64 << 20;
-    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+/// Uploads `size` bytes to `/upload` while reading the answer, until `marker` has
+/// arrived, the connection ends, or 10 s pass (`false`); returns what arrived.
+async fn upload_until(proxy: SocketAddr, size: usize, marker: &[u8]) -> (Vec<u8>, bool) {
+    let mut client = TcpStream::connect(proxy).await.expect("connect");
     client
         .write_all(
             format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n")
@@ -387,7 +370,7 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        while !got.windows(8).any(|w| w == b"too much") {
+        while !got.windows(marker.len()).any(|w| w == marker) {
             match reader.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => got.extend_from_slice(&buf[..n]),
@@ -396,10 +379,30 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
     })
     .await;
     upload.abort();
-    assert!(
-        answered.is_ok(),
-        "no answer while the upload was still going"
-    );
+    (got, answered.is_ok())
+}
+
+#[tokio::test]
+async fn an_early_answer_to_an_upload_reaches_the_client() {
+    // The backend refuses after the head and never reads the body (as a server enforcing
+    // its own size limit does).
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let _ = stream
+                .write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo much")
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[server.limits]\nmax_body_bytes = 0\n{}",
+        single_upstream(&[(backend.addr, 1)], "")
+    ))
+    .await;
+    // 64 MiB: far more than the socket buffers between palisade and the backend hold.
+    let (got, answered) = upload_until(proxy.addr, 64 << 20, b"too much").await;
+    assert!(answered, "no answer while the upload was still going");
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 }
@@ -423,36 +426,7 @@ async fn an_early_answer_from_a_backend_that_then_closes_reaches_the_client() {
     let proxy = proxy_for(&backend).await;
     for round in 0..10 {
         // 4 MiB, well over the 64 KiB palisade reads before forwarding: it streams.
-        let size: usize = 4 << 20;
-        let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
-        client
-            .write_all(
-                format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .expect("head");
-        let (mut reader, mut writer) = client.into_split();
-        let upload = tokio::spawn(async move {
-            let chunk = vec![b'u'; 64 * 1024];
-            for _ in 0..size / chunk.len() {
-                if writer.write_all(&chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                match reader.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-        })
-        .await;
-        upload.abort();
+        let (got, _) = upload_until(proxy.addr, 4 << 20, b"\r\n\r\n").await;
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200"), "round {round}: {text}");
     }
