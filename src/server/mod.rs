@@ -373,6 +373,19 @@ async fn accept_loop(
         }
         next_id += 1;
         let _ = stream.set_nodelay(true);
+        // Known to eviction from now on, not only once its task runs (or, for TLS, once
+        // its handshake ends): a connection counted against the cap but unknown here
+        // could not make room, and a new one was refused while it sent nothing.
+        let activity = Arc::new(Activity::new());
+        if let Ok(mut conns) = registry.lock() {
+            conns.insert(next_id, activity.clone());
+        }
+        let registered = Registered {
+            state: state.clone(),
+            registry: registry.clone(),
+            id: next_id,
+            activity,
+        };
         tokio::spawn(serve_connection(
             stream,
             peer,
@@ -382,9 +395,8 @@ async fn accept_loop(
                 builder: builder.clone(),
                 stop: stop.clone(),
                 done: done.clone(),
-                registry: registry.clone(),
             },
-            next_id,
+            registered,
             tls,
         ));
     }
@@ -437,14 +449,15 @@ struct Shared {
     stop: watch::Receiver<bool>,
     /// Held until the connection ends (drain waits for all of them).
     done: mpsc::Sender<()>,
-    registry: Registry,
 }
 
-/// Ends a connection's bookkeeping however the connection ends.
+/// A connection as the server knows it (counted, and in the registry), until dropped
+/// however the connection ends.
 struct Registered {
     state: Arc<ProxyState>,
     registry: Registry,
     id: u64,
+    activity: Arc<Activity>,
 }
 
 impl Drop for Registered {
@@ -461,14 +474,9 @@ async fn serve_connection(
     peer: SocketAddr,
     limits: ConnLimits,
     shared: Shared,
-    id: u64,
+    registered: Registered,
     tls: Option<SocketAddr>,
 ) {
-    let registered = Registered {
-        state: shared.state.clone(),
-        registry: shared.registry.clone(),
-        id,
-    };
     match tls {
         None => {
             serve_io(
@@ -501,15 +509,27 @@ async fn serve_tls(
     registered: Registered,
     tls_addr: SocketAddr,
 ) {
+    let activity = &registered.activity;
     let Some(config) = shared.state.tls_config(tls_addr) else {
         tracing::warn!(%peer, addr = %tls_addr, "no TLS configuration for this listener; closing");
         return;
     };
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-    match tokio::time::timeout(limits.header_read, handshake).await {
+    // A connection still shaking hands has sent no request: at max_connections it makes
+    // room like an idle one.
+    let outcome = tokio::select! {
+        done = tokio::time::timeout(limits.header_read, handshake) => done,
+        () = activity.evict.notified() => {
+            tracing::debug!(%peer, "closing a connection in its TLS handshake to make room under max_connections");
+            return;
+        }
+    };
+    match outcome {
         Ok(Ok(tls_stream)) => {
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let io = ClientIo::Tls(Box::new(tls_stream));
+            // The request head is owed within header_read of the handshake's end.
+            activity.handshake_done();
             serve_io(io, peer, "https", limits, shared, registered, h2).await
         }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -528,17 +548,13 @@ async fn serve_io(
     registered: Registered,
     alpn_h2: bool,
 ) {
+    let activity = registered.activity.clone();
     let Shared {
         state,
         builder,
         mut stop,
         done: _done,
-        registry,
     } = shared;
-    let activity = Arc::new(Activity::new());
-    if let Ok(mut conns) = registry.lock() {
-        conns.insert(registered.id, activity.clone());
-    }
     let io = TrackedIo {
         inner: stream,
         activity: activity.clone(),
@@ -994,6 +1010,14 @@ impl Activity {
             evicted: std::sync::atomic::AtomicBool::new(false),
             tunnel: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The TLS handshake ended: the request head is owed from now, and the connection was
+    /// last active now.
+    fn handshake_done(&self) {
+        let now = coarse_ns();
+        self.head_started.store(now, Ordering::Relaxed);
+        self.last_io.store(now, Ordering::Relaxed);
     }
 
     /// The connection now carries a WebSocket tunnel (set before its request's guard is

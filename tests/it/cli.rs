@@ -398,6 +398,16 @@ async fn refusals_at_max_connections_are_logged_at_most_once_a_second() {
             .find_map(|l| l.strip_prefix("palisade_connections_active "))
             .and_then(|n| n.parse::<u64>().ok())
     };
+    let at_backend = async || {
+        let metrics = get(&format!("http://{}/metrics", palisade.admin))
+            .await
+            .text();
+        sample(
+            &metrics,
+            "palisade_backend_in_flight",
+            &[("backend", &echo.addr.to_string())],
+        )
+    };
     // wait_listening's probe connection has gone.
     assert!(eventually(Duration::from_secs(5), async || active().await == Some(0)).await);
     // The one slot, busy for 8 s.
@@ -408,11 +418,17 @@ async fn refusals_at_max_connections_are_logged_at_most_once_a_second() {
     tokio::io::AsyncWriteExt::write_all(&mut busy, request)
         .await
         .expect("write");
-    let counted = eventually(Duration::from_secs(10), async || active().await == Some(1)).await;
+    // Counted, and its request at the backend: a connection whose head is not read yet
+    // would still look idle, and make room for the next.
+    let counted = eventually(Duration::from_secs(10), async || {
+        active().await == Some(1) && at_backend().await == Some(1.0)
+    })
+    .await;
     assert!(
         counted,
-        "the busy connection is not counted: {:?}; log: {}",
+        "the busy connection is not counted: {:?}, at the backend: {:?}; log: {}",
         active().await,
+        at_backend().await,
         std::fs::read_to_string(&palisade.log).unwrap_or_default()
     );
     let started = std::time::Instant::now();

@@ -158,22 +158,26 @@ async fn https_with_sni_alpn_http1_and_h2() {
     drop(proxy);
 }
 
-#[tokio::test]
-async fn a_tls_handshake_that_stalls_is_closed_at_header_read() {
+/// A proxy with [`tls_config`] after `settings`: the proxy, its TLS address, a.test's
+/// certificate, and what must live as long as the proxy.
+async fn tls_proxy_with(settings: &str) -> (Proxy, SocketAddr, Cert, (TempDir, Echo)) {
     let a = make_cert(&["a.test"]);
-    let dir = temp_dir("stall");
+    let dir = temp_dir("with");
     write_pair(&dir, "a", &a);
     write_pair(&dir, "b", &make_cert(&["b.test"]));
     let echo = Echo::start("e").await;
     let path = tls_config(&dir, echo.addr);
     let config = std::fs::read_to_string(&path).expect("read config");
-    std::fs::write(
-        &path,
-        format!("[server.timeouts]\nheader_read = \"500ms\"\n{config}"),
-    )
-    .expect("config");
-    let (_proxy, tls) = Proxy::start_with_tls(&path).await;
+    std::fs::write(&path, format!("{settings}{config}")).expect("config");
+    let (proxy, tls) = Proxy::start_with_tls(&path).await;
     let addr = tls[&"127.0.0.1:8443".parse().expect("addr")];
+    (proxy, addr, a, (dir, echo))
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_stalls_is_closed_at_header_read() {
+    let (_proxy, addr, a, _keep) =
+        tls_proxy_with("[server.timeouts]\nheader_read = \"500ms\"\n").await;
 
     // Nothing at all, then a ClientHello's record header and no more: both end at the
     // header_read deadline (a slowloris on the handshake), not before, not never.
@@ -196,6 +200,38 @@ async fn a_tls_handshake_that_stalls_is_closed_at_header_read() {
     // A client that completes its handshake is served as before.
     let stream = handshake(addr, "a.test", client_config(&[&a], &[])).await;
     assert_eq!(served_cert(&stream), a.der);
+}
+
+/// At `max_connections`, a connection still in its TLS handshake holds a slot but sent
+/// no request: it makes room, like an idle keep-alive connection. It was refused that:
+/// counted, but unknown to eviction until its handshake ended, so a stalled handshake
+/// kept every new client out for up to `header_read`.
+#[tokio::test]
+async fn at_max_connections_a_stalled_handshake_makes_room() {
+    let (proxy, addr, a, _keep) = tls_proxy_with(
+        "[server.limits]\nmax_connections = 1\n[server.timeouts]\nheader_read = \"60s\"\n",
+    )
+    .await;
+
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let counted = eventually(Duration::from_secs(5), async || {
+        proxy
+            .state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    assert!(counted, "the stalled connection was never accepted");
+
+    let status = https_status(addr, &a).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the stalled handshake still holds its slot: {read:?}"
+    );
 }
 
 /// A GET of `path` for a.test on `stream`, with `connection: close`; the whole answer.
