@@ -80,12 +80,12 @@ pub type SharedWire = Arc<Mutex<Wire>>;
 
 impl Wire {
     /// A wire with no socket, left behind while the real one moves.
-    fn detached() -> Box<Wire> {
-        Box::new(Wire {
+    fn detached() -> Wire {
+        Wire {
             io: None,
             buf: BytesMut::new(),
             body: BodyState::Done,
-        })
+        }
     }
 }
 
@@ -97,22 +97,27 @@ impl Wire {
 enum Slot {
     Own(Box<Wire>),
     Shared(SharedWire),
+    /// Nothing: only for the instant the wire moves between the two, or after a body
+    /// reader panicked with the lock held (the connection ends).
+    Gone,
 }
 
 impl Slot {
-    /// Runs `f` on the wire; None: the lock was poisoned (a body reader panicked).
+    /// Runs `f` on the wire; None: there is none (a body reader panicked).
     fn with<R>(&mut self, f: impl FnOnce(&mut Wire) -> R) -> Option<R> {
         match self {
             Slot::Own(w) => Some(f(w)),
             Slot::Shared(s) => s.lock().ok().map(|mut w| f(&mut w)),
+            Slot::Gone => None,
         }
     }
 
     /// The wire, shared from now on (for a request body's reader).
     fn share(&mut self) -> SharedWire {
-        let shared = match std::mem::replace(self, Slot::Own(Wire::detached())) {
+        let shared = match std::mem::replace(self, Slot::Gone) {
             Slot::Own(w) => Arc::new(Mutex::new(*w)),
             Slot::Shared(s) => s,
+            Slot::Gone => Arc::new(Mutex::new(Wire::detached())),
         };
         *self = Slot::Shared(shared.clone());
         shared
@@ -123,13 +128,13 @@ impl Slot {
         if !matches!(self, Slot::Shared(s) if Arc::strong_count(s) == 1) {
             return;
         }
-        if let Slot::Shared(s) = std::mem::replace(self, Slot::Own(Wire::detached())) {
+        if let Slot::Shared(s) = std::mem::replace(self, Slot::Gone) {
             *self = match Arc::try_unwrap(s) {
                 Ok(m) => match m.into_inner() {
                     Ok(w) => Slot::Own(Box::new(w)),
                     // Poisoned (a body reader panicked): its socket is dropped, and
                     // the connection ends.
-                    Err(_) => Slot::Own(Wire::detached()),
+                    Err(_) => Slot::Gone,
                 },
                 Err(s) => Slot::Shared(s),
             };
