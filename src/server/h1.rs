@@ -59,13 +59,19 @@ const HEAD_BUF: usize = 1024;
 /// The HTTP/2 connection preface (prior knowledge, RFC 9113 3.4).
 pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// After an answer that leaves part of a request body unread, how long the connection
-/// keeps reading (and discarding) before it closes, so the client receives the answer
-/// instead of a reset (nginx's lingering close).
-const LINGER: Duration = Duration::from_secs(2);
+/// After an answer that leaves part of a request body unread, the connection keeps
+/// reading (and discarding) what the client still sends before it closes, so that the
+/// client receives the answer instead of a reset (nginx's lingering close): for at most
+/// this long in all (nginx's `lingering_time`) ...
+const LINGER_TIME: Duration = Duration::from_secs(30);
 
-/// The most a lingering close reads.
-const LINGER_BYTES: usize = 1024 * 1024;
+/// ... and until the client has sent nothing for this long (nginx's `lingering_timeout`).
+/// A client that uploads on after an early answer (curl does, unless the answer is an
+/// error) must not be reset: it would fail its send and never read the answer.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long closing waits for the last answer's bytes to be flushed.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
 /// A client connection: its socket (gone once handed to a tunnel), its read buffer, and
 /// where the current request's body stands.
@@ -355,7 +361,7 @@ async fn exchange(wire: &mut Slot, ctx: &Connection, head: Box<Head>) -> bool {
     let mut writer = BodyWriter::new(body, framing, false).with_head(out);
     if let Err(e) = send(wire, &mut writer).await {
         tracing::debug!(peer = %ctx.info.peer, error = %e, "writing the answer failed");
-        Box::pin(close(wire, false)).await;
+        Box::pin(close(wire, false, &ctx.state)).await;
         return false;
     }
     drop(writer);
@@ -370,7 +376,7 @@ async fn exchange(wire: &mut Slot, ctx: &Connection, head: Box<Head>) -> bool {
         read
     }) == Some(true);
     if !keep_alive || !body_read {
-        Box::pin(close(wire, !body_read)).await;
+        Box::pin(close(wire, !body_read, &ctx.state)).await;
         return false;
     }
     // The body's reader is done with the wire (dropped with the request): the next
@@ -743,7 +749,7 @@ async fn refuse(wire: &mut Slot, err: ProxyError, ctx: &Connection) {
         &mut BodyWriter::new(body, framing, false).with_head(out),
     )
     .await;
-    close(wire, true).await;
+    close(wire, true, &ctx.state).await;
 }
 
 /// Writes an answer: its head and the body frames ready now in one write, then the rest.
@@ -782,19 +788,24 @@ async fn write_all(wire: &mut Slot, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Ends the connection: FIN after the last answer; with `linger`, the rest of what the
-/// client is sending is read and dropped for a while, so that closing with unread bytes
-/// does not reset the connection before the client has read the answer.
-async fn close(wire: &mut Slot, linger: bool) {
+/// client is sending is read and dropped for a while (see [`LINGER_TIME`]), so that
+/// closing with unread bytes does not reset the connection before the client has read
+/// the answer. A drain cuts the lingering short at the client's next bytes.
+async fn close(wire: &mut Slot, linger: bool, state: &ProxyState) {
     let mut sink = WireWriter(wire);
-    let _ = tokio::time::timeout(LINGER, sink.shutdown()).await;
+    let _ = tokio::time::timeout(CLOSE_FLUSH, sink.shutdown()).await;
     if !linger {
         return;
     }
-    // On the heap: an array here would sit in every connection's task (4 KiB each), since
-    // the codec's future holds this one's state.
-    let mut scratch = vec![0u8; 4096];
-    let mut total = 0usize;
-    let drain = poll_fn(|cx| loop {
+    // On the heap: an array here would sit in every connection's task, since the codec's
+    // future holds this one's state.
+    let mut scratch = vec![0u8; 16 * 1024];
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    let mut last_read = tokio::time::Instant::now();
+    let mut quiet = std::pin::pin!(tokio::time::sleep_until(
+        (last_read + LINGER_TIMEOUT).min(end)
+    ));
+    poll_fn(|cx| loop {
         let read = wire.with(|w| {
             w.buf.clear();
             let Some(io) = w.io.as_mut() else {
@@ -807,12 +818,21 @@ async fn close(wire: &mut Slot, linger: bool) {
             }
         });
         match read {
-            Some(Poll::Pending) => return Poll::Pending,
-            Some(Poll::Ready(Some(n))) if n > 0 && total < LINGER_BYTES => total += n,
+            Some(Poll::Ready(Some(n))) if n > 0 && !state.is_draining() => {
+                last_read = tokio::time::Instant::now();
+            }
+            Some(Poll::Pending) => {
+                // One timer, moved only when the client sent something since it was set.
+                let due = (last_read + LINGER_TIMEOUT).min(end);
+                if quiet.deadline() != due {
+                    quiet.as_mut().reset(due);
+                }
+                return quiet.as_mut().poll(cx);
+            }
             _ => return Poll::Ready(()),
         }
-    });
-    let _ = tokio::time::timeout(LINGER, drain).await;
+    })
+    .await;
 }
 
 /// Writes to the client's socket (taking the connection's lock for each write while a

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn backends_toml(addrs: &[std::net::SocketAddr]) -> String {
     addrs
@@ -463,6 +464,52 @@ async fn sigterm_lets_slow_requests_finish_and_exits_0() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_cuts_a_lingering_close_short() {
+    // A 413 for a declared body too large leaves the connection reading and dropping what
+    // the client still sends (up to 30 s while it keeps sending). A drain must not wait
+    // for that: the connection closes at the client's next bytes and the process exits.
+    let a = Echo::start("a").await;
+    let port = free_port();
+    let dir = TempDir::new("linger-drain");
+    let body = format!(
+        "{}[server.limits]\nmax_body_bytes = 1000\n",
+        config(&[a.addr], "")
+    );
+    let path = dir.write("palisade.toml", &listening_on(port, &body));
+    let child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr).await;
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+        .await
+        .expect("head");
+    let mut answer = [0u8; 12];
+    client.read_exact(&mut answer).await.expect("answer");
+    assert_eq!(&answer, b"HTTP/1.1 413");
+    // The client trickles on, as a slow uploader does, for longer than the drain takes.
+    let trickle = tokio::spawn(async move {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(15) {
+            if client.write_all(&[b'u'; 1024]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Exits 0 within 10 s (the lingering would hold it for 30).
+    tokio::task::spawn_blocking(move || stop_gracefully(child))
+        .await
+        .expect("stopped");
+    assert!(
+        trickle.await.expect("trickle"),
+        "the connection stayed open"
+    );
 }
 
 /// A backend that answers `/reset`, `/close` and `/chunked` with a 200 head and part of

@@ -407,22 +407,30 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 }
 
-#[tokio::test]
-async fn an_early_answer_from_a_backend_that_then_closes_reaches_the_client() {
-    // The backend answers after the head and closes at once, with the body unread: its
-    // kernel resets the connection, and palisade's next body write fails (EPIPE or a
-    // reset). The answer was already on palisade's side: it is what the client gets, not
-    // a 502. Ten uploads, since which write fails first is a race.
-    let backend = Scripted::start(|mut stream| async move {
+/// A backend that answers `200 early` (closing) right after a request's head, then
+/// closes at once (`read_body` false) or reads the body to its end first.
+async fn early_answer_backend(read_body: bool) -> Scripted {
+    Scripted::start(move |mut stream| async move {
         if request_head(&mut stream).await.is_some() {
             let _ = stream
                 .write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nearly",
                 )
                 .await;
+            let mut sink = [0u8; 16 * 1024];
+            while read_body && matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         }
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn an_early_answer_from_a_backend_that_then_closes_reaches_the_client() {
+    // The backend answers after the head and closes at once, with the body unread: its
+    // kernel resets the connection, and palisade's next body write fails (EPIPE or a
+    // reset). The answer was already on palisade's side: it is what the client gets, not
+    // a 502. Ten uploads, since which write fails first is a race.
+    let backend = early_answer_backend(false).await;
     let proxy = proxy_for(&backend).await;
     for round in 0..10 {
         // 4 MiB, well over the 64 KiB palisade reads before forwarding: it streams.
@@ -430,6 +438,41 @@ async fn an_early_answer_from_a_backend_that_then_closes_reaches_the_client() {
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200"), "round {round}: {text}");
     }
+}
+
+#[tokio::test]
+async fn a_client_that_uploads_on_after_an_early_answer_is_not_reset() {
+    // curl uploads its whole body before it looks at an answer that is not an error: the
+    // connection must take what it still sends after the early answer (lingering close),
+    // not reset it after the first MiB, or the client's send fails and it never reads the
+    // answer. The backend answers after the head and then reads the body to its end.
+    let backend = early_answer_backend(true).await;
+    let proxy = proxy_for(&backend).await;
+    // 8 MiB: under the default max_body_bytes, far over what palisade used to drop.
+    let size = 8 << 20;
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+    let chunk = vec![b'u'; 64 * 1024];
+    let sent = tokio::time::timeout(Duration::from_secs(30), async {
+        client.write_all(head.as_bytes()).await?;
+        for _ in 0..size / chunk.len() {
+            client.write_all(&chunk).await?;
+        }
+        client.shutdown().await
+    })
+    .await
+    .expect("the upload ends in time");
+    assert!(sent.is_ok(), "the upload was cut off: {sent:?}");
+    let mut answer = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+        .await
+        .expect("the connection closes");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(end.is_ok(), "{end:?}: {text}");
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("early"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
