@@ -85,86 +85,180 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
 /// Watches the config file, and the certificate and key files it names, and reloads when
 /// one changes. Directories are watched, since editors, `sed -i` and certificate renewers
 /// replace files by a rename; only create, modify, close-after-write and remove events for
-/// those files count (notify also reports plain opens, which a reload causes), and bursts
-/// are debounced. A config file written in place is read only once its writer has closed
+/// those files count (notify also reports plain opens, which a reload causes). A file
+/// reached through symbolic links is watched along the way too: a Kubernetes ConfigMap
+/// (`palisade.toml -> ..data/palisade.toml`, `..data` swapped by a rename) or a deploy's
+/// `current` link moved to a new release is a change of the file. A burst of events
+/// reloads once, [`QUIET`] after its last event (at most [`MAX_BURST`] after its first).
+/// A config file written in place and not closed is read only once its writer has closed
 /// it (`cmd > palisade.toml` with a slow `cmd` leaves it half written for as long as `cmd`
 /// takes), or after [`WRITE_WAIT`] with no further event. A change of the config file
-/// reloads only when its content differs; a change of a certificate always reloads. Keep
-/// the returned watcher alive to keep watching.
-pub fn watch_config_file(
-    state: Arc<ProxyState>,
-) -> notify::Result<
-    notify_debouncer_full::Debouncer<
-        notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-> {
+/// reloads only when its content differs; a change of a certificate always reloads. What
+/// is watched follows the running config: certificate files a reload names (by any
+/// trigger) are watched within a second. Keep the returned watcher alive to keep
+/// watching.
+pub fn watch_config_file(state: Arc<ProxyState>) -> notify::Result<ConfigWatcher> {
     use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 
-    let snapshot = state.snapshot();
-    let config_file = watched(&snapshot.config.path);
-    let cert_files: Vec<(PathBuf, std::ffi::OsString)> = snapshot
-        .config
-        .server
-        .tls
-        .iter()
-        .flat_map(|t| [watched(&t.cert), watched(&t.key)])
-        .collect();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
-    let mut files = Files {
-        config: config_file.clone(),
-        certs: cert_files.clone(),
-        writing: false,
-    };
-    let mut debouncer = new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| {
+    let files = Arc::new(std::sync::Mutex::new(Files::of(&state.snapshot().config)));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
+    let seen = files.clone();
+    let debouncer = new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| {
         let Ok(events) = result else { return };
-        if let Some(change) = files.settle(&events) {
+        let change = match seen.lock() {
+            Ok(mut files) => files.settle(&events),
+            Err(_) => return,
+        };
+        if let Some(change) = change {
             let _ = tx.send(change);
         }
     })?;
-    let mut dirs: Vec<&PathBuf> = std::iter::once(&config_file.0)
-        .chain(cert_files.iter().map(|c| &c.0))
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    for dir in dirs {
-        debouncer.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    let mut watch = Watch {
+        debouncer,
+        dirs: Vec::new(),
+    };
+    let dirs = lock_files(&files).map(|f| f.dirs()).unwrap_or_default();
+    for dir in &dirs {
+        watch
+            .debouncer
+            .watch(dir, notify::RecursiveMode::NonRecursive)?;
     }
-    tokio::spawn(async move {
-        let mut pending: Option<Change> = None;
-        loop {
-            let next = match &pending {
-                Some(_) => match tokio::time::timeout(WRITE_WAIT, rx.recv()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        tracing::warn!(
-                            "config file still open for writing {WRITE_WAIT:?} after its last change: reloading what it holds"
-                        );
-                        pending.take().map(|change| Change {
-                            written: true,
-                            ..change
-                        })
-                    }
-                },
-                None => rx.recv().await,
-            };
-            let Some(mut change) = next else { break };
-            if let Some(earlier) = pending.take() {
-                change.certificates |= earlier.certificates;
+    watch.dirs = dirs;
+    Ok(ConfigWatcher {
+        task: tokio::spawn(follow(state, rx, files, watch)),
+    })
+}
+
+/// Keeps the config file watched; dropping it stops the watching.
+#[derive(Debug)]
+pub struct ConfigWatcher {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConfigWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The file watcher and the directories it watches.
+struct Watch {
+    debouncer: notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+    dirs: Vec<PathBuf>,
+}
+
+fn lock_files(files: &std::sync::Mutex<Files>) -> Option<std::sync::MutexGuard<'_, Files>> {
+    files.lock().ok()
+}
+
+/// Reloads on the changes the watcher reports, and keeps what it watches in step with
+/// the running config.
+async fn follow(
+    state: Arc<ProxyState>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    files: Arc<std::sync::Mutex<Files>>,
+    mut watch: Watch,
+) {
+    let mut generation = state.snapshot().generation;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            change = rx.recv() => change,
+            _ = tick.tick() => {
+                // A reload by SIGHUP or the admin API may name other certificate files.
+                if state.snapshot().generation != generation {
+                    generation = state.snapshot().generation;
+                    refresh(&state, &files, &mut watch);
+                }
+                continue;
             }
-            if !change.written {
-                tracing::info!("config file is being written: reloading once it is closed");
-                pending = Some(change);
-            } else if change.certificates {
-                tracing::info!("certificate files changed: reloading");
-                let _ = reload(&state);
-            } else {
-                tracing::info!("config file changed: reloading");
-                let _ = reload_if_changed(&state);
+        };
+        let Some(change) = (match first {
+            Some(change) => settle(change, &mut rx).await,
+            None => None,
+        }) else {
+            return;
+        };
+        if change.certificates {
+            tracing::info!("certificate files changed: reloading");
+            let _ = reload(&state);
+        } else {
+            tracing::info!("config file changed: reloading");
+            let _ = reload_if_changed(&state);
+        }
+        // Links may lead elsewhere now (a swapped `..data`), and the files may be others.
+        generation = state.snapshot().generation;
+        refresh(&state, &files, &mut watch);
+    }
+}
+
+/// Gathers the rest of a burst after its first change: until no event came for
+/// [`QUIET`] (at most [`MAX_BURST`] in all), and while the config file is being written,
+/// until it is closed or [`WRITE_WAIT`] passes with no event. None: the watcher is gone.
+async fn settle(
+    mut change: Change,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Change>,
+) -> Option<Change> {
+    let started = tokio::time::Instant::now();
+    if !change.written {
+        tracing::info!("config file is being written: reloading once it is closed");
+    }
+    loop {
+        let wait = if change.written {
+            QUIET.min(MAX_BURST.saturating_sub(started.elapsed()))
+        } else {
+            WRITE_WAIT
+        };
+        match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(next)) => {
+                if !next.written && change.written {
+                    tracing::info!("config file is being written: reloading once it is closed");
+                }
+                change = Change {
+                    certificates: change.certificates | next.certificates,
+                    written: next.written,
+                };
+            }
+            Ok(None) => return None,
+            Err(_) if change.written => return Some(change),
+            Err(_) => {
+                tracing::warn!(
+                    "config file still open for writing {WRITE_WAIT:?} after its last change: reloading what it holds"
+                );
+                return Some(Change {
+                    written: true,
+                    ..change
+                });
             }
         }
-    });
-    Ok(debouncer)
+    }
+}
+
+/// Points the watch at the files the running config names, along their links now.
+fn refresh(state: &ProxyState, files: &std::sync::Mutex<Files>, watch: &mut Watch) {
+    let mut fresh = Files::of(&state.snapshot().config);
+    let dirs = fresh.dirs();
+    if let Some(mut current) = lock_files(files) {
+        fresh.writing = current.writing;
+        *current = fresh;
+    }
+    for dir in dirs.iter().filter(|d| !watch.dirs.contains(d)) {
+        if let Err(e) = watch
+            .debouncer
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory of the config or its certificates");
+        }
+    }
+    for dir in watch.dirs.iter().filter(|d| !dirs.contains(d)) {
+        // A directory removed since (an old ConfigMap version) is unwatched already.
+        let _ = watch.debouncer.unwatch(dir);
+    }
+    watch.dirs = dirs;
 }
 
 /// What a settled burst of file events asks for.
@@ -178,15 +272,56 @@ struct Change {
     written: bool,
 }
 
+/// A file as (its directory, made absolute where possible, and its name).
+type Key = (PathBuf, std::ffi::OsString);
+
 /// The watched files, and whether the config file is being written.
 struct Files {
-    config: (PathBuf, std::ffi::OsString),
-    certs: Vec<(PathBuf, std::ffi::OsString)>,
+    /// The config file itself (where its links lead).
+    config: Key,
+    /// The symbolic links on the way to it.
+    config_links: Vec<Key>,
+    /// Certificate and key files, and the links on the way to them.
+    certs: Vec<Key>,
     /// The config file was created or written since it was last closed or replaced.
     writing: bool,
 }
 
 impl Files {
+    /// The files `config` names, as they resolve now.
+    fn of(config: &Config) -> Files {
+        let (config_links, file) = resolve(&config.path);
+        let certs = config
+            .server
+            .tls
+            .iter()
+            .flat_map(|t| [&t.cert, &t.key])
+            .flat_map(|path| {
+                let (mut keys, file) = resolve(path);
+                keys.push(file);
+                keys
+            })
+            .collect();
+        Files {
+            config: file,
+            config_links,
+            certs,
+            writing: false,
+        }
+    }
+
+    /// The directories to watch: every one holding a watched file or link.
+    fn dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::iter::once(&self.config)
+            .chain(&self.config_links)
+            .chain(&self.certs)
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
     /// Follows a settled burst of events; Some when one touched a watched file.
     fn settle(&mut self, events: &[notify_debouncer_full::DebouncedEvent]) -> Option<Change> {
         use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
@@ -205,10 +340,17 @@ impl Files {
                 continue;
             }
             let mut config = false;
+            let mut link = false;
             for path in &event.paths {
                 let key = watched(path);
                 config |= key == self.config;
+                link |= self.config_links.contains(&key);
                 certificates |= self.certs.contains(&key);
+            }
+            if link {
+                // A link made or moved: where it leads now is a whole file.
+                config_changed = true;
+                self.writing = false;
             }
             if !config {
                 continue;
@@ -236,9 +378,62 @@ impl Files {
     }
 }
 
+/// Resolves `path` as the kernel would, noting every symbolic link met on the way (the
+/// file's own, or a directory's, like a ConfigMap's `..data` or a deploy's `current`):
+/// the links, and the file they lead to. A part that does not exist ends the walk.
+fn resolve(path: &Path) -> (Vec<Key>, Key) {
+    use std::path::Component;
+
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut todo: Vec<std::ffi::OsString> = absolute
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut at = PathBuf::from("/");
+    let mut links = Vec::new();
+    let mut hops = 0;
+    while let Some(part) = todo.pop() {
+        if part == ".." {
+            at.pop();
+            continue;
+        }
+        let next = at.join(&part);
+        let target = match std::fs::symlink_metadata(&next) {
+            Ok(meta) if meta.file_type().is_symlink() && hops < 40 => {
+                std::fs::read_link(&next).ok()
+            }
+            _ => None,
+        };
+        let Some(target) = target else {
+            if todo.is_empty() {
+                return (links, (at, part));
+            }
+            at = next;
+            continue;
+        };
+        hops += 1;
+        links.push((at.clone(), part));
+        if target.is_absolute() {
+            at = PathBuf::from("/");
+        }
+        todo.extend(target.components().rev().filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        }));
+    }
+    // The path was the root, or only links to it.
+    (links, watched(&absolute))
+}
+
 /// A file as (its directory, made absolute where possible, and its name), so the paths
 /// in events (absolute) compare with the configured ones (often relative).
-fn watched(path: &std::path::Path) -> (PathBuf, std::ffi::OsString) {
+fn watched(path: &std::path::Path) -> Key {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -253,7 +448,13 @@ fn watched(path: &std::path::Path) -> (PathBuf, std::ffi::OsString) {
 }
 
 /// How long the watcher waits for a burst of file events to settle.
-const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);
+const WATCH_DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// A burst of file events ends this long after its last event ...
+const QUIET: Duration = Duration::from_millis(200);
+
+/// ... or this long after its first, if events keep coming.
+const MAX_BURST: Duration = Duration::from_secs(2);
 
 /// How long a config file written in place and not closed is waited for before it is
 /// read anyway (a writer that keeps it open).

@@ -162,6 +162,113 @@ async fn a_file_its_writer_keeps_open_is_read_after_five_quiet_seconds() {
 }
 
 #[tokio::test]
+async fn a_kubernetes_configmap_update_reloads() {
+    // A ConfigMap volume: `palisade.toml -> ..data/palisade.toml`, `..data -> ..v1`; an
+    // update writes `..v2`, points `..data_tmp` at it, renames that over `..data` and
+    // removes `..v1`. The file named on the command line is never written.
+    use std::os::unix::fs::symlink;
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let dir = TempDir::new("configmap");
+    let version = |name: &str, text: &str| {
+        std::fs::create_dir(dir.join(name)).expect("version dir");
+        std::fs::write(dir.join(name).join("palisade.toml"), text).expect("write");
+    };
+    let swap_to = |name: &str, old: &str| {
+        let _ = std::fs::remove_file(dir.join("..data_tmp"));
+        symlink(name, dir.join("..data_tmp")).expect("link");
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
+        std::fs::remove_dir_all(dir.join(old)).expect("remove old version");
+    };
+    version("..v1", &routes_to(&[a.addr], "/"));
+    symlink("..v1", dir.join("..data")).expect("link");
+    symlink("..data/palisade.toml", dir.join("palisade.toml")).expect("link");
+    let proxy = Proxy::start_file(&dir.join("palisade.toml")).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let generation = || proxy.state.snapshot().generation;
+
+    version("..v2", &routes_to(&[b.addr], "/"));
+    swap_to("..v2", "..v1");
+    assert!(
+        eventually(Duration::from_secs(3), async || generation() == 2).await,
+        "the ConfigMap update was not noticed"
+    );
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "b");
+
+    // And the next one: the watch followed the links to the new version.
+    version("..v3", &routes_to(&[a.addr], "/"));
+    swap_to("..v3", "..v2");
+    assert!(
+        eventually(Duration::from_secs(3), async || generation() == 3).await,
+        "the second update was not noticed"
+    );
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "a");
+}
+
+#[tokio::test]
+async fn a_config_under_a_deploy_link_follows_edits_and_the_link() {
+    // `-c current/palisade.toml` with `current -> releases/1`: an edit of the release's
+    // file (in another directory than the link) reloads, and so does moving `current`.
+    use std::os::unix::fs::symlink;
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let dir = TempDir::new("deploy");
+    for release in ["1", "2"] {
+        std::fs::create_dir_all(dir.join("releases").join(release)).expect("release dir");
+    }
+    let file = |release: &str| dir.join("releases").join(release).join("palisade.toml");
+    std::fs::write(file("1"), routes_to(&[a.addr], "/")).expect("write");
+    symlink("releases/1", dir.join("current")).expect("link");
+    let proxy = Proxy::start_file(&dir.join("current").join("palisade.toml")).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let generation = || proxy.state.snapshot().generation;
+
+    std::fs::write(file("1"), routes_to(&[b.addr], "/")).expect("edit");
+    assert!(
+        eventually(Duration::from_secs(3), async || generation() == 2).await,
+        "the edit behind the link was not noticed"
+    );
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "b");
+
+    std::fs::write(file("2"), routes_to(&[a.addr], "/")).expect("write");
+    symlink("releases/2", dir.join("current.new")).expect("link");
+    std::fs::rename(dir.join("current.new"), dir.join("current")).expect("move link");
+    assert!(
+        eventually(Duration::from_secs(3), async || generation() == 3).await,
+        "moving the link was not noticed"
+    );
+    assert_eq!(get(&proxy.url("/")).await.json()["backend"], "a");
+}
+
+#[tokio::test]
+async fn a_burst_of_writes_reloads_once_it_is_over() {
+    // A script rewriting the file 15 times, 40 ms apart: each intermediate config would
+    // be a reload of its own if events were debounced one by one; one reload (a few if
+    // the machine stalls the writer) once the writes stop, with the last content.
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let (_dir, path) = temp_config("burst", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    for i in 0..15 {
+        let prefix = format!("/v{i}");
+        std::fs::write(&path, routes_to(&[b.addr], &prefix)).expect("write");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let settled = eventually(Duration::from_secs(3), async || {
+        get(&proxy.url("/v14/x")).await.status == 200
+    })
+    .await;
+    assert!(settled, "the last write was not applied");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reloads = proxy.state.reloads_ok.load(Ordering::Relaxed);
+    assert!(
+        (1..=3).contains(&reloads),
+        "{reloads} reloads for one burst of writes"
+    );
+}
+
+#[tokio::test]
 async fn an_empty_config_file_is_never_applied_by_a_reload() {
     // A generator that failed, or a file caught between its truncation and its first
     // write: the defaults (no routes, other listen addresses) must not replace the

@@ -414,20 +414,73 @@ async fn replacing_the_certificate_files_is_noticed_without_a_reload_command() {
         std::fs::write(&tmp, text).expect("write");
         std::fs::rename(&tmp, dir.join(name)).expect("rename");
     }
-    let config = client_config(&[&a, &renewed], &[]);
-    let served = eventually(Duration::from_secs(3), async || {
+    assert!(
+        comes_to_serve(addr, &a, &renewed).await,
+        "the renewed certificate was not picked up"
+    );
+}
+
+/// Whether `addr` serves `cert` for b.test within 3 s (`a` is trusted too).
+async fn comes_to_serve(addr: SocketAddr, a: &Cert, cert: &Cert) -> bool {
+    let config = client_config(&[a, cert], &[]);
+    eventually(Duration::from_secs(3), async || {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let name = ServerName::try_from("b.test".to_owned()).expect("name");
         match tokio_rustls::TlsConnector::from(config.clone())
             .connect(name, tcp)
             .await
         {
-            Ok(stream) => served_cert(&stream) == renewed.der,
+            Ok(stream) => served_cert(&stream) == cert.der,
             Err(_) => false,
         }
     })
-    .await;
-    assert!(served, "the renewed certificate was not picked up");
+    .await
+}
+
+#[tokio::test]
+async fn certificate_files_a_reload_names_are_watched_too() {
+    // The watch followed only the certificate files of the config palisade started
+    // with: after a reload moved b.test to other files, renewing those went unnoticed.
+    let (a, b, c) = (
+        make_cert(&["a.test"]),
+        make_cert(&["b.test"]),
+        make_cert(&["b.test"]),
+    );
+    let dir = temp_dir("rewatch");
+    write_pair(&dir, "a", &a);
+    write_pair(&dir, "b", &b);
+    let echo = Echo::start("e").await;
+    let path = tls_config(&dir, echo.addr);
+    let (proxy, tls) = Proxy::start_with_tls(&path).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let addr = tls[&"127.0.0.1:8443".parse().expect("addr")];
+    write_pair(&dir, "c", &c);
+    let config = std::fs::read_to_string(&path).expect("read config");
+    std::fs::write(
+        &path,
+        config
+            .replace("\"b.pem\"", "\"c.pem\"")
+            .replace("\"b-key.pem\"", "\"c-key.pem\""),
+    )
+    .expect("config");
+    assert!(
+        comes_to_serve(addr, &a, &c).await,
+        "the reload to c.pem was not applied"
+    );
+
+    let renewed = make_cert(&["b.test"]);
+    for (name, text) in [
+        ("c.pem", &renewed.cert_pem),
+        ("c-key.pem", &renewed.key_pem),
+    ] {
+        let tmp = dir.join(format!("{name}.new"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename");
+    }
+    assert!(
+        comes_to_serve(addr, &a, &renewed).await,
+        "renewing the files the reload named went unnoticed"
+    );
 }
 
 /// An HTTPS-only backend with `cert`, answering `tls-ok PATH`.
