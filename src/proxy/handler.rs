@@ -584,10 +584,13 @@ enum Outcome {
 }
 
 /// Sends the request to one backend after another until an attempt succeeds or the retry
-/// rules say stop: connection failures (nothing was sent) are retried whatever the method;
-/// after the request was sent, only idempotent requests with a buffered body are retried,
-/// and only after a reset, a timeout or a 502/503/504. Each retry needs a token from the
-/// upstream's retry budget and waits an exponential backoff with full jitter.
+/// rules say stop: connection failures (nothing was sent) are retried whatever the method,
+/// on any backend (the same one too: it costs it nothing) and without a token from the
+/// retry budget; after the request was sent, only idempotent requests with a buffered
+/// body are retried, only after a reset, a timeout or a 502/503/504, only on a backend
+/// this request has not tried (as nginx: a slow answer is not asked for again from the
+/// backend that is still working on it), and each such retry needs a token from the
+/// upstream's retry budget. Every retry waits an exponential backoff with full jitter.
 async fn attempt_until_done<'s>(
     upstream: &'s Upstream,
     template: &mut Template,
@@ -605,27 +608,29 @@ async fn attempt_until_done<'s>(
     loop {
         let last = attempt >= policy.attempts;
         let outcome = attempt_once(upstream, template, body, key, &mut tried, trace, last).await?;
-        let (retryable, result) = match outcome {
+        // Whether the backend may have received the request, and whether it may be asked
+        // again.
+        let (sent, retryable, result) = match outcome {
             Outcome::Answer(resp) => {
                 let retry_status = matches!(resp.status().as_u16(), 502..=504);
                 let can = retry_status && idempotent && body.is_buffered();
-                (can, Ok(resp))
+                (true, can, Ok(resp))
             }
-            Outcome::Failed { error, sent } => {
-                let can = if sent {
-                    idempotent
-                        && body.is_buffered()
-                        && matches!(
-                            error,
-                            ProxyError::ConnectionTerminated | ProxyError::ResponseTimeout
-                        )
-                } else {
-                    body.can_replay()
-                };
-                (can, Err(error))
+            Outcome::Failed { error, sent: true } => {
+                let can = idempotent
+                    && body.is_buffered()
+                    && matches!(
+                        error,
+                        ProxyError::ConnectionTerminated | ProxyError::ResponseTimeout
+                    );
+                (true, can, Err(error))
             }
+            Outcome::Failed { error, sent: false } => (false, body.can_replay(), Err(error)),
         };
-        if !retryable || attempt >= policy.attempts || !upstream.budget.try_withdraw() {
+        if !retryable
+            || attempt >= policy.attempts
+            || (sent && !(upstream.has_untried(&tried) && upstream.budget.try_withdraw()))
+        {
             return result;
         }
         // The failed answer goes before the next attempt: its body holds its backend's

@@ -318,6 +318,26 @@ impl Upstream {
         }
     }
 
+    /// Whether a retry would find a backend this request has not tried yet: an available
+    /// one with room, or in panic mode (none available) any with room.
+    pub fn has_untried(&self, tried: &Tried) -> bool {
+        let now = crate::clock::coarse_ns();
+        let mut panic = true;
+        let mut untried = false;
+        for (i, backend) in self.backends.iter().enumerate() {
+            let available = backend.is_available(now);
+            panic &= !available;
+            if tried.contains(i) || backend.in_flight() >= self.cap {
+                continue;
+            }
+            if available {
+                return true;
+            }
+            untried = true;
+        }
+        panic && untried
+    }
+
     fn notify(&self) -> Option<&Notify> {
         self.config.queue.as_ref().map(|_| &*self.slot_freed)
     }

@@ -471,7 +471,8 @@ pub async fn wait_listening(addr: SocketAddr) {
     assert!(up, "nothing listens on {addr}");
 }
 
-/// A backend that answers every request with `status` and counts what it received.
+/// A backend that answers every request with `status` (after `delay`, if started with
+/// one) and counts what it received.
 pub struct Counter {
     pub addr: SocketAddr,
     pub hits: Arc<std::sync::atomic::AtomicUsize>,
@@ -480,6 +481,11 @@ pub struct Counter {
 
 impl Counter {
     pub async fn start(status: u16) -> Counter {
+        Self::start_after(status, Duration::ZERO).await
+    }
+
+    /// Counts each request as it arrives, and answers it `delay` later.
+    pub async fn start_after(status: u16, delay: Duration) -> Counter {
         use hyper::service::service_fn;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -496,6 +502,7 @@ impl Counter {
                         async move {
                             let _ = req.into_body().collect().await;
                             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            tokio::time::sleep(delay).await;
                             let mut resp =
                                 http::Response::new(Full::new(Bytes::from_static(b"counted\n")));
                             *resp.status_mut() =
