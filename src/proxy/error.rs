@@ -48,8 +48,9 @@ pub enum ProxyError {
     /// The request is malformed (the reason is for the log).
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
-    /// The request head is larger than `max_header_bytes`.
-    #[error("request head too large")]
+    /// The request head is larger than `max_header_bytes`, or has more than
+    /// [`crate::http1::MAX_HEADERS`] header lines.
+    #[error("request head too large (over max_header_bytes, or over 128 header lines)")]
     HeadTooLarge,
     /// The request body is larger than `max_body_bytes`.
     #[error("request body too large")]

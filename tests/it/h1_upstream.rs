@@ -476,6 +476,60 @@ async fn a_client_that_uploads_on_after_an_early_answer_is_not_reset() {
 }
 
 #[tokio::test]
+async fn header_lines_are_limited_to_128_each_way() {
+    // HAProxy allows 101 header lines, Envoy 100; palisade 128, whatever their size: a
+    // request with more gets 431, an answer with more a 502 (and no retry: with one
+    // backend there is none to try).
+    let backend = Scripted::start(|mut stream| async move {
+        while let Some(head) = request_head(&mut stream).await {
+            let lines = head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-answer-lines: "))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut answer = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+            for i in 1..lines {
+                answer.push_str(&format!("x-h{i}: v\r\n"));
+            }
+            answer.push_str("\r\nok");
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    let request = |lines: usize, answer_lines: usize| {
+        let mut raw = format!("GET / HTTP/1.1\r\nhost: x\r\nx-answer-lines: {answer_lines}\r\n");
+        for i in 3..lines {
+            raw.push_str(&format!("x-r{i}: v\r\n"));
+        }
+        raw.push_str("connection: close\r\n\r\n");
+        raw
+    };
+    let answer = async |raw: String| {
+        common::raw_exchange(proxy.addr, raw.as_bytes(), Duration::from_secs(5))
+            .await
+            .0
+    };
+    // 128 request lines and 128 answer lines pass.
+    assert!(answer(request(128, 120)).await.starts_with("HTTP/1.1 200"));
+    assert!(answer(request(4, 128)).await.starts_with("HTTP/1.1 200"));
+    // One more: palisade's own answers.
+    let refused = answer(request(129, 1)).await;
+    assert!(
+        refused.starts_with("HTTP/1.1 431")
+            && refused.contains("proxy-status: palisade; error=http_request_error"),
+        "{refused}"
+    );
+    let bad = answer(request(4, 129)).await;
+    assert!(
+        bad.starts_with("HTTP/1.1 502") && bad.contains("proxy-status: palisade;"),
+        "{bad}"
+    );
+}
+
+#[tokio::test]
 async fn request_bodies_are_framed_for_the_backend_as_they_arrive() {
     // The backend answers with what it received: the framing headers and the raw body.
     let backend = Scripted::start(|mut stream| async move {
