@@ -39,6 +39,10 @@ pub enum ProxyError {
     /// Connecting to the backend took longer than `timeouts.connect`.
     #[error("backend connect timed out")]
     ConnectionTimeout,
+    /// The backend's answer is not valid HTTP (a malformed or ambiguous head, one over
+    /// the size or line limits).
+    #[error("invalid response from the backend")]
+    InvalidResponse,
     /// The backend's response head took longer than `timeouts.response`.
     #[error("backend response timed out")]
     ResponseTimeout,
@@ -69,7 +73,8 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ConnectionRefused
             | ProxyError::ConnectionTerminated
-            | ProxyError::ConnectionTimeout => StatusCode::BAD_GATEWAY,
+            | ProxyError::ConnectionTimeout
+            | ProxyError::InvalidResponse => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -87,6 +92,7 @@ impl ProxyError {
             ProxyError::ConnectionRefused => "connection_refused",
             ProxyError::ConnectionTerminated => "connection_terminated",
             ProxyError::ConnectionTimeout => "connection_timeout",
+            ProxyError::InvalidResponse => "http_protocol_error",
             ProxyError::ResponseTimeout => "http_response_timeout",
             ProxyError::QueueFull => "connection_limit_reached",
             ProxyError::BadRequest(_)
@@ -104,6 +110,7 @@ impl ProxyError {
             "connection_refused" => "palisade; error=connection_refused",
             "connection_terminated" => "palisade; error=connection_terminated",
             "connection_timeout" => "palisade; error=connection_timeout",
+            "http_protocol_error" => "palisade; error=http_protocol_error",
             "http_response_timeout" => "palisade; error=http_response_timeout",
             "connection_limit_reached" => "palisade; error=connection_limit_reached",
             _ => "palisade; error=http_request_error",
@@ -119,6 +126,7 @@ impl ProxyError {
             ProxyError::ConnectionRefused
             | ProxyError::ConnectionTerminated
             | ProxyError::ConnectionTimeout => "bad gateway: no backend could answer\n",
+            ProxyError::InvalidResponse => "bad gateway: the backend's answer is not valid HTTP\n",
             ProxyError::ResponseTimeout => "gateway timeout: the backend did not answer in time\n",
             ProxyError::QueueFull => "service unavailable: too many requests queued\n",
             ProxyError::BadRequest(_) => "bad request\n",
@@ -188,6 +196,21 @@ impl ProxyError {
             if cause.is::<super::body::ClientBodyError>() {
                 return ProxyError::BadRequest("request body ended early or malformed");
             }
+            if let Some(proto) = cause.downcast_ref::<crate::upstream::h1::ProtoError>() {
+                if matches!(
+                    proto,
+                    crate::upstream::h1::ProtoError::InvalidHead(_)
+                        | crate::upstream::h1::ProtoError::HeadTooLarge
+                ) {
+                    return ProxyError::InvalidResponse;
+                }
+            }
+            if cause
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_parse)
+            {
+                return ProxyError::InvalidResponse;
+            }
             if let Some(io) = cause.downcast_ref::<io::Error>() {
                 if io.kind() == io::ErrorKind::TimedOut {
                     return ProxyError::ConnectionTimeout;
@@ -232,6 +255,7 @@ mod tests {
             (ProxyError::QueueFull, 503, "connection_limit_reached"),
             (ProxyError::BadRequest("x"), 400, "http_request_error"),
             (ProxyError::HeadTooLarge, 431, "http_request_error"),
+            (ProxyError::InvalidResponse, 502, "http_protocol_error"),
             (ProxyError::BodyTooLarge, 413, "http_request_error"),
         ];
         for (err, status, name) in cases {

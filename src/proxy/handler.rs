@@ -621,7 +621,9 @@ async fn attempt_until_done<'s>(
                     && body.is_buffered()
                     && matches!(
                         error,
-                        ProxyError::ConnectionTerminated | ProxyError::ResponseTimeout
+                        ProxyError::ConnectionTerminated
+                            | ProxyError::ResponseTimeout
+                            | ProxyError::InvalidResponse
                     );
                 (true, can, Err(error))
             }

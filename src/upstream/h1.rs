@@ -93,6 +93,9 @@ pub enum ProtoError {
     /// The connection ended before a response head arrived.
     #[error("the backend closed the connection without answering")]
     ClosedBeforeResponse,
+    /// The connection ended inside the response head.
+    #[error("the backend closed the connection inside its response head")]
+    ClosedInHead,
     /// The response head is not valid HTTP/1.x.
     #[error("invalid response head from the backend: {0}")]
     InvalidHead(&'static str),
@@ -291,7 +294,7 @@ pub async fn exchange(
                 return Poll::Ready(Err(Failure::Failed(if buf.is_empty() {
                     ProtoError::ClosedBeforeResponse
                 } else {
-                    ProtoError::InvalidHead("connection closed inside the head")
+                    ProtoError::ClosedInHead
                 })));
             }
         }
