@@ -195,6 +195,12 @@ fn check(path: &Path) -> ExitCode {
             for warning in config::warnings(&config) {
                 eprintln!("warning: {warning}");
             }
+            if config::read(path).is_ok_and(|text| config::is_blank(&text)) {
+                eprintln!(
+                    "warning: {}: the file holds no setting: palisade starts with the defaults (no routes: every request 404), and a reload refuses such a file",
+                    path.display()
+                );
+            }
             println!("config OK: {}", config.summary());
             ExitCode::SUCCESS
         }

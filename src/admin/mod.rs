@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -100,8 +100,8 @@ fn route(state: &ProxyState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             resp
         }
-        (&Method::GET, "/status") => json_response(StatusCode::OK, &status(state)),
-        (&Method::GET, "/metrics") => {
+        (&Method::GET | &Method::HEAD, "/status") => json_response(StatusCode::OK, &status(state)),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render(state))));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -109,7 +109,7 @@ fn route(state: &ProxyState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             resp
         }
-        (&Method::GET, "/config") => {
+        (&Method::GET | &Method::HEAD, "/config") => {
             let snapshot = state.snapshot();
             json_response(
                 StatusCode::OK,
@@ -126,7 +126,7 @@ fn route(state: &ProxyState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         },
-        (&Method::GET, "/") => {
+        (&Method::GET | &Method::HEAD, "/") => {
             let mut resp = Response::new(Full::new(Bytes::from_static(dashboard::HTML.as_bytes())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -134,8 +134,17 @@ fn route(state: &ProxyState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             resp
         }
+        // RFC 9110 15.5.6: a 405 says which methods the resource takes.
         (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/config" | "/reload" | "/") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            let allow = if path == "/reload" {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+            resp
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -147,12 +156,14 @@ fn authorized<B>(state: &ProxyState, req: &Request<B>) -> bool {
     let Some(token) = snapshot.config.admin.token.as_deref() else {
         return true;
     };
+    // The scheme is case-insensitive (RFC 9110 11.1): `bearer TOKEN` is as good.
     let given = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim_start_matches(' '));
     constant_time_eq(given.as_bytes(), token.as_bytes())
 }
 

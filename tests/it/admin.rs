@@ -112,6 +112,13 @@ async fn a_token_guards_everything_but_liveness_and_readiness() {
         )
         .await;
         assert_eq!(right.status, 200, "{path} with the token");
+        // The scheme's case does not matter (RFC 9110 11.1).
+        let lower = get_with(
+            &proxy.admin_url(path),
+            &[("authorization", "bearer hunter2")],
+        )
+        .await;
+        assert_eq!(lower.status, 200, "{path} with `bearer`");
     }
     let config = get_with(
         &proxy.admin_url("/config"),
@@ -124,6 +131,48 @@ async fn a_token_guards_everything_but_liveness_and_readiness() {
         config.text()
     );
     assert_eq!(config.json()["admin"]["token"], "<redacted>");
+}
+
+#[tokio::test]
+async fn head_is_served_where_get_is_and_a_405_names_the_methods() {
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&upstream_toml(&[a.addr])).await;
+    for path in ["/status", "/metrics", "/config", "/", "/healthz"] {
+        let (answer, _) = raw_exchange(
+            proxy.admin,
+            format!("HEAD {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "HEAD {path}: {answer}");
+        assert!(
+            answer.ends_with("\r\n\r\n"),
+            "HEAD {path} has a body: {answer}"
+        );
+    }
+    for (method, path, allow) in [
+        ("DELETE", "/status", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("GET", "/reload", "POST"),
+    ] {
+        let (answer, _) = raw_exchange(
+            proxy.admin,
+            format!("{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 405"),
+            "{method} {path}: {answer}"
+        );
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains(&format!("allow: {}", allow.to_ascii_lowercase())),
+            "{method} {path}: {answer}"
+        );
+    }
 }
 
 #[tokio::test]

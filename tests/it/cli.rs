@@ -82,6 +82,19 @@ fn check_rejects_unknown_keys() {
 }
 
 #[test]
+fn check_warns_about_a_file_with_no_setting() {
+    // Startup takes it (the defaults), a reload refuses it: `check` passes it, and says so.
+    let (_dir, path) = write_config("blank.toml", "# to be generated\n\n");
+    let p = path.to_string_lossy().into_owned();
+    let (code, out, err) = palisade(&["check", "-c", &p]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains("warning: ") && err.contains("holds no setting"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_missing_config_file_is_a_config_error() {
     let (code, _, err) = palisade(&["check", "-c", "/nonexistent/palisade.toml"]);
     assert_eq!(code, 1);
