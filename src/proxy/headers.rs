@@ -126,7 +126,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, te_trailers: bo
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect();
         for name in listed {
-            let kept = (upgrade && name == UPGRADE) || (te_trailers && name == TE);
+            // Host is never hop-by-hop: `Connection: host` must not make the backend see
+            // another host than the one the request was routed and checked by.
+            let kept = name == HOST || (upgrade && name == UPGRADE) || (te_trailers && name == TE);
             if !kept {
                 headers.remove(&name);
             }
@@ -393,10 +395,16 @@ fn write_ipv4(buf: &mut [u8; 64], octets: [u8; 4]) -> usize {
 /// (covers UUIDs, ULIDs, trace ids and base64); anything else is replaced.
 /// The client's `X-Request-Id`, if it sent one (looked up only when palisade's codec saw
 /// one; `seen` is None for HTTP/2).
+/// Two or more `X-Request-Id` lines count as none: which one the backend would take is its
+/// own guess, and the log would name another; a new id replaces them all.
 pub fn sent_request_id(headers: &HeaderMap, seen: Option<Seen>) -> Option<&HeaderValue> {
     match seen {
         Some(seen) if !seen.request_id => None,
-        _ => headers.get(&X_REQUEST_ID),
+        _ => {
+            let mut all = headers.get_all(&X_REQUEST_ID).iter();
+            let first = all.next()?;
+            all.next().is_none().then_some(first)
+        }
     }
 }
 

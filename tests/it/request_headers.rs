@@ -261,6 +261,34 @@ async fn an_http1_absolute_form_target_replaces_the_host_header() {
     assert!(backend.saw_nothing());
 }
 
+#[tokio::test]
+async fn connection_cannot_strip_host_and_a_second_request_id_is_not_smuggled_through() {
+    let mut backend = Recorder::start(OK).await;
+    let proxy = Proxy::start(&admin_and_public(backend.addr)).await;
+    let send = async |head: &str| {
+        let (answer, _) = raw_exchange(proxy.addr, head.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    };
+
+    // `Connection: host` named Host as hop-by-hop: the backend got its own address as
+    // Host, while palisade had routed (and would have checked) by www.test.
+    send("GET /x HTTP/1.1\r\nHost: www.test\r\nConnection: host, close\r\n\r\n").await;
+    let head = backend.head().await;
+    assert_eq!(lines(&head, "host"), ["www.test"], "{head}");
+
+    // A valid id, then an invalid one: only the first was checked, both went on (and the
+    // log named the first). Two lines are replaced by one new id.
+    send("GET /x HTTP/1.1\r\nHost: www.test\r\nX-Request-Id: a\r\nX-Request-Id: <script>\r\nConnection: close\r\n\r\n").await;
+    let head = backend.head().await;
+    let ids = lines(&head, "x-request-id");
+    assert_eq!(ids.len(), 1, "{head}");
+    assert!(ids[0] != "a" && !ids[0].contains('<'), "{head}");
+    // One valid id is kept as it is.
+    send("GET /x HTTP/1.1\r\nHost: www.test\r\nX-Request-Id: trace-7\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(lines(&backend.head().await, "x-request-id"), ["trace-7"]);
+}
+
 /// A request asking to upgrade to `upgrade` (with the h2c upgrade's settings header).
 fn upgrade_request(upgrade: &str) -> Vec<u8> {
     format!(
