@@ -4,6 +4,11 @@
 //! Every network becomes a range in one 128-bit address space (IPv4 as IPv4-mapped IPv6),
 //! ranges are sorted and merged at build time, and a lookup is one binary search — so ten
 //! thousand networks cost about as much as ten.
+//!
+//! An IPv6 network matches IPv6 clients only, as in nginx: `::/0` or `::/64` would
+//! otherwise cover the IPv4-mapped block, that is every IPv4 client (`deny = ["::/0"]`
+//! refused them all). Only a network written inside that block (`::ffff:10.0.0.0/104`)
+//! means IPv4 addresses.
 
 use std::net::IpAddr;
 
@@ -16,6 +21,9 @@ pub struct CidrSet {
     ranges: Vec<(u128, u128)>,
 }
 
+/// Where IPv4 addresses sit in the 128-bit space: `::ffff:0:0/96`.
+const MAPPED: (u128, u128) = (0xffff_0000_0000, 0xffff_ffff_ffff);
+
 fn to_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
@@ -26,10 +34,25 @@ fn to_u128(ip: IpAddr) -> u128 {
 impl CidrSet {
     /// Compiles `nets`.
     pub fn new(nets: &[IpNet]) -> Self {
-        let mut ranges: Vec<(u128, u128)> = nets
-            .iter()
-            .map(|n| (to_u128(n.network()), to_u128(n.broadcast())))
-            .collect();
+        let mut ranges: Vec<(u128, u128)> = Vec::with_capacity(nets.len());
+        for net in nets {
+            let (start, end) = (to_u128(net.network()), to_u128(net.broadcast()));
+            let over_mapped = matches!(net, IpNet::V6(_))
+                && start <= MAPPED.1
+                && end >= MAPPED.0
+                && !(start >= MAPPED.0 && end <= MAPPED.1);
+            if !over_mapped {
+                ranges.push((start, end));
+                continue;
+            }
+            // The IPv6 network, less the IPv4 block inside it.
+            if start < MAPPED.0 {
+                ranges.push((start, MAPPED.0 - 1));
+            }
+            if end > MAPPED.1 {
+                ranges.push((MAPPED.1 + 1, end));
+            }
+        }
         ranges.sort_unstable();
         let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
         for (start, end) in ranges {
@@ -112,6 +135,20 @@ mod tests {
         let s = set(&["10.0.0.0/9", "10.128.0.0/9", "10.1.0.0/16", "10.0.0.0/8"]);
         assert_eq!(s.ranges(), 1);
         assert!(s.contains(ip("10.200.0.1")));
+    }
+
+    #[test]
+    fn ipv6_networks_do_not_cover_ipv4_clients_unless_written_as_mapped() {
+        for nets in [&["::/0"][..], &["::/64"], &["::/80"], &["::/95"]] {
+            let v6 = set(nets);
+            assert!(!v6.contains(ip("127.0.0.1")), "{nets:?}");
+            assert!(!v6.contains(ip("::ffff:127.0.0.1")), "{nets:?}");
+            assert!(v6.contains(ip("::1")), "{nets:?}");
+        }
+        assert!(set(&["::/0"]).contains(ip("2001:db8::1")));
+        assert!(set(&["::/0"]).contains(ip("::1:0:0:0")));
+        let mapped = set(&["::ffff:10.0.0.0/104"]);
+        assert!(mapped.contains(ip("10.1.2.3")) && !mapped.contains(ip("11.0.0.1")));
     }
 
     #[test]

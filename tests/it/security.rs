@@ -166,6 +166,14 @@ async fn allow_and_deny_lists_are_per_client_address_and_cannot_be_spoofed() {
         metrics.contains("palisade_denied_total{route=\"guarded\"} 1"),
         "{metrics}"
     );
+
+    // An IPv6 network is no IPv4 network: `::/0` covered the IPv4-mapped block, so it
+    // refused (or would have allowed, or trusted) every IPv4 client.
+    let proxy = Proxy::start(&acl_config(a.addr, "deny = [\"::/0\"]", "")).await;
+    assert_eq!(
+        status(&get_from([127, 0, 0, 1], proxy.addr, "/", "").await),
+        200
+    );
 }
 
 #[tokio::test]
