@@ -89,6 +89,14 @@ pub enum ProxyBody {
     /// A backend's response body, streamed through; gives its pooled connection back at
     /// the end.
     Upstream(UpstreamBody),
+    /// A parked client body, taken by the attempt sending it: its failure is noted in
+    /// the slot, where the attempt's outcome is judged.
+    Taken {
+        /// The body, limited or not.
+        inner: Box<ProxyBody>,
+        /// The slot it came from.
+        slot: Arc<Parked>,
+    },
     /// A client's body, streamed through, failing once more than `remaining` bytes arrive.
     Limited {
         /// The client's body.
@@ -102,12 +110,41 @@ pub enum ProxyBody {
     /// whose connection failed never polled it, so a retry can still send it.
     Deferred {
         /// Where the body waits.
-        slot: Arc<Mutex<Option<ClientBody>>>,
+        slot: Arc<Parked>,
         /// Bytes still allowed (u64::MAX: unlimited).
         remaining: u64,
         /// The configured limit, for the error.
         limit: u64,
     },
+}
+
+/// A streaming client body waiting for the attempt that sends it, and what became of it.
+#[derive(Debug)]
+pub struct Parked {
+    body: Mutex<Option<ClientBody>>,
+    /// How reading it failed, if it did: [`NO_FAULT`], [`TOO_LARGE`] or [`BROKEN`].
+    fault: std::sync::atomic::AtomicU8,
+}
+
+const NO_FAULT: u8 = 0;
+const TOO_LARGE: u8 = 1;
+const BROKEN: u8 = 2;
+
+impl Parked {
+    /// Notes a failure of the client's body (too large, cut short, malformed), so that
+    /// the attempt it broke is not held against its backend, whatever that backend's
+    /// client reported (hyper's HTTP/2 client only says it reset the stream).
+    fn note(&self, error: &BoxError) {
+        let fault = if error.is::<BodyTooLarge>() {
+            TOO_LARGE
+        } else if error.is::<ClientBodyError>() {
+            BROKEN
+        } else {
+            return;
+        };
+        self.fault
+            .store(fault, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// A request body that can be sent more than once: empty, in memory, or parked until the
@@ -121,7 +158,7 @@ pub enum Replayable {
     /// A streaming body; replayable only until an attempt started sending it.
     Parked {
         /// The slot shared by every attempt.
-        slot: Arc<Mutex<Option<ClientBody>>>,
+        slot: Arc<Parked>,
         /// The body limit (0 = unlimited).
         limit: u64,
     },
@@ -131,7 +168,10 @@ impl Replayable {
     /// Parks a streaming body.
     pub fn park(body: ClientBody, limit: u64) -> Self {
         Replayable::Parked {
-            slot: Arc::new(Mutex::new(Some(body))),
+            slot: Arc::new(Parked {
+                body: Mutex::new(Some(body)),
+                fault: std::sync::atomic::AtomicU8::new(NO_FAULT),
+            }),
             limit,
         }
     }
@@ -154,7 +194,25 @@ impl Replayable {
     pub fn can_replay(&self) -> bool {
         match self {
             Replayable::Empty | Replayable::Full(_) => true,
-            Replayable::Parked { slot, .. } => slot.lock().map(|s| s.is_some()).unwrap_or(false),
+            Replayable::Parked { slot, .. } => {
+                slot.body.lock().map(|s| s.is_some()).unwrap_or(false)
+            }
+        }
+    }
+
+    /// The client's fault, if reading its streaming body failed: an attempt that failed
+    /// meanwhile failed because of it.
+    pub fn client_fault(&self) -> Option<crate::proxy::error::ProxyError> {
+        use crate::proxy::error::ProxyError;
+        let Replayable::Parked { slot, .. } = self else {
+            return None;
+        };
+        match slot.fault.load(std::sync::atomic::Ordering::Acquire) {
+            TOO_LARGE => Some(ProxyError::BodyTooLarge),
+            BROKEN => Some(ProxyError::BadRequest(
+                "request body ended early or malformed",
+            )),
+            _ => None,
         }
     }
 
@@ -218,6 +276,13 @@ impl Body for ProxyBody {
             ProxyBody::Full(chunk) => Poll::Ready(chunk.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
             ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Taken { inner, slot } => {
+                let polled = Pin::new(&mut **inner).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled {
+                    slot.note(e);
+                }
+                polled
+            }
             ProxyBody::Limited {
                 inner,
                 remaining,
@@ -243,12 +308,11 @@ impl Body for ProxyBody {
                 limit,
             } => {
                 // First poll: take the body out of the slot and stream it from here on.
-                let taken = slot.lock().ok().and_then(|mut s| s.take());
+                let taken = slot.body.lock().ok().and_then(|mut s| s.take());
                 match taken {
                     Some(inner) => {
                         let (remaining, limit) = (*remaining, *limit);
-                        let this = self.get_mut();
-                        *this = if remaining == u64::MAX {
+                        let inner = Box::new(if remaining == u64::MAX {
                             ProxyBody::Stream(inner)
                         } else {
                             ProxyBody::Limited {
@@ -256,7 +320,10 @@ impl Body for ProxyBody {
                                 remaining,
                                 limit,
                             }
-                        };
+                        });
+                        let slot = slot.clone();
+                        let this = self.get_mut();
+                        *this = ProxyBody::Taken { inner, slot };
                         Pin::new(this).poll_frame(cx)
                     }
                     None => Poll::Ready(Some(Err("request body already consumed".into()))),
@@ -271,6 +338,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(chunk) => chunk.is_none(),
             ProxyBody::Stream(inner) | ProxyBody::Limited { inner, .. } => inner.is_end_stream(),
             ProxyBody::Upstream(inner) => inner.is_end_stream(),
+            ProxyBody::Taken { inner, .. } => inner.is_end_stream(),
             ProxyBody::Deferred { .. } => false,
         }
     }
@@ -283,7 +351,9 @@ impl Body for ProxyBody {
             }
             ProxyBody::Stream(inner) | ProxyBody::Limited { inner, .. } => inner.size_hint(),
             ProxyBody::Upstream(inner) => inner.size_hint(),
+            ProxyBody::Taken { inner, .. } => inner.size_hint(),
             ProxyBody::Deferred { slot, .. } => slot
+                .body
                 .lock()
                 .ok()
                 .and_then(|s| s.as_ref().map(|b| b.size_hint()))

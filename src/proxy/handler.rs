@@ -686,7 +686,12 @@ async fn attempt_once<'s>(
             Outcome::Answer(resp)
         }
         Err(err) => {
-            let error = ProxyError::from_upstream(&err);
+            // A streaming body that failed on the client's side broke the attempt, whatever
+            // the backend's client made of it (hyper's HTTP/2 client reports a stream it
+            // reset itself).
+            let error = body
+                .client_fault()
+                .unwrap_or_else(|| ProxyError::from_upstream(&err));
             if matches!(
                 error,
                 ProxyError::BodyTooLarge | ProxyError::BadRequest(_) | ProxyError::BodyTimeout

@@ -129,6 +129,45 @@ async fn an_h2c_upstream_passes_trailers_end_to_end() {
 }
 
 #[tokio::test]
+async fn a_client_body_failing_on_its_way_to_an_h2c_backend_is_the_clients_fault() {
+    // A body over max_body_bytes, or one cut short, while it streamed to an h2c backend:
+    // hyper's client resets the stream and reports only that. It was a 502 and a strike
+    // against the backend (three such uploads ejected a healthy one); it is the client's
+    // 413 or 400, as with HTTP/1.1 backends.
+    let backend = h2_backend(|req: http::Request<Incoming>| async move {
+        let _ = req.into_body().collect().await;
+        http::Response::new(Full::new(Bytes::from_static(b"ok")))
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[server.limits]\nmax_body_bytes = 1000\n[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{}\" }}]\n[upstreams.h2.passive]\nconsecutive_failures = 1\nejection = \"60s\"\n",
+        backend.addr
+    ))
+    .await;
+    let chunk = format!("{:x}\r\n{}\r\n", 600, "u".repeat(600));
+    let too_large = format!(
+        "POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
+    let (answer, _) = raw_exchange(proxy.addr, too_large.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    let broken = format!(
+        "POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n64\r\n{}\r\nzz\r\n",
+        "u".repeat(100)
+    );
+    let (answer, _) = raw_exchange(proxy.addr, broken.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let status = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(
+        status["upstreams"]["h2"]["backends"][0]["ejected"], false,
+        "{status}"
+    );
+    assert_eq!(
+        status["upstreams"]["h2"]["backends"][0]["failures"], 0,
+        "{status}"
+    );
+}
+
+#[tokio::test]
 async fn an_http2_answer_still_streaming_is_not_cut_at_header_read() {
     // An HTTP/2 request counts as in flight until its answer's body is sent, and frames a
     // client sends meanwhile (PINGs here, WINDOW_UPDATEs) are not a slow request head.
