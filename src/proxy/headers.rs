@@ -9,8 +9,8 @@ use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE, VIA,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, EXPECT, HOST, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE, VIA,
 };
 use http::Version;
 
@@ -23,7 +23,11 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one hop, never forwarded (besides those `Connection` names).
-const HOP_BY_HOP: [&HeaderName; 7] = [
+/// `Expect` is not hop-by-hop by RFC 9110, but palisade answers `100-continue` itself
+/// (HTTP/1.x clients get their `100 Continue` when the body is first wanted): the backend
+/// is not asked again, as nginx does not.
+const HOP_BY_HOP: [&HeaderName; 8] = [
+    &EXPECT,
     &CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,

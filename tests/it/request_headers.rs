@@ -287,6 +287,20 @@ async fn connection_cannot_strip_host_and_a_second_request_id_is_not_smuggled_th
     send("GET /x HTTP/1.1\r\nHost: www.test\r\nX-Request-Id: trace-7\r\nConnection: close\r\n\r\n")
         .await;
     assert_eq!(lines(&backend.head().await, "x-request-id"), ["trace-7"]);
+
+    // palisade answers `Expect: 100-continue` itself: the backend is not asked again.
+    let (answer, _) = raw_exchange(
+        proxy.addr,
+        b"POST /x HTTP/1.1\r\nHost: www.test\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "),
+        "{answer}"
+    );
+    let head = backend.head().await;
+    assert!(lines(&head, "expect").is_empty(), "{head}");
 }
 
 /// A request asking to upgrade to `upgrade` (with the h2c upgrade's settings header).
