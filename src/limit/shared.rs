@@ -37,6 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// First and longest wait between two reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A connection lost sooner than this after it was made counts as flapping.
+const FLAPPING: Duration = Duration::from_secs(10);
 
 /// GCRA in one step. KEYS[1]: the bucket. ARGV[1]: emission interval in microseconds
 /// (1 / rate). ARGV[2]: burst. Returns {1, 0} when the request passes, {0, wait_us}
@@ -243,11 +245,22 @@ async fn connect_loop(limit: Weak<SharedLimit>, lost: Arc<Notify>) {
     let mut backoff = BACKOFF_MIN;
     let mut ever_connected = false;
     let mut logged_down = false;
+    let mut connected_at = std::time::Instant::now();
     loop {
         let Some(this) = limit.upgrade() else { return };
         if this.conn.load().is_some() {
             drop(this);
             lost.notified().await;
+            // Lost soon after it was made: Redis answers but refuses the checks (out of
+            // memory, a script error). Reconnecting at once made a lost/back pair of log
+            // lines per request and showed the store up; wait, longer each time.
+            if connected_at.elapsed() < FLAPPING {
+                let jittered = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+                tokio::time::sleep(jittered).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+            }
             continue;
         }
         match this.connect().await {
@@ -259,7 +272,7 @@ async fn connect_loop(limit: Weak<SharedLimit>, lost: Arc<Notify>) {
                 }
                 ever_connected = true;
                 logged_down = false;
-                backoff = BACKOFF_MIN;
+                connected_at = std::time::Instant::now();
             }
             Err(e) => {
                 if !ever_connected && !logged_down {

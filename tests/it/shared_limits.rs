@@ -17,8 +17,14 @@ struct Redis {
 
 impl Redis {
     async fn start(port: u16) -> Redis {
+        Self::start_with(port, &[]).await
+    }
+
+    /// With more `redis-server` arguments.
+    async fn start_with(port: u16, extra: &[&str]) -> Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(extra)
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -169,6 +175,48 @@ async fn without_redis_each_instance_limits_locally_and_shares_again_once_it_is_
     assert_eq!(status(&b, "after").await, 200);
     assert_eq!(status(&a, "after").await, 429);
     assert_eq!(status(&b, "after").await, 429);
+}
+
+#[tokio::test]
+async fn a_redis_that_refuses_every_check_is_not_reconnected_to_on_every_request() {
+    // Out of memory: Redis takes connections and loads the script, then refuses each
+    // check. palisade reconnected at once after each refusal: a connection, a "store
+    // unreachable" and a "store is back" line per request, and the store shown up.
+    let port = free_port();
+    let _redis = Redis::start_with(
+        port,
+        &["--maxmemory", "1", "--maxmemory-policy", "noeviction"],
+    )
+    .await;
+    let backend = Echo::start("a").await;
+    let proxy = Proxy::start(&config(backend.addr, port)).await;
+    wait_store(&proxy, 1.0).await;
+    let connections = || {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "info", "stats"])
+            .output()
+            .expect("redis-cli (comes with redis-server)");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = connections();
+    // Still limited, locally: burst 3 per instance.
+    let mut passed = 0;
+    for _ in 0..60 {
+        if status(&proxy, "k").await == 200 {
+            passed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(passed, 3, "not limited locally");
+    let made = connections() - before;
+    assert!(
+        made <= 20,
+        "{made} connections to Redis for 60 refused checks"
+    );
 }
 
 #[tokio::test]
