@@ -775,10 +775,7 @@ async fn serve_h2(
                 body.move_raw_headers(&mut parts.headers);
                 // The request is in flight until its answer's body is sent (or the stream
                 // ends otherwise), not only until the answer's head is ready.
-                let body = InFlightBody {
-                    body,
-                    _request: request,
-                };
+                let body = InFlightBody::new(body, request);
                 Ok::<_, Infallible>(http::Response::from_parts(parts, body))
             })
         })
@@ -798,10 +795,43 @@ async fn serve_h2(
 }
 
 /// An HTTP/2 answer's body, holding its request's place in the connection's count of
-/// requests in flight until hyper drops it (sent whole, or the stream reset).
+/// requests in flight until hyper drops it (sent whole, or the stream reset), and telling
+/// the connection's watchdog whether hyper keeps asking for it (see `Activity::h2_owed`).
 struct InFlightBody {
     body: crate::proxy::ProxyBody,
-    _request: RequestGuard,
+    request: RequestGuard,
+    /// Counted in `h2_owed`: handed over, and hyper has not asked for the next frame.
+    owed: bool,
+}
+
+impl InFlightBody {
+    fn new(body: crate::proxy::ProxyBody, request: RequestGuard) -> Self {
+        // Until hyper first asks: with no window at all it never does.
+        let owed = !hyper::body::Body::is_end_stream(&body);
+        if owed {
+            // From now: the last answer asked for may be long ago on a connection that
+            // was quiet between requests.
+            let activity = &request.activity;
+            activity.h2_progress.store(coarse_ns(), Ordering::Relaxed);
+            activity.h2_owed.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlightBody {
+            body,
+            request,
+            owed,
+        }
+    }
+}
+
+impl Drop for InFlightBody {
+    fn drop(&mut self) {
+        if self.owed {
+            self.request
+                .activity
+                .h2_owed
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl hyper::body::Body for InFlightBody {
@@ -809,10 +839,24 @@ impl hyper::body::Body for InFlightBody {
     type Error = <crate::proxy::ProxyBody as hyper::body::Body>::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let activity = &this.request.activity;
+        activity.h2_progress.store(coarse_ns(), Ordering::Relaxed);
+        // A frame handed over: hyper sends it once the window allows, then asks again.
+        let owed = matches!(polled, Poll::Ready(Some(Ok(_))));
+        if owed != this.owed {
+            this.owed = owed;
+            if owed {
+                activity.h2_owed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                activity.h2_owed.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -979,6 +1023,11 @@ pub(crate) struct Activity {
     /// Carries a WebSocket tunnel: busy until either side closes (a drain waits for it up
     /// to `shutdown`), never evicted, closed after `idle` with no byte either way.
     tunnel: std::sync::atomic::AtomicBool,
+    /// HTTP/2: answers whose body has a frame out that hyper has not asked past yet (it
+    /// waits for the client's flow-control window, or the socket).
+    h2_owed: AtomicU32,
+    /// HTTP/2: when hyper last asked any answer's body for its next frame.
+    h2_progress: AtomicU64,
 }
 
 enum Verdict {
@@ -1009,6 +1058,8 @@ impl Activity {
             evict: tokio::sync::Notify::new(),
             evicted: std::sync::atomic::AtomicBool::new(false),
             tunnel: std::sync::atomic::AtomicBool::new(false),
+            h2_owed: AtomicU32::new(0),
+            h2_progress: AtomicU64::new(now),
         }
     }
 
@@ -1126,6 +1177,19 @@ impl Activity {
                     return Verdict::NotReading;
                 }
                 return Verdict::Fine(instant_at(deadline));
+            }
+            // HTTP/2: an answer has a frame out, and hyper asked no answer for more: the
+            // client gives no flow-control window (its socket may even have room, so the
+            // write stall above never shows it). It holds its backends' requests.
+            if self.h2_owed.load(Ordering::Relaxed) > 0 {
+                let deadline = self
+                    .h2_progress
+                    .load(Ordering::Relaxed)
+                    .saturating_add(idle);
+                if now >= deadline {
+                    return Verdict::NotReading;
+                }
+                return Verdict::Fine(instant_at(deadline.min(now.saturating_add(idle))));
             }
             return Verdict::Fine(instant_at(now.saturating_add(idle)));
         }

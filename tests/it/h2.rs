@@ -167,6 +167,25 @@ async fn a_client_body_failing_on_its_way_to_an_h2c_backend_is_the_clients_fault
     );
 }
 
+/// A GET of `url` through `client`: its 200 answer, head only (the body still to read).
+async fn answer_head(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    url: &str,
+) -> http::Response<Incoming> {
+    let req = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
 #[tokio::test]
 async fn an_http2_answer_still_streaming_is_not_cut_at_header_read() {
     // An HTTP/2 request counts as in flight until its answer's body is sent, and frames a
@@ -182,14 +201,7 @@ async fn an_http2_answer_still_streaming_is_not_cut_at_header_read() {
         .timer(hyper_util::rt::TokioTimer::new())
         .http2_keep_alive_interval(Duration::from_millis(200))
         .build_http::<Full<Bytes>>();
-    let req = http::Request::get(proxy.url("/stream/25"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-        .await
-        .expect("answer in time")
-        .expect("answer");
-    assert_eq!(resp.status(), 200);
+    let resp = answer_head(&client, &proxy.url("/stream/25")).await;
     let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
         .await
         .expect("body in time")
@@ -198,6 +210,40 @@ async fn an_http2_answer_still_streaming_is_not_cut_at_header_read() {
     let text = String::from_utf8_lossy(&body);
     assert_eq!(text.lines().count(), 25, "{text}");
     assert!(text.ends_with("chunk 24\n"), "{text}");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_gives_no_window_is_closed_after_idle() {
+    // The client takes the answer's head and never reads its body: past its window no
+    // byte may be sent, so palisade's socket writes never wait (the write-stall check
+    // never saw it) and the request held its backend forever. nginx resets such a stream
+    // after send_timeout; palisade closes the connection after `idle`, as for HTTP/1.1.
+    let echo = Echo::start("a").await;
+    let cfg = single_upstream(&[(echo.addr, 1)], "[server.timeouts]\nidle = \"1s\"");
+    let proxy = Proxy::start(&cfg).await;
+    let client = common::h2_client();
+    let resp = answer_head(&client, &proxy.url("/bytes/100000000")).await;
+    let backend = echo.addr.to_string();
+    let in_flight = async || {
+        let metrics = get(&proxy.admin_url("/metrics")).await.text();
+        sample(
+            &metrics,
+            "palisade_backend_in_flight",
+            &[("backend", backend.as_str())],
+        )
+    };
+    assert_eq!(in_flight().await, Some(1.0));
+    let released = eventually(Duration::from_secs(6), async || {
+        in_flight().await == Some(0.0)
+    })
+    .await;
+    assert!(released, "the stalled answer still holds its backend");
+    let rest = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await;
+    assert!(
+        matches!(rest, Ok(Err(_))),
+        "the stalled stream was not ended: {:?}",
+        rest.map(|r| r.map(|c| c.to_bytes().len()))
+    );
 }
 
 /// An HTTP/2-only backend that says what it saw: the request's `:authority` and how many
