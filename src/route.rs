@@ -256,6 +256,72 @@ impl RouteTable {
     }
 }
 
+/// A path whose `..` segments climb above the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the path climbs above the root")]
+pub struct AboveRoot;
+
+/// The path as a backend that normalises paths reads it, for routing and the route's
+/// lists: percent-escapes of printable ASCII decoded (`%61` is `a`, `%2F` is `/`, `%2E`
+/// is `.`), empty segments merged (`//`), `.` and `..` segments resolved, as nginx
+/// matches its locations. Without this, `/x/../admin/`, `//admin/` or `/%61dmin/` missed
+/// a route `/admin/` and its deny list while such a backend served them as `/admin/`.
+/// `Ok(None)`: nothing to change (a scan for `%`, `//` and `/.`: nearly every request).
+/// `Err`: a `..` climbs above the root.
+pub fn normalise_path(path: &str) -> Result<Option<String>, AboveRoot> {
+    let raw = path.as_bytes();
+    let slash_dot = raw
+        .windows(2)
+        .any(|w| w[0] == b'/' && (w[1] == b'/' || w[1] == b'.'));
+    if !slash_dot && !raw.contains(&b'%') {
+        return Ok(None);
+    }
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let escaped = match (raw[i], raw.get(i + 1), raw.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match escaped {
+            // Printable ASCII only: the result stays text, and other bytes stay escaped.
+            Some(byte) if byte.is_ascii_graphic() => {
+                decoded.push(byte);
+                i += 3;
+            }
+            _ => {
+                decoded.push(raw[i]);
+                i += 1;
+            }
+        }
+    }
+    let mut segments: Vec<&[u8]> = Vec::new();
+    let mut trailing = false;
+    for segment in decoded.split(|&c| c == b'/') {
+        trailing = false;
+        match segment {
+            b"" => trailing = true,
+            b"." => trailing = true,
+            b".." => {
+                segments.pop().ok_or(AboveRoot)?;
+                trailing = true;
+            }
+            other => segments.push(other),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        // Only ASCII was decoded, and a path is ASCII: always text.
+        out.push_str(std::str::from_utf8(segment).map_err(|_| AboveRoot)?);
+    }
+    if trailing || segments.is_empty() {
+        out.push('/');
+    }
+    Ok((out != path).then_some(out))
+}
+
 impl Route {
     /// The path (and query) the backend sees: with `strip_prefix` the prefix is removed and
     /// the result still starts with '/'. Returns None when nothing changes.
@@ -320,6 +386,28 @@ fn normalise_host<'a>(host: &str, buf: &'a mut [u8; MAX_HOST]) -> Option<&'a str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalised_for_routing_as_a_normalising_backend_reads_them() {
+        let n = |p: &str| normalise_path(p);
+        for plain in [
+            "/", "/api/x", "/a.b/c.d", "/a/b/", "/a%20b", "/%C3%A9", "/a/.b",
+        ] {
+            assert_eq!(n(plain), Ok(None), "{plain}");
+        }
+        assert_eq!(n("/x/../admin/"), Ok(Some("/admin/".into())));
+        assert_eq!(n("//admin/"), Ok(Some("/admin/".into())));
+        assert_eq!(n("/./admin"), Ok(Some("/admin".into())));
+        assert_eq!(n("/%61dmin/"), Ok(Some("/admin/".into())));
+        assert_eq!(n("/%2e%2E/x"), Err(AboveRoot));
+        assert_eq!(n("/a/%2e%2e/admin"), Ok(Some("/admin".into())));
+        assert_eq!(n("/admin%2Fsecret"), Ok(Some("/admin/secret".into())));
+        assert_eq!(n("/a/."), Ok(Some("/a/".into())));
+        assert_eq!(n("/a/.."), Ok(Some("/".into())));
+        assert_eq!(n("/.."), Err(AboveRoot));
+        assert_eq!(n("/a%20b%2"), Ok(None));
+        assert_eq!(n("/%41%20"), Ok(Some("/A%20".into())));
+    }
 
     fn route(name: &str, host: Option<HostMatch>, prefix: &str, strip: bool) -> config::Route {
         config::Route {

@@ -379,12 +379,15 @@ async fn proxy<'s>(
     // 1b. Refuse what a backend could read differently.
     check_framing(&mut req, conn.seen)?;
 
-    // 2. Route, by the settled host (the target's authority, when it has one, is the Host).
+    // 2. Route, by the settled host (the target's authority, when it has one, is the Host)
+    // and the path as a normalising backend reads it.
+    let normalised = crate::route::normalise_path(req.uri().path())
+        .map_err(|_| ProxyError::BadRequest("the path climbs above the root"))?;
     let route = snapshot
         .routes
         .find(
             host.as_ref().and_then(|h| h.to_str().ok()),
-            req.uri().path(),
+            normalised.as_deref().unwrap_or(req.uri().path()),
         )
         .ok_or(ProxyError::NoRoute)?;
     trace.route = Some(route);
@@ -445,7 +448,7 @@ async fn proxy<'s>(
         host,
     );
     trace.request_id = Some(forwarding.request_id.clone());
-    let path_and_query = upstream_path(&parts.uri, route)?;
+    let path_and_query = upstream_path(&parts.uri, route, normalised.as_deref())?;
     let authority = if upstream.version == Version::HTTP_2 {
         h2_authority(&mut parts.headers)?
     } else {
@@ -921,15 +924,34 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::GET && req.extensions().get::<OnUpgrade>().is_some()
 }
 
-/// The path and query the backend sees (the route's prefix stripped when it says so).
-fn upstream_path(uri: &Uri, route: &Route) -> Result<PathAndQuery, ProxyError> {
-    match uri.path_and_query() {
-        Some(pq) => match route.rewrite_path(pq.as_str()) {
-            Some(rewritten) => PathAndQuery::try_from(rewritten)
-                .map_err(|_| ProxyError::BadRequest("invalid path")),
-            None => Ok(pq.clone()),
-        },
-        None => Ok(PathAndQuery::from_static("/")),
+/// The path and query the backend sees: the client's, or with the route's prefix
+/// stripped when it says so. The prefix is cut from the path the route matched: when that
+/// is the `normalised` one, the backend gets it (as nginx's `proxy_pass` with a URI);
+/// otherwise the client's path goes on as it was written (as nginx's without one).
+fn upstream_path(
+    uri: &Uri,
+    route: &Route,
+    normalised: Option<&str>,
+) -> Result<PathAndQuery, ProxyError> {
+    let Some(pq) = uri.path_and_query() else {
+        return Ok(PathAndQuery::from_static("/"));
+    };
+    let rewritten = match normalised {
+        Some(path) if route.strip_prefix => {
+            let mut matched = path.to_owned();
+            if let Some(query) = pq.query() {
+                matched.push('?');
+                matched.push_str(query);
+            }
+            Some(route.rewrite_path(&matched).unwrap_or(matched))
+        }
+        _ => route.rewrite_path(pq.as_str()),
+    };
+    match rewritten {
+        Some(rewritten) => {
+            PathAndQuery::try_from(rewritten).map_err(|_| ProxyError::BadRequest("invalid path"))
+        }
+        None => Ok(pq.clone()),
     }
 }
 

@@ -177,6 +177,51 @@ async fn allow_and_deny_lists_are_per_client_address_and_cannot_be_spoofed() {
 }
 
 #[tokio::test]
+async fn a_path_written_differently_is_routed_as_a_normalising_backend_reads_it() {
+    // `/x/../admin/`, `//admin/`, `/%61dmin/`: a backend that normalises paths serves each
+    // as /admin/, and they missed the route `/admin/` and its deny list.
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nname = \"admin\"\npath_prefix = \"/admin/\"\ndeny = [\"127.0.0.0/8\"]\nupstream = \"app\"\n\
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api/\"\nstrip_prefix = true\nupstream = \"app\"\n\
+         [[routes]]\nname = \"rest\"\nupstream = \"app\"\n\
+         [upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+        a.addr
+    ))
+    .await;
+    for path in [
+        "/admin/",
+        "/x/../admin/",
+        "//admin/",
+        "/./admin/x",
+        "/%61dmin/",
+        "/admin%2Fx",
+        "/a/%2e%2e/admin/",
+    ] {
+        let head = get_from([127, 0, 0, 1], proxy.addr, path, "").await;
+        assert_eq!(status(&head), 403, "{path}: {head}");
+    }
+    let head = get_from([127, 0, 0, 1], proxy.addr, "/../admin/", "").await;
+    assert_eq!(status(&head), 400, "{head}");
+
+    // Elsewhere the client's path goes on as written...
+    let answer = get(&format!("http://{}/docs/./a", proxy.addr)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["path"], "/docs/./a");
+    // ...unless a prefix is stripped: it is cut from the path the route matched.
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /x/../api/v1?q=1 HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"path\":\"/v1?q=1\""), "{text}");
+}
+
+#[tokio::test]
 async fn a_trusted_proxy_can_vouch_for_a_client_and_an_untrusted_one_cannot() {
     let a = Echo::start("a").await;
     let proxy = Proxy::start(&acl_config(
