@@ -286,7 +286,9 @@ pub fn normalise_path(path: &str) -> Result<Option<String>, AboveRoot> {
         };
         match escaped {
             // Printable ASCII only: the result stays text, and other bytes stay escaped.
-            Some(byte) if byte.is_ascii_graphic() => {
+            // So do `%`, `?` and `#`: decoded, they would end the path or start an escape
+            // in what a stripped prefix leaves for the backend.
+            Some(byte) if byte.is_ascii_graphic() && !matches!(byte, b'%' | b'?' | b'#') => {
                 decoded.push(byte);
                 i += 3;
             }
@@ -407,6 +409,7 @@ mod tests {
         assert_eq!(n("/.."), Err(AboveRoot));
         assert_eq!(n("/a%20b%2"), Ok(None));
         assert_eq!(n("/%41%20"), Ok(Some("/A%20".into())));
+        assert_eq!(n("/%61%3F%23%25"), Ok(Some("/a%3F%23%25".into())));
     }
 
     fn route(name: &str, host: Option<HostMatch>, prefix: &str, strip: bool) -> config::Route {

@@ -943,7 +943,7 @@ fn upstream_path(
                 matched.push('?');
                 matched.push_str(query);
             }
-            Some(route.rewrite_path(&matched).unwrap_or(matched))
+            route.rewrite_path(&matched)
         }
         _ => route.rewrite_path(pq.as_str()),
     };
