@@ -52,11 +52,16 @@ impl Body for ClientBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match self.get_mut() {
+        let mut polled = match self.get_mut() {
             ClientBody::Empty => return Poll::Ready(None),
             ClientBody::Own(body) => Pin::new(body).poll_frame(cx),
             ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         };
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let Some(trailers) = frame.trailers_mut() {
+                super::headers::filter_trailers(trailers);
+            }
+        }
         polled.map_err(|e| Box::new(ClientBodyError(e)) as BoxError)
     }
 

@@ -22,7 +22,7 @@ use hyper::body::Body;
 
 use super::body::{ClientBody, ProxyBody, Replayable};
 use super::error::ProxyError;
-use super::headers::{self, ClientSide, Forwarding, Seen};
+use super::headers::{self, valid_host, ClientSide, Forwarding, Seen};
 use crate::health;
 use crate::limit::client_ip;
 use crate::route::Route;
@@ -864,13 +864,19 @@ fn settle_host<B>(
         if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
             return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
         }
-        return Ok(if hosts == 0 {
-            None
-        } else {
-            req.headers().get(HOST).cloned()
-        });
+        if hosts == 0 {
+            return Ok(None);
+        }
+        let host = req.headers().get(HOST).cloned();
+        if host.as_ref().is_some_and(|h| !valid_host(h.as_bytes())) {
+            return Err(ProxyError::BadRequest("invalid host"));
+        }
+        return Ok(host);
     };
     let authority = authority.as_str();
+    if !valid_host(authority.as_bytes()) {
+        return Err(ProxyError::BadRequest("invalid host"));
+    }
     if hosts > 1 && req.version() == Version::HTTP_11 {
         return Err(ProxyError::BadRequest("HTTP/1.1 needs exactly one Host"));
     }

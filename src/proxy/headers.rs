@@ -158,6 +158,106 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, te_trailers: bo
     }
 }
 
+/// Whether `host` (a Host field or a target's authority) is one a backend reads the way
+/// palisade routed it: `uri-host [":" port]` of RFC 9110 4.2.3 / RFC 3986 3.2.2, without
+/// userinfo. A reg-name is unreserved, percent-encoded and sub-delim characters (no space,
+/// `/`, `\`, `@`, `?`, `#`, quotes or controls), and holds no `..` (nginx refuses it too: a
+/// backend that builds a file path from its host would climb out of its directory); an
+/// IP-literal is bracketed; a port is digits. An empty value is valid (RFC 9112 3.2: an
+/// authority-less target sends `Host:` empty) and matches host-less routes only.
+pub fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = match host.first() {
+        Some(b'[') => match host.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &host[1..end];
+                let fine =
+                    !literal.is_empty() && literal.iter().all(|&b| b == b':' || reg_name_byte(b));
+                if !fine {
+                    return false;
+                }
+                (&[][..], &host[end + 1..])
+            }
+            None => return false,
+        },
+        _ => match host.iter().position(|&b| b == b':') {
+            Some(colon) => (&host[..colon], &host[colon..]),
+            None => (host, &[][..]),
+        },
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    port_ok && name.iter().all(|&b| reg_name_byte(b)) && !name.windows(2).any(|w| w == b"..")
+}
+
+/// An unreserved, `%` or sub-delim byte (RFC 3986 2.1-2.3).
+fn reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
+}
+
+/// Whether a trailer field named `name` may go on to the next hop. RFC 9110 6.5.1: a
+/// trailer must not carry what frames, routes, authenticates or controls the message, nor
+/// what says how to read its content; a recipient that merges trailers into the header
+/// section (RFC 9110 6.5.1 allows it) would otherwise let a client's trailer override a
+/// header palisade checked or set: Content-Length, Host, Authorization, the
+/// `X-Forwarded-*` and `X-Request-Id` palisade writes. Such fields are dropped, in either
+/// direction, with the hop-by-hop ones.
+pub fn trailer_forwarded(name: &HeaderName) -> bool {
+    !is_hop_by_hop(name)
+        && !matches!(
+            name.as_str(),
+            "content-length"
+                | "content-type"
+                | "content-encoding"
+                | "content-range"
+                | "host"
+                | "authorization"
+                | "proxy-authorization"
+                | "proxy-authenticate"
+                | "www-authenticate"
+                | "cookie"
+                | "set-cookie"
+                | "cache-control"
+                | "expires"
+                | "age"
+                | "date"
+                | "location"
+                | "retry-after"
+                | "vary"
+                | "range"
+                | "if-match"
+                | "if-none-match"
+                | "if-modified-since"
+                | "if-unmodified-since"
+                | "if-range"
+                | "max-forwards"
+                | "forwarded"
+                | "via"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+                | "x-real-ip"
+                | "x-request-id"
+        )
+}
+
+/// Drops from `trailers` the fields [`trailer_forwarded`] keeps off the next hop.
+pub fn filter_trailers(trailers: &mut HeaderMap) {
+    if trailers.keys().all(trailer_forwarded) {
+        return;
+    }
+    let dropped: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| !trailer_forwarded(name))
+        .cloned()
+        .collect();
+    for name in dropped {
+        trailers.remove(name);
+    }
+}
+
 /// Joins several `Cookie` fields into one, `; ` between them, in order: HTTP/2 clients may
 /// send each cookie as a field of its own, and a request going on over HTTP/1.1 must carry
 /// them as one (RFC 9113 8.2.3). One field or none: nothing changes, nothing is allocated.
@@ -458,6 +558,70 @@ fn hex_digits(bits: u64) -> [u8; 16] {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn hosts_are_valid_as_rfc_3986_authorities_without_userinfo() {
+        for host in [
+            "",
+            "www.test",
+            "WWW.Test.:8080",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:443",
+            "a-b_c~d",
+            "xn--caf-dma.test",
+            "host:",
+            "[fe80::1%25eth0]",
+        ] {
+            assert!(valid_host(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "a b",
+            "a/b",
+            "a\\b",
+            "user@host",
+            "a/b@c",
+            "host:80a",
+            "host:80:90",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[::1]:x",
+            "a..b",
+            "..",
+            "a?b",
+            "a#b",
+            "caf\u{e9}",
+            "a\tb",
+            "a\"b",
+            "a<b>",
+        ] {
+            assert!(!valid_host(host.as_bytes()), "{host}");
+        }
+    }
+
+    #[test]
+    fn trailers_that_frame_route_or_authenticate_are_dropped() {
+        let mut trailers = HeaderMap::new();
+        for (name, value) in [
+            ("grpc-status", "0"),
+            ("content-length", "5"),
+            ("host", "admin.test"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("authorization", "Bearer x"),
+            ("transfer-encoding", "chunked"),
+            ("x-checksum", "abc"),
+        ] {
+            trailers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        filter_trailers(&mut trailers);
+        let mut kept: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["grpc-status", "x-checksum"]);
+    }
 
     #[test]
     fn ipv4_written_by_hand_matches_display() {

@@ -375,10 +375,15 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match &mut self.inner {
+        let mut polled = match &mut self.inner {
             Inner::Own(body) => Pin::new(&mut **body).poll_frame(cx),
             Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         };
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let Some(trailers) = frame.trailers_mut() {
+                crate::proxy::headers::filter_trailers(trailers);
+            }
+        }
         match &polled {
             Poll::Ready(Some(Err(error))) => self.ended(Some(error)),
             Poll::Ready(None) => self.ended(None),

@@ -303,6 +303,99 @@ async fn connection_cannot_strip_host_and_a_second_request_id_is_not_smuggled_th
     assert!(lines(&head, "expect").is_empty(), "{head}");
 }
 
+#[tokio::test]
+async fn hosts_a_backend_could_read_otherwise_are_refused() {
+    // A Host with a space, a slash, userinfo or `..` is not one host: palisade routed and
+    // checked it as one string, a backend may split it another way (nginx answers 400).
+    let mut backend = Recorder::start(OK).await;
+    let proxy = Proxy::start(&admin_and_public(backend.addr)).await;
+    for head in [
+        "GET /x HTTP/1.1\r\nHost: www.test admin.test\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: www.test/admin.test\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: www.test@admin.test\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: ..\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: www.test:80x\r\n\r\n",
+        "GET http://www.test@admin.test/x HTTP/1.1\r\nHost: admin.test\r\n\r\n",
+    ] {
+        let (answer, _) = raw_exchange(proxy.addr, head.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{head:?}: {answer}");
+        assert!(
+            answer.contains("proxy-status: palisade; error=http_request_error"),
+            "{answer}"
+        );
+    }
+    // HTTP/2: userinfo in the :authority.
+    let answer = h2_request(
+        proxy.addr,
+        h2_get("http://www.test@admin.test/x", http::Version::HTTP_2, &[]),
+    )
+    .await;
+    assert_eq!(answer.status, 400, "{:?}", answer.body);
+    assert!(backend.saw_nothing());
+
+    // What RFC 9110 allows goes on: a port, an IP literal, an empty Host (matching
+    // host-less routes only).
+    for (head, seen) in [
+        (
+            "GET /x HTTP/1.1\r\nHost: WWW.test:8080\r\nConnection: close\r\n\r\n",
+            "www.test:8080",
+        ),
+        (
+            "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+            "[::1]:8080",
+        ),
+        ("GET /x HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n", ""),
+    ] {
+        let (answer, _) = raw_exchange(proxy.addr, head.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{head:?}: {answer}");
+        assert_eq!(lines(&backend.head().await, "host"), [seen]);
+    }
+}
+
+#[tokio::test]
+async fn request_trailers_cannot_override_what_palisade_checked_or_set() {
+    // A backend that merges trailers into the header section (RFC 9110 6.5.1 lets it)
+    // would take a trailer's Host, X-Forwarded-For or Authorization as the request's.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, mut requests) = mpsc::unbounded_channel();
+    let backend = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+                let text = String::from_utf8_lossy(&seen);
+                if text.contains("\r\n0\r\n") && text.ends_with("\r\n\r\n") {
+                    let _ = tx.send(text.to_ascii_lowercase());
+                    let _ = stream.write_all(OK).await;
+                    break;
+                }
+            }
+        }
+    });
+    let proxy = Proxy::start(&admin_and_public(addr)).await;
+    let (answer, _) = raw_exchange(
+        proxy.addr,
+        b"POST /x HTTP/1.1\r\nHost: www.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\nX-Checksum: 5d41\r\nHost: admin.test\r\nContent-Length: 99\r\n\
+          X-Forwarded-For: 10.0.0.1\r\nAuthorization: Bearer forged\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let request = tokio::time::timeout(Duration::from_secs(5), requests.recv())
+        .await
+        .expect("the request reached the backend")
+        .expect("backend running");
+    let (_, trailers) = request.split_once("\r\n0\r\n").expect("a chunked body");
+    assert_eq!(trailers, "x-checksum: 5d41\r\n\r\n", "{request}");
+    backend.abort();
+}
+
 /// A request asking to upgrade to `upgrade` (with the h2c upgrade's settings header).
 fn upgrade_request(upgrade: &str) -> Vec<u8> {
     format!(
