@@ -109,15 +109,9 @@ fn plain_block(layout: Layout, plain: impl FnOnce(usize) -> *mut c_void) -> Opti
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Config file.
-    #[arg(
-        short = 'c',
-        long = "config",
-        global = true,
-        env = "PALISADE_CONFIG",
-        default_value = "config/palisade.toml"
-    )]
-    config: PathBuf,
+    /// Config file [default: $PALISADE_CONFIG, else config/palisade.toml].
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
     /// Log format (default: text on a terminal, json otherwise).
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
@@ -158,10 +152,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `--config`, else a non-empty PALISADE_CONFIG (an empty one is as if unset, as a
+    // shell's `PALISADE_CONFIG= palisade` means), else the default path.
+    let config_path = cli.config.clone().unwrap_or_else(|| {
+        std::env::var_os("PALISADE_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from("config/palisade.toml"), PathBuf::from)
+    });
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&cli.config),
+        Command::Check => check(&config_path),
         Command::Run => {
-            let config = match config::load(&cli.config) {
+            let config = match config::load(&config_path) {
                 Ok(config) => config,
                 Err(errors) => return config_errors(&errors),
             };

@@ -17,7 +17,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{Config, ConfigError};
@@ -36,18 +36,20 @@ pub fn load_certified_key(
     key: &Path,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, PemError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| PemError::Cert(format!("cannot read certificate {}: {e}", cert.display())))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| PemError::Cert(format!("malformed certificate {}: {e}", cert.display())))?;
-    if chain.is_empty() {
-        return Err(PemError::Cert(format!(
-            "no certificate in {}",
-            cert.display()
-        )));
-    }
-    let private = PrivateKeyDer::from_pem_file(key)
+    let chain = read_certificates("certificate", cert).map_err(PemError::Cert)?;
+    let pem = crate::config::read_file(key, crate::config::MAX_PEM_BYTES)
         .map_err(|e| PemError::Key(format!("cannot read private key {}: {e}", key.display())))?;
+    let private = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        let why = match e {
+            pem::Error::NoItemsFound => {
+                "no private key in it (PEM `PRIVATE KEY`, `RSA PRIVATE KEY` \
+                 or `EC PRIVATE KEY`; encrypted keys are not supported)"
+                    .to_owned()
+            }
+            other => pem_problem(&other),
+        };
+        PemError::Key(format!("private key {}: {why}", key.display()))
+    })?;
     CertifiedKey::from_der(chain, private, provider).map_err(|e| {
         PemError::Key(format!(
             "private key {} does not fit certificate {}: {e}",
@@ -55,6 +57,40 @@ pub fn load_certified_key(
             cert.display()
         ))
     })
+}
+
+/// The certificates of the PEM file at `path` (at least one), or what is wrong with it,
+/// naming the file as `what` (`certificate`, `ca_file`).
+pub fn read_certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = crate::config::read_file(path, crate::config::MAX_PEM_BYTES)
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{what} {}: {}", path.display(), pem_problem(&e)))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "no certificate in {what} {} (PEM `CERTIFICATE` sections)",
+            path.display()
+        ));
+    }
+    Ok(chain)
+}
+
+/// What a PEM parse error means, in words (the library's own names the END line it
+/// missed as a list of byte values).
+fn pem_problem(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "a section has no `{}` line: the file is cut short",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "malformed PEM line `{}`",
+            String::from_utf8_lossy(line).trim()
+        ),
+        pem::Error::Base64Decode(e) => format!("malformed PEM: bad base64 ({e})"),
+        other => format!("malformed PEM: {other}"),
+    }
 }
 
 /// Why a certificate and key pair did not load, and which of the two files is at fault.

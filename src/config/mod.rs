@@ -85,16 +85,78 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
     parse(&read(path)?, path)
 }
 
+/// The largest config file read (a config with 100,000 routes is about 10 MiB).
+const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
+/// The largest PEM file read (certificate chains, keys, CA bundles: the whole Mozilla
+/// bundle is about 250 KiB).
+pub const MAX_PEM_BYTES: u64 = 16 << 20;
+
 /// Reads the config file at `path`; an unreadable file is one error at line 0.
 pub fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
-    std::fs::read_to_string(path).map_err(|e| {
+    let error = |message: String| {
         vec![ConfigError {
             path: path.to_path_buf(),
             line: 0,
             col: 0,
-            message: format!("cannot read the config file: {e}"),
+            message,
+        }]
+    };
+    let bytes = read_file(path, MAX_CONFIG_BYTES)
+        .map_err(|e| error(format!("cannot read the config file: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let before = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = before
+            .rsplit(|&b| b == b'\n')
+            .next()
+            .map_or(0, |l| String::from_utf8_lossy(l).chars().count())
+            + 1;
+        vec![ConfigError {
+            path: path.to_path_buf(),
+            line,
+            col,
+            message: "the config file is not UTF-8 text".to_owned(),
         }]
     })
+}
+
+/// Reads a whole file of at most `max` bytes. Only regular files (or links to one) are
+/// read: a FIFO, a device such as `/dev/zero` or a directory would block forever, never
+/// end or fail obscurely, so it is an error up front, as is a file over `max`.
+pub fn read_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking open: opening a FIFO for reading would wait for a writer. Reads from a
+    // regular file ignore the flag.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(Error::other("it is a directory"));
+    }
+    if !meta.is_file() {
+        return Err(Error::other("not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(Error::other(format!(
+            "{} bytes, more than the {} MiB read",
+            meta.len(),
+            max >> 20
+        )));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // A file that grows while it is read still stops at the limit.
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(Error::other(format!(
+            "more than the {} MiB read",
+            max >> 20
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Whether `text` holds no setting at all: only blank lines and comments.

@@ -884,6 +884,17 @@ impl Validator<'_> {
                 );
                 default::HEALTH_PATH.to_owned()
             }
+            Some(p) if http::uri::PathAndQuery::try_from(p.get_ref().as_str()).is_err() => {
+                self.error(
+                    &p.span(),
+                    format!(
+                        "health path {:?} is not a valid request target: no spaces or control \
+                         characters (percent-encode them)",
+                        p.get_ref()
+                    ),
+                );
+                default::HEALTH_PATH.to_owned()
+            }
             Some(p) => p.get_ref().clone(),
             None => default::HEALTH_PATH.to_owned(),
         };
@@ -1266,12 +1277,14 @@ fn valid_backend_addr(addr: &str) -> bool {
     }
 }
 
-/// `redis://` or `rediss://` followed by something.
+/// A `redis://` or `rediss://` URL the Redis client accepts (host, port in range, a
+/// numeric database): checked as the client will parse it, without connecting.
 fn valid_redis_url(url: &str) -> bool {
+    use redis::IntoConnectionInfo;
     ["redis://", "rediss://"].iter().any(|scheme| {
         url.strip_prefix(scheme)
             .is_some_and(|rest| !rest.is_empty())
-    })
+    }) && url.into_connection_info().is_ok()
 }
 
 #[cfg(test)]
@@ -1472,6 +1485,10 @@ mod tests {
                 "t.toml:4:8: health path \"health\" must start with '/'",
             ),
             (
+                format!("{X}[upstreams.x.health]\npath = \"/h ealth\"\n"),
+                "t.toml:4:8: health path \"/h ealth\" is not a valid request target: no spaces or control characters (percent-encode them)",
+            ),
+            (
                 format!("{X}[upstreams.x.passive]\nconsecutive_failures = 0\n"),
                 "t.toml:4:24: consecutive_failures must be at least 1, not 0",
             ),
@@ -1541,6 +1558,14 @@ mod tests {
             ),
             (
                 format!("[[routes]]\nupstream = \"app\"\n[routes.rate_limit]\nrequests_per_second = 1\nburst = 1\nstore = \"redis\"\nredis_url = \"http://u:pw@r\"\n{APP}"),
+                "t.toml:7:13: invalid redis_url: expected redis://[user:password@]host:port[/db] or rediss://...",
+            ),
+            (
+                format!("[[routes]]\nupstream = \"app\"\n[routes.rate_limit]\nrequests_per_second = 1\nburst = 1\nstore = \"redis\"\nredis_url = \"redis://r:6379/abc\"\n{APP}"),
+                "t.toml:7:13: invalid redis_url: expected redis://[user:password@]host:port[/db] or rediss://...",
+            ),
+            (
+                format!("[[routes]]\nupstream = \"app\"\n[routes.rate_limit]\nrequests_per_second = 1\nburst = 1\nstore = \"redis\"\nredis_url = \"redis://:99999\"\n{APP}"),
                 "t.toml:7:13: invalid redis_url: expected redis://[user:password@]host:port[/db] or rediss://...",
             ),
             (

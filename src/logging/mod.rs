@@ -35,6 +35,7 @@ impl LogFormat {
 /// queue makes the logging thread wait). The returned guard flushes what is queued when
 /// dropped: hold it until the process exits.
 pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> {
+    check_directives(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
     let filter = EnvFilter::try_new(with_quiet_tls(level))
         .map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -51,7 +52,11 @@ pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> 
     // (`palisade::access`) can be told from the rest.
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        // Colours only for a terminal: escape codes in a file or a pipe are noise.
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
     // Already installed (tests, or a second call): keep the first one.
     if result.is_err() {
@@ -63,6 +68,30 @@ pub fn init(format: LogFormat, level: &str) -> Result<Option<LogGuard>, String> 
         access::install(level);
     }
     Ok(Some(LogGuard { _worker: guard }))
+}
+
+/// Refuses what tracing's filter syntax would take for something else: a bare word that is
+/// not a level (`garbage`, `7`) is a target name to tracing, so `--log-level garbage`
+/// would log nothing at all, errors included. Every directive is a level, or names one
+/// after `=`.
+fn check_directives(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in level.split(',').map(str::trim) {
+        if directive.is_empty() {
+            return Err(
+                "an empty directive: expected a level (trace, debug, info, warn, \
+                 error, off) or TARGET=LEVEL"
+                    .to_owned(),
+            );
+        }
+        if !directive.contains('=') && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "{directive:?} is not a level: expected trace, debug, info, warn, error, off \
+                 or TARGET=LEVEL (e.g. {directive}=debug)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `level`, with rustls held to errors unless it names rustls itself: rustls warns about

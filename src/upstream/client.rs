@@ -15,7 +15,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
 use crate::config::{self, Protocol};
@@ -110,12 +109,5 @@ fn client_config(roots: Vec<CertificateDer<'static>>) -> ClientConfig {
 
 /// Reads the CA certificates of `ca_file`.
 pub fn load_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("malformed ca_file {}: {e}", path.display()))?;
-    if roots.is_empty() {
-        return Err(format!("no certificate in ca_file {}", path.display()));
-    }
-    Ok(roots)
+    crate::tls::read_certificates("ca_file", path)
 }

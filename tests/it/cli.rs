@@ -109,6 +109,131 @@ fn usage_errors_exit_2() {
     assert_eq!(palisade(&["--help"]).0, 0);
 }
 
+/// Runs palisade with `args` and `env` set, killed after 10 s: (exit code, stderr), or
+/// None when it had to be killed.
+fn palisade_within(args: &[&str], env: &[(&str, &str)]) -> Option<(i32, String)> {
+    use std::io::Read as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("PALISADE_CONFIG")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run palisade");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            return Some((status.code().unwrap_or(-1), err));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_log_level_that_tracing_would_read_as_a_target_is_a_usage_error() {
+    // A bare word is a target name to tracing: `--log-level garbage` logged nothing at
+    // all, errors included, and exited 0 at the end.
+    for level in ["garbage", "", "7", "info,", "palisade::proxy"] {
+        let (code, _, err) = palisade(&["check", "--log-level", level]);
+        assert_eq!(code, 2, "{level:?}: {err}");
+        assert!(err.contains("invalid --log-level"), "{err}");
+    }
+    for level in [
+        "debug",
+        "WARN",
+        "palisade=debug,hyper=info",
+        "info,rustls=warn",
+    ] {
+        let (code, out, err) = palisade(&["check", "--log-level", level]);
+        assert_eq!(code, 0, "{level:?}: {out}{err}");
+    }
+}
+
+#[test]
+fn a_config_that_is_not_a_regular_utf8_file_is_an_error_not_a_hang() {
+    let dir = TempDir::new("cli-files");
+    let fifo = dir.join("fifo.toml");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let fifo = fifo.to_string_lossy().into_owned();
+    for (path, why) in [
+        ("/dev/zero", "not a regular file"),
+        (fifo.as_str(), "not a regular file"),
+        ("/tmp", "directory"),
+    ] {
+        let (code, err) = palisade_within(&["check", "-c", path], &[])
+            .unwrap_or_else(|| panic!("check -c {path} did not end"));
+        assert_eq!(code, 1, "{path}: {err}");
+        assert!(err.contains(path) && err.contains(why), "{path}: {err}");
+    }
+    // A certificate that never ends, the same.
+    let tls = dir.write(
+        "tls.toml",
+        "[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert = \"/dev/zero\"\nkey = \"/dev/zero\"\n",
+    );
+    let tls = tls.to_string_lossy().into_owned();
+    let (code, err) =
+        palisade_within(&["check", "-c", &tls], &[]).expect("check with a /dev/zero cert ended");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{tls}:3:8: server.tls[0]: cannot read certificate /dev/zero: not a regular file"
+        )),
+        "{err}"
+    );
+    // Not UTF-8: the position of the first bad byte.
+    let latin1 = dir.join("latin1.toml");
+    std::fs::write(&latin1, b"# caf\xe9\n").expect("write");
+    let latin1 = latin1.to_string_lossy().into_owned();
+    let (code, _, err) = palisade(&["check", "-c", &latin1]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("{latin1}:1:6: the config file is not UTF-8 text")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_empty_palisade_config_is_as_if_unset() {
+    // `PALISADE_CONFIG= palisade check` said `a value is required for '--config'`.
+    let (code, err) = palisade_within(&["check"], &[("PALISADE_CONFIG", "")]).expect("ended");
+    assert_eq!(code, 0, "{err}");
+    let (code, err) =
+        palisade_within(&["check"], &[("PALISADE_CONFIG", "/nonexistent/p.toml")]).expect("ended");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/p.toml"), "{err}");
+}
+
+#[test]
+fn text_logs_carry_no_colour_codes_into_a_file_or_pipe() {
+    // A port held without SO_REUSEPORT: run logs its warnings, then cannot listen.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr");
+    let (_dir, path) = write_config(
+        "warned.toml",
+        &format!("[server]\nlisten = [\"{addr}\"]\n[upstreams.spare]\nbackends = [{{ addr = \"127.0.0.1:9\" }}]\n"),
+    );
+    let p = path.to_string_lossy().into_owned();
+    let (code, err) =
+        palisade_within(&["run", "-c", &p, "--log-format", "text"], &[]).expect("run ended");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("not used by any route"),
+        "{err}"
+    );
+    assert!(!err.contains('\x1b'), "{err:?}");
+}
+
 #[test]
 fn run_with_an_invalid_config_exits_1_without_serving() {
     let (_dir, path) = write_config("bad-run.toml", "[[routes]]\nupstream = \"nowhere\"\n");
