@@ -129,6 +129,16 @@ pub enum PickError {
     QueueFull,
 }
 
+/// A request's place in an upstream's queue: counted in when taken (the caller adds it),
+/// counted out when dropped.
+struct QueuePlace<'a>(&'a AtomicU32);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The backends a request already tried (only the first few are remembered).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Tried {
@@ -301,8 +311,10 @@ impl Upstream {
             };
             let deadline =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + queue.timeout);
+            // Counted out when the wait ends however it ends: a client that leaves while
+            // its request waits drops this future mid-await.
+            let place = QueuePlace(&self.queued);
             if self.queued.fetch_add(1, Ordering::Relaxed) >= queue.size {
-                self.queued.fetch_sub(1, Ordering::Relaxed);
                 return Err(PickError::QueueFull);
             }
             // Boxed: queueing is rare, and every request's future would carry the timer.
@@ -311,7 +323,7 @@ impl Upstream {
                 self.slot_freed.notified(),
             ))
             .await;
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+            drop(place);
             if woken.is_err() {
                 return Err(PickError::QueueFull);
             }

@@ -446,6 +446,40 @@ async fn a_full_queue_answers_503_and_queued_requests_are_served() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_while_queued_gives_its_place_back() {
+    // Its place stayed counted for good: with size 1, every later request that had to
+    // wait got an immediate 503 instead.
+    let a = Echo::start("a").await;
+    let cfg = config(
+        &[a.addr],
+        "[upstreams.app.queue]\nmax_in_flight_per_backend = 1\nsize = 1\ntimeout = \"5s\"",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let busy = |ms: u64| {
+        let url = proxy.url(&format!("/delay/{ms}"));
+        tokio::spawn(async move { get(&url).await.status })
+    };
+    let first = busy(500);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut leaving = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    leaving
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(leaving);
+    assert_eq!(first.await.expect("first"), 200);
+
+    let second = busy(300);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waited = get(&proxy.url("/")).await;
+    assert_eq!(waited.status, 200, "{:?}", waited.header("proxy-status"));
+    assert_eq!(second.await.expect("second"), 200);
+}
+
+#[tokio::test]
 async fn waiting_in_the_queue_longer_than_its_timeout_answers_503() {
     let a = Echo::start("a").await;
     let cfg = config(
