@@ -49,6 +49,10 @@ pub enum ProxyError {
     /// The upstream's queue was full, or the wait in it too long.
     #[error("upstream queue full")]
     QueueFull,
+    /// palisade itself ran out of what a backend connection needs (file descriptors,
+    /// local ports, socket buffers): no backend's fault, never held against one.
+    #[error("out of file descriptors or local ports")]
+    Exhausted,
     /// The request is malformed (the reason is for the log).
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
@@ -76,7 +80,7 @@ impl ProxyError {
             | ProxyError::ConnectionTimeout
             | ProxyError::InvalidResponse => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::QueueFull => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::QueueFull | ProxyError::Exhausted => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -95,6 +99,7 @@ impl ProxyError {
             ProxyError::InvalidResponse => "http_protocol_error",
             ProxyError::ResponseTimeout => "http_response_timeout",
             ProxyError::QueueFull => "connection_limit_reached",
+            ProxyError::Exhausted => "proxy_internal_error",
             ProxyError::BadRequest(_)
             | ProxyError::HeadTooLarge
             | ProxyError::BodyTooLarge
@@ -113,6 +118,7 @@ impl ProxyError {
             "http_protocol_error" => "palisade; error=http_protocol_error",
             "http_response_timeout" => "palisade; error=http_response_timeout",
             "connection_limit_reached" => "palisade; error=connection_limit_reached",
+            "proxy_internal_error" => "palisade; error=proxy_internal_error",
             _ => "palisade; error=http_request_error",
         })
     }
@@ -129,6 +135,9 @@ impl ProxyError {
             ProxyError::InvalidResponse => "bad gateway: the backend's answer is not valid HTTP\n",
             ProxyError::ResponseTimeout => "gateway timeout: the backend did not answer in time\n",
             ProxyError::QueueFull => "service unavailable: too many requests queued\n",
+            ProxyError::Exhausted => {
+                "service unavailable: the proxy is out of file descriptors or local ports\n"
+            }
             ProxyError::BadRequest(_) => "bad request\n",
             ProxyError::HeadTooLarge => "request header fields too large\n",
             ProxyError::BodyTooLarge => "request body too large\n",
@@ -215,6 +224,9 @@ impl ProxyError {
                 if io.kind() == io::ErrorKind::TimedOut {
                     return ProxyError::ConnectionTimeout;
                 }
+                if err.is_connect() && is_exhaustion(io) {
+                    return ProxyError::Exhausted;
+                }
             }
             source = cause.source();
         }
@@ -224,6 +236,24 @@ impl ProxyError {
             ProxyError::ConnectionTerminated
         }
     }
+}
+
+/// Whether `e` says this process or host ran out of something a new connection needs:
+/// descriptors (EMFILE, ENFILE), memory or socket buffers (ENOMEM, ENOBUFS), or local
+/// ports (EADDRNOTAVAIL on connect).
+fn is_exhaustion(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOMEM,
+            Errno::NOBUFS,
+            Errno::ADDRNOTAVAIL,
+        ]
+        .iter()
+        .any(|errno| errno.raw_os_error() == code)
+    })
 }
 
 #[cfg(test)]
@@ -253,6 +283,7 @@ mod tests {
             (ProxyError::ConnectionTimeout, 502, "connection_timeout"),
             (ProxyError::ResponseTimeout, 504, "http_response_timeout"),
             (ProxyError::QueueFull, 503, "connection_limit_reached"),
+            (ProxyError::Exhausted, 503, "proxy_internal_error"),
             (ProxyError::BadRequest("x"), 400, "http_request_error"),
             (ProxyError::HeadTooLarge, 431, "http_request_error"),
             (ProxyError::InvalidResponse, 502, "http_protocol_error"),

@@ -702,6 +702,12 @@ async fn attempt_once<'s>(
                 // The client's fault (its body), not the backend's: no strike, no retry.
                 return Err(error);
             }
+            if error == ProxyError::Exhausted {
+                // palisade's own (out of descriptors or ports): no strike against the
+                // backend, and no retry, which would only run into the same wall.
+                warn_exhausted(&err);
+                return Err(error);
+            }
             tracing::warn!(upstream = %upstream.name, backend = %backend.addr, error = %err, "upstream request failed");
             Outcome::Failed {
                 sent: !err.is_connect(),
@@ -740,6 +746,26 @@ async fn attempt_once<'s>(
         );
     }
     Ok(outcome)
+}
+
+/// Logs running out of descriptors or ports at most once a second: under such a flood
+/// every request would write a line.
+fn warn_exhausted(err: &crate::upstream::pool::SendError) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::clock::coarse_ns();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(last) >= 1_000_000_000
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(error = %err, "cannot open a backend connection: palisade is out of file descriptors or local ports (raise its open-file limit); answering 503");
+    }
 }
 
 /// `timeout` after `started`, capped at a year so that the sum cannot overflow.

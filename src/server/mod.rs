@@ -322,6 +322,9 @@ async fn accept_loop(
     // one warning a second at most (a flood would otherwise write a line per connection).
     let mut refused: u64 = 0;
     let mut warned: Option<Instant> = None;
+    // The same for failed accepts.
+    let mut accept_failures: u64 = 0;
+    let mut accept_warned: Option<Instant> = None;
     let evictions = state.metrics.connections_evicted();
     let refusals = state.metrics.connections_refused(
         &listener
@@ -332,8 +335,14 @@ async fn accept_loop(
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off briefly instead of spinning, and say so
+                // once a second at most (a line per retry would flood the log).
+                accept_failures += 1;
+                if accept_warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(error = %e, failures = accept_failures, "accept failed; retrying every 50ms (out of file descriptors? raise the open-file limit)");
+                    accept_warned = Some(Instant::now());
+                    accept_failures = 0;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -480,6 +480,88 @@ async fn a_client_that_leaves_while_queued_gives_its_place_back() {
 }
 
 #[tokio::test]
+async fn running_out_of_descriptors_is_palisades_503_not_a_strike_against_the_backend() {
+    // Each HTTP/2 stream or client connection may hold a backend connection: a few
+    // clients can use up palisade's open-file limit. Connecting to the backend then fails
+    // with EMFILE: that was a 502 connection_refused counted against a healthy backend
+    // (passive health ejected it).
+    let a = Echo::start("a").await;
+    let dir = TempDir::new("emfile");
+    let (port, admin) = (free_port(), free_port());
+    let cfg = dir.write(
+        "p.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n\
+             [upstreams.app.passive]\nconsecutive_failures = 1\nejection = \"60s\"\n",
+            a.addr
+        ),
+    );
+    let log = dir.join("log.json");
+    let _child = ChildGuard(
+        std::process::Command::new("prlimit")
+            .arg("--nofile=48:48")
+            .arg(env!("CARGO_BIN_EXE_palisade"))
+            .args(["run", "-c", &cfg.to_string_lossy(), "--log-format", "json"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn palisade under prlimit"),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr).await;
+    // Idle connections take every descriptor; those beyond the limit wait in the backlog.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first was accepted: its request needs one more descriptor for the backend.
+    let first = &mut idle[0];
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 503 "), "{answer}");
+    assert!(
+        answer.contains("proxy-status: palisade; error=proxy_internal_error"),
+        "{answer}"
+    );
+    drop(idle);
+    // Descriptors free again: the backend was not ejected, and serves.
+    let url = format!("http://127.0.0.1:{port}/");
+    let served = eventually(Duration::from_secs(5), async || {
+        get(&url).await.status == 200
+    })
+    .await;
+    assert!(served);
+    let metrics = get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .text();
+    let healthy = metrics
+        .lines()
+        .find(|l| l.starts_with("palisade_backend_healthy{"))
+        .unwrap_or_default();
+    assert!(healthy.ends_with(" 1"), "{healthy}");
+    let logged = eventually(Duration::from_secs(5), async || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("out of file descriptors"))
+    })
+    .await;
+    assert!(
+        logged,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+#[tokio::test]
 async fn waiting_in_the_queue_longer_than_its_timeout_answers_503() {
     let a = Echo::start("a").await;
     let cfg = config(
