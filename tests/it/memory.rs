@@ -147,3 +147,80 @@ response = "120s"
         "peak RSS {peak} KiB >= {RSS_LIMIT_KIB} KiB"
     );
 }
+
+/// One HTTP/2 frame: length, type, flags, stream id, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("frame length");
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_opens_every_stream_and_reads_nothing_pins_little_memory() {
+    // It grants huge windows, asks for 50 MB on every stream it may open, and never
+    // reads its socket: what palisade buffers per stream beyond the socket is all it can
+    // pin. With hyper's defaults (256 streams, 400 KiB each) one such connection held
+    // about 190 MB.
+    let echo_port = free_port();
+    let _echo = spawn_palisade(&[
+        "echo",
+        "--listen",
+        &format!("127.0.0.1:{echo_port}"),
+        "--name",
+        "big",
+    ]);
+    let proxy_port = free_port();
+    let dir = TempDir::new("mem-h2");
+    let config = dir.write(
+        "palisade.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{proxy_port}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n\
+             [[routes]]\nupstream = \"big\"\n[upstreams.big]\nbackends = [{{ addr = \"127.0.0.1:{echo_port}\" }}]\n",
+            free_port()
+        ),
+    );
+    let proxy = spawn_palisade(&["run", "-c", &config.to_string_lossy()]);
+    let addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().expect("addr");
+    wait_listening(format!("127.0.0.1:{echo_port}").parse().expect("addr")).await;
+    wait_listening(addr).await;
+    let before = peak_rss_kib(proxy.0.id());
+
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE 16 MiB; the connection window to its maximum.
+    let mut settings = 4u16.to_be_bytes().to_vec();
+    settings.extend_from_slice(&(16u32 << 20).to_be_bytes());
+    out.extend(h2_frame(4, 0, 0, &settings));
+    out.extend(h2_frame(
+        8,
+        0,
+        0,
+        &((1u32 << 31) - 1 - 65_535).to_be_bytes(),
+    ));
+    // GET /bytes/52428800 (HPACK: :method GET, :scheme http indexed; :path and
+    // :authority literal with an indexed name), END_STREAM | END_HEADERS.
+    let path = b"/bytes/52428800";
+    let mut block = vec![0x82, 0x86, 0x04, u8::try_from(path.len()).expect("short")];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 0x01, b't']);
+    for i in 0..200u32 {
+        out.extend(h2_frame(1, 0x05, 1 + 2 * i, &block));
+    }
+    stream.write_all(&out).await.expect("send");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let peak = peak_rss_kib(proxy.0.id());
+    eprintln!(
+        "palisade peak RSS: {before} KiB before, {peak} KiB with one non-reading HTTP/2 client"
+    );
+    drop(stream);
+    assert!(
+        peak < before + 40 * 1024,
+        "one HTTP/2 connection pinned {} KiB",
+        peak - before
+    );
+}
