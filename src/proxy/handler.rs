@@ -785,7 +785,7 @@ fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
 }
 
 /// RFC 9110 idempotent methods, as the SPEC lists them.
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE

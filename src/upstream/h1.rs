@@ -136,6 +136,11 @@ pub enum Failure {
     NotSent(ProxyBody, io::Error),
     /// The request may have reached the backend.
     Failed(ProtoError),
+    /// The request was written whole (it had no body to stream), and the connection
+    /// closed or reset before a single byte of answer: on a pooled connection, most
+    /// likely the backend closing it as idle while the request was on its way. The body
+    /// comes back, so that an idempotent request can go on a fresh connection.
+    Unanswered(ProxyBody, ProtoError),
     /// The response head had not arrived by the deadline (the request may have reached
     /// the backend).
     TimedOut,
@@ -146,8 +151,22 @@ impl fmt::Debug for Failure {
         match self {
             Failure::NotSent(_, e) => f.debug_tuple("NotSent").field(e).finish(),
             Failure::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+            Failure::Unanswered(_, e) => f.debug_tuple("Unanswered").field(e).finish(),
             Failure::TimedOut => f.write_str("TimedOut"),
         }
+    }
+}
+
+/// Whether `e` ends an exchange the backend never answered: the connection closed, or was
+/// reset, before any byte of a response.
+fn unanswered(e: &ProtoError) -> bool {
+    match e {
+        ProtoError::ClosedBeforeResponse => true,
+        ProtoError::Io(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+        ),
+        _ => false,
     }
 }
 
@@ -307,7 +326,18 @@ pub async fn exchange(
             Failure::TimedOut
         }))
     });
-    let parsed = parsing.await?;
+    let parsed = match parsing.await {
+        Ok(parsed) => parsed,
+        Err(Failure::Failed(e)) if buf.is_empty() && unanswered(&e) => {
+            // Sent whole from memory: it can be sent again as it was.
+            return Err(match (framing, inlined) {
+                (Framing::None, _) => Failure::Unanswered(ProxyBody::Empty, e),
+                (_, Some(bytes)) => Failure::Unanswered(ProxyBody::Full(Some(bytes)), e),
+                _ => Failure::Failed(e),
+            });
+        }
+        Err(failure) => return Err(failure),
+    };
     // The timer stays registered until its deadline (moved on by the next request): poll
     // it once with a waker that does nothing, so that it no longer holds this request's
     // task.

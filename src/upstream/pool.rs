@@ -243,6 +243,16 @@ pub async fn send(
             // Not written: the connection was gone already. Try the next one.
             Err(h1::Failure::NotSent(back, _)) if pooled => body = back,
             Err(h1::Failure::NotSent(_, e)) => return Err(SendError::Connect(e)),
+            // Written, and the pooled connection closed without a byte of answer: the
+            // backend closed it as idle while the request was on its way (or it failed
+            // on this request). An idempotent request may be sent again (RFC 9112
+            // 9.3.1), on the next connection; on a fresh one this is a failure.
+            Err(h1::Failure::Unanswered(back, _))
+                if pooled && crate::proxy::handler::is_idempotent(head.method) =>
+            {
+                body = back;
+            }
+            Err(h1::Failure::Unanswered(_, e)) => return Err(SendError::Exchange(e)),
             Err(h1::Failure::Failed(e)) => return Err(SendError::Exchange(e)),
             Err(h1::Failure::TimedOut) => return Err(SendError::TimedOut),
         }

@@ -736,3 +736,40 @@ async fn headers_a_backends_connection_header_names_are_not_passed_on() {
     }
     assert_eq!(backend.accepted(), 1, "the connection was kept");
 }
+
+#[tokio::test]
+async fn a_pooled_connection_closed_without_an_answer_gets_an_idempotent_request_again() {
+    // The backend answers a connection's first request, then reads the next and closes
+    // without a byte (a keep-alive timeout racing the next request does this). A GET on
+    // that pooled connection went wrong 1 % of the time in an audit (nginx: never); it
+    // goes on a fresh connection. A POST is not sent twice.
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let _ = request_head(&mut stream).await;
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    for i in 0..3 {
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "GET {i}: {:?}",
+            answer.header("proxy-status")
+        );
+    }
+    // Three GETs: the first on a new connection, each next one tried on the pooled one
+    // first and sent again on a new one.
+    assert_eq!(backend.accepted(), 3);
+    // The third GET's connection is pooled: a POST on it is not sent again.
+    let resp = common::post(&proxy.url("/"), b"x".to_vec()).await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(
+        resp.header("proxy-status"),
+        Some("palisade; error=connection_terminated")
+    );
+}
