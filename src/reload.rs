@@ -14,10 +14,22 @@ use crate::snapshot::ProxyState;
 /// stays untouched and the errors are returned (and logged).
 pub fn reload(state: &ProxyState) -> Result<u64, Vec<ConfigError>> {
     let path = state.snapshot().config.path.clone();
-    // Certificates are re-read on every reload; a broken one rejects the reload.
-    let loaded = load(&path).and_then(|config| Ok((crate::tls::build(&config)?, config)));
+    let (text, loaded) = load(&path);
+    apply(state, &path, text, loaded)
+}
+
+/// Builds the TLS configs of `loaded` (certificates are re-read on every reload; a broken
+/// one rejects the reload) and swaps it in, or rejects it, remembering the `text` hash.
+fn apply(
+    state: &ProxyState,
+    path: &Path,
+    text: Option<u64>,
+    loaded: Result<Config, Vec<ConfigError>>,
+) -> Result<u64, Vec<ConfigError>> {
+    let loaded = loaded.and_then(|config| Ok((crate::tls::build(&config)?, config)));
     match loaded {
         Ok((tls, config)) => {
+            state.rejected_text.store(0, Ordering::Relaxed);
             state.set_tls(tls);
             let generation = state.apply(config);
             state.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -27,30 +39,47 @@ pub fn reload(state: &ProxyState) -> Result<u64, Vec<ConfigError>> {
             Ok(generation)
         }
         Err(errors) => {
-            rejected(state, &errors);
+            rejected(state, text, &errors);
             Err(errors)
         }
     }
 }
 
-/// Reads and validates the config file for a reload. A file with no setting in it (empty,
+/// Reads and validates the config file for a reload: a hash of the text read (None when
+/// it could not be read), and the config or its errors. A file with no setting in it (empty,
 /// or only comments) is refused: replacing a running config by the defaults (no routes,
 /// the default listen addresses) is never what a reload means; it is a file caught while
 /// being written, or one a failed generator left empty.
-fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
-    let text = config::read(path)?;
+fn load(path: &Path) -> (Option<u64>, Result<Config, Vec<ConfigError>>) {
+    let text = match config::read(path) {
+        Ok(text) => text,
+        Err(errors) => return (None, Err(errors)),
+    };
+    let hash = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        // 0 means "none".
+        hasher.finish().max(1)
+    };
     if config::is_blank(&text) {
-        return Err(vec![ConfigError {
-            path: path.to_path_buf(),
-            line: 0,
-            col: 0,
-            message: "the config file is empty: a reload never applies an empty file".into(),
-        }]);
+        return (
+            Some(hash),
+            Err(vec![ConfigError {
+                path: path.to_path_buf(),
+                line: 0,
+                col: 0,
+                message: "the config file is empty: a reload never applies an empty file".into(),
+            }]),
+        );
     }
-    config::parse(&text, path)
+    (Some(hash), config::parse(&text, path))
 }
 
-fn rejected(state: &ProxyState, errors: &[ConfigError]) {
+fn rejected(state: &ProxyState, text: Option<u64>, errors: &[ConfigError]) {
+    state
+        .rejected_text
+        .store(text.unwrap_or(0), Ordering::Relaxed);
     state.reloads_failed.fetch_add(1, Ordering::Relaxed);
     state.metrics.reload(false);
     for e in errors {
@@ -69,16 +98,19 @@ fn remember(state: &ProxyState, outcome: Result<u64, String>) {
 }
 
 /// Like [`reload`], but leaves the running config alone (no new generation) when the file
-/// parses to the same configuration: a save without changes, or a touch.
+/// parses to the same configuration: a save without changes, or a touch; and does not
+/// reject again the very text the last rejected reload read (a `POST /reload` or SIGHUP of
+/// a broken file, then the watcher seeing the same write: one failure, counted once).
 pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigError>> {
     let current = state.snapshot();
-    match load(&current.config.path) {
+    let path = current.config.path.clone();
+    let (text, loaded) = load(&path);
+    match loaded {
         Ok(config) if config == *current.config => Ok(None),
-        Ok(_) => reload(state).map(Some),
-        Err(errors) => {
-            rejected(state, &errors);
-            Err(errors)
+        Err(_) if text.is_some_and(|t| t == state.rejected_text.load(Ordering::Relaxed)) => {
+            Ok(None)
         }
+        loaded => apply(state, &path, text, loaded).map(Some),
     }
 }
 

@@ -127,6 +127,9 @@ pub struct ProxyState {
     pub reloads_ok: AtomicU64,
     /// Rejected reloads.
     pub reloads_failed: AtomicU64,
+    /// A hash of the config file text the last rejected reload read (0: none since the
+    /// last success): the watcher does not reject the same text again.
+    pub rejected_text: AtomicU64,
     /// The outcome of the last reload: when, and the generation or the first error.
     pub last_reload: Mutex<Option<(Instant, Result<u64, String>)>>,
     started: Instant,
@@ -158,6 +161,7 @@ impl ProxyState {
             connections: AtomicUsize::new(0),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            rejected_text: AtomicU64::new(0),
             last_reload: Mutex::new(None),
             started: Instant::now(),
             checkers: Mutex::new(Vec::new()),

@@ -99,6 +99,41 @@ async fn editing_the_file_reloads_within_two_seconds_and_bad_edits_are_rejected(
 }
 
 #[tokio::test]
+async fn a_broken_file_reloaded_by_hand_is_one_failure_not_two() {
+    // POST /reload (or SIGHUP) of a broken save, then the watcher seeing that same save:
+    // it was rejected twice, and failure alerts counted double.
+    let a = Echo::start("a").await;
+    let (_dir, path) = temp_config("rejected-once", &routes_to(&[a.addr], "/"));
+    let proxy = Proxy::start_file(&path).await;
+    let _watcher = palisade::reload::watch_config_file(proxy.state.clone()).expect("watch");
+    let failed = || proxy.state.reloads_failed.load(Ordering::Relaxed);
+    std::fs::write(&path, "[server\n").expect("write");
+    let answer = send(
+        http::Request::post(proxy.admin_url("/reload"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+    // The watcher's quiet period, and then some.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(failed(), 1);
+    // Another broken save is another failure; the fixed file reloads.
+    std::fs::write(&path, "[server]\nlisten = 1\n").expect("write");
+    assert!(eventually(Duration::from_secs(2), async || failed() == 2).await);
+    std::fs::write(&path, routes_to(&[a.addr], "/x")).expect("write");
+    assert!(
+        eventually(Duration::from_secs(2), async || proxy
+            .state
+            .snapshot()
+            .generation
+            == 2)
+        .await
+    );
+    assert_eq!(failed(), 2);
+}
+
+#[tokio::test]
 async fn a_file_written_in_place_is_read_once_its_writer_closes_it() {
     // `generate > palisade.toml` with a generator that pauses: the file is half written
     // for longer than the watcher's debounce. Its first half alone is a valid config (an
