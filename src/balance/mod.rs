@@ -38,7 +38,7 @@ pub enum Algorithm {
     Weighted,
     /// `least_conn`: fewest requests in flight relative to weight.
     LeastConn,
-    /// `p2c_ewma`: power of two choices on latency EWMA times load.
+    /// `p2c_ewma`: power of two choices on a decaying peak latency EWMA times load.
     P2cEwma,
     /// `random`: weighted random.
     Random,

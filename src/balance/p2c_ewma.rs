@@ -1,9 +1,16 @@
 //! `p2c_ewma`: power of two choices on latency × load.
 //!
 //! Two distinct allowed backends are drawn at random and the cheaper one wins, where
-//! cost = EWMA response time × (in flight + 1) / weight. Comparing only two keeps picks
-//! O(1) and avoids the herd that "always the global best" causes when every proxy
+//! cost = response-time estimate × (in flight + 1) / weight. Comparing only two keeps
+//! picks O(1) and avoids the herd that "always the global best" causes when every proxy
 //! instance sees the same best backend.
+//!
+//! The estimate is a peak EWMA, as in Finagle and Linkerd ([`Backend::record_latency`]):
+//! a slow answer raises it at once, and it decays toward zero with time
+//! ([`crate::upstream::backend::EWMA_DECAY`]), computed here at pick time from when it
+//! was last updated. The decay is what brings a backend back: the estimate only moves on
+//! answers, so without it a backend that had one slow answer, and then lost every
+//! comparison, would never answer again and stay avoided for good.
 
 use std::sync::Arc;
 
@@ -37,12 +44,24 @@ impl Balance for P2cEwma {
         _key: u64,
         skip: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
+        self.pick_at(backends, skip, crate::clock::coarse_ns())
+    }
+}
+
+impl P2cEwma {
+    /// [`Balance::pick`] at clock time `now` (the estimates are decayed to it).
+    pub(crate) fn pick_at(
+        &self,
+        backends: &[Arc<Backend>],
+        skip: &dyn Fn(usize) -> bool,
+        now: u64,
+    ) -> Option<usize> {
         let len = backends.len();
         let a = candidate(len, None, skip)?;
         let Some(b) = candidate(len, Some(a), skip) else {
             return Some(a);
         };
-        Some(if cheaper(&backends[b], &backends[a]) {
+        Some(if cheaper(&backends[b], &backends[a], now) {
             b
         } else {
             a
@@ -70,10 +89,10 @@ fn candidate(len: usize, exclude: Option<usize>, skip: &dyn Fn(usize) -> bool) -
     scan_from(fastrand::usize(..len), len, &skip_or_excluded).map(|(i, _)| i)
 }
 
-/// Whether `x` costs strictly less than `y`: `ewma × (in_flight + 1) / weight`, compared
-/// by cross-multiplication in u128 so nothing truncates or overflows.
-fn cheaper(x: &Backend, y: &Backend) -> bool {
-    let (ex, ey) = match (x.ewma_ns(), y.ewma_ns()) {
+/// Whether `x` costs strictly less than `y` at `now`: `ewma × (in_flight + 1) / weight`,
+/// compared by cross-multiplication in u128 so nothing truncates or overflows.
+fn cheaper(x: &Backend, y: &Backend, now: u64) -> bool {
+    let (ex, ey) = match (x.ewma_ns_at(now), y.ewma_ns_at(now)) {
         (0, 0) => (1, 1),
         (0, e) | (e, 0) => (e, e),
         (ex, ey) => (ex, ey),
@@ -88,14 +107,50 @@ fn cheaper(x: &Backend, y: &Backend) -> bool {
 mod tests {
     use std::collections::VecDeque;
     use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
 
     use super::super::test_util::*;
     use super::*;
 
+    const MS: u64 = 1_000_000;
+
+    /// Sets the estimates as if just measured (so the real clock's picks see them as set).
     fn set_ewma(backends: &[Arc<Backend>], ewma_ms: &[u64]) {
+        let now = crate::clock::coarse_ns();
         for (b, &ms) in backends.iter().zip(ewma_ms) {
-            b.ewma_ns.store(ms * 1_000_000, Relaxed);
+            b.ewma_ns.store(ms * MS, Relaxed);
+            b.ewma_at.store(now, Relaxed);
         }
+    }
+
+    /// Sequential requests on a simulated clock, one every millisecond: each is picked at
+    /// its start and answered `latency(backend, n)` later (nothing else in flight), as
+    /// light load looks. Returns the picks, in order.
+    fn sequential(
+        backends: &[Arc<Backend>],
+        start: u64,
+        requests: usize,
+        mut latency: impl FnMut(usize, usize) -> Duration,
+    ) -> Vec<usize> {
+        let p2c = P2cEwma::new();
+        let mut now = start;
+        (0..requests)
+            .map(|n| {
+                let i = p2c.pick_at(backends, &|_| false, now).expect("a backend");
+                let took = latency(i, n);
+                now += crate::clock::nanos(took).max(MS);
+                backends[i].record_latency(took, now);
+                i
+            })
+            .collect()
+    }
+
+    fn tally(picks: &[usize], len: usize) -> Vec<usize> {
+        let mut c = vec![0; len];
+        for &i in picks {
+            c[i] += 1;
+        }
+        c
     }
 
     /// Picks `picks` requests with `concurrency` outstanding: each pick adds one in-flight
@@ -168,6 +223,47 @@ mod tests {
         let c = counts(&P2cEwma::new(), &backends, 30_000, &|_| false);
         // Drawn in 2 of the 3 equally likely pairs.
         assert_share(c[0], 30_000, 2.0 / 3.0, 0.02);
+    }
+
+    #[test]
+    fn a_backend_with_one_slow_answer_is_tried_again_once_its_estimate_decays() {
+        // The audit's case: backend 2 answered one request in 1 s, the others answer in
+        // 1 ms. Its estimate decays while it is not picked (to 1 ms after ~70 s), so
+        // it is tried again and, answering fast now, takes its share back.
+        let backends = pool(&[1, 1, 1]);
+        let start = 1_000 * MS;
+        backends[2].record_latency(Duration::from_secs(1), start);
+        let picks = sequential(&backends, start, 150_000, |_, _| Duration::from_millis(1));
+        let first_again = picks.iter().position(|&i| i == 2);
+        assert!(first_again.is_some(), "backend 2 never picked again");
+        let last_minute = tally(&picks[90_000..], 3);
+        for &n in &last_minute {
+            assert_share(n, 60_000, 1.0 / 3.0, 0.1);
+        }
+    }
+
+    #[test]
+    fn sequential_light_load_spreads_over_every_backend_from_a_cold_start() {
+        // First answers carry a connection setup (one of them 0.5 ms slower than the
+        // rest), later ones 1 ms with up to 0.5 ms of jitter: no backend is locked out.
+        let backends = pool(&[1, 1, 1]);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut first = [true; 3];
+        let picks = sequential(&backends, MS, 60_000, |i, _| {
+            let base = if std::mem::take(&mut first[i]) {
+                [2_000_000, 2_500_000, 2_100_000][i]
+            } else {
+                1_000_000
+            };
+            Duration::from_nanos(base + rng.u64(..500_000))
+        });
+        for n in tally(&picks, 3) {
+            assert_share(n, 60_000, 1.0 / 3.0, 0.1);
+        }
+        // And already over the first 10 s.
+        for n in tally(&picks[..10_000], 3) {
+            assert!(n >= 1_000, "{:?}", tally(&picks[..10_000], 3));
+        }
     }
 
     #[test]

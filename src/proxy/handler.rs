@@ -685,7 +685,7 @@ async fn attempt_once<'s>(
     };
     let mut outcome = match sent {
         Ok(resp) => {
-            backend.record_latency(started.elapsed());
+            backend.record_latency(started.elapsed(), crate::clock::coarse_ns());
             Outcome::Answer(resp)
         }
         Err(err) => {

@@ -22,8 +22,11 @@ pub struct Backend {
     pub authority: Authority,
     /// Requests currently sent to this backend and not yet answered.
     pub in_flight: AtomicU32,
-    /// Response-time EWMA in nanoseconds; 0 = no sample yet.
+    /// Response-time estimate (peak EWMA) in nanoseconds as of `ewma_at`; 0 = no sample
+    /// yet. Read it through [`Backend::ewma_ns_at`], which decays it to the present.
     pub ewma_ns: AtomicU64,
+    /// Clock time ([`crate::clock::coarse_ns`]) `ewma_ns` was last updated at.
+    pub ewma_at: AtomicU64,
     /// Requests sent to this backend, ever.
     pub requests: AtomicU64,
     /// Requests to this backend that failed (connect error, reset, timeout).
@@ -62,6 +65,7 @@ impl Backend {
             authority,
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(0),
+            ewma_at: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
@@ -81,9 +85,23 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The response-time EWMA in nanoseconds (0 before the first sample).
+    /// The response-time estimate in nanoseconds now (0 before the first sample).
     pub fn ewma_ns(&self) -> u64 {
-        self.ewma_ns.load(Ordering::Relaxed)
+        self.ewma_ns_at(crate::clock::coarse_ns())
+    }
+
+    /// The response-time estimate at clock time `now`: the stored one decayed toward zero
+    /// by `exp(-elapsed / EWMA_DECAY)` for the time since it was last updated (0 before
+    /// the first sample, at least 1 after). Computed on read, so a backend that gets no
+    /// traffic still has its estimate fall, and is tried again once it is below the
+    /// others'; nothing is written, so readers on every core share the cache line.
+    pub fn ewma_ns_at(&self, now: u64) -> u64 {
+        let ewma = self.ewma_ns.load(Ordering::Relaxed);
+        if ewma == 0 {
+            return 0;
+        }
+        let at = self.ewma_at.load(Ordering::Relaxed);
+        decayed(ewma, now.saturating_sub(at))
     }
 
     /// Whether active health checks currently hold the backend in rotation.
@@ -149,18 +167,50 @@ impl Backend {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Folds one response time into the EWMA (weight 1/8 for the new sample, like TCP's SRTT).
-    /// Concurrent updates may overwrite each other; an EWMA tolerates the lost sample.
-    pub fn record_latency(&self, elapsed: Duration) {
-        let sample = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX).max(1);
+    /// Folds one response time, answered at clock time `now`, into the estimate, as
+    /// Finagle's and Linkerd's peak EWMA do: a sample above the (decayed) estimate
+    /// replaces it at once (a backend that slows down is avoided from its first slow
+    /// answer); one below pulls it down by `1 - exp(-elapsed / EWMA_DECAY)`, the
+    /// weight of the time since the last update.
+    ///
+    /// Concurrent updates may overwrite each other (two atomics, no lock); an estimate
+    /// tolerates the lost sample.
+    pub fn record_latency(&self, elapsed: Duration, now: u64) {
+        let sample = crate::clock::nanos(elapsed).max(1);
         let old = self.ewma_ns.load(Ordering::Relaxed);
         let new = if old == 0 {
             sample
         } else {
-            old - old / 8 + sample / 8
+            let since = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed));
+            let current = decayed(old, since);
+            if sample >= current {
+                sample
+            } else {
+                // current * w + sample * (1 - w), with w = exp(-since / tau).
+                let pull = decayed(current - sample, since);
+                sample + pull
+            }
         };
         self.ewma_ns.store(new.max(1), Ordering::Relaxed);
+        self.ewma_at.store(now, Ordering::Relaxed);
     }
+}
+
+/// How fast a backend's response-time estimate forgets: it falls by a factor `e` over
+/// this long without a sample (Finagle's and Linkerd's default decay, 10 s). A 1 s
+/// answer among 1 ms ones is forgotten (back under 1 ms) after about 70 s; one twice as
+/// slow as its peers after about 7 s.
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// `ns` decayed over `elapsed` nanoseconds: `ns * exp(-elapsed / EWMA_DECAY)`, at least 1.
+fn decayed(ns: u64, elapsed: u64) -> u64 {
+    if elapsed == 0 {
+        return ns;
+    }
+    let tau = EWMA_DECAY.as_nanos() as f64;
+    let factor = (-(elapsed as f64) / tau).exp();
+    // f64 -> u64 saturates and maps NaN to 0; the max keeps "sampled" distinct from 0.
+    ((ns as f64 * factor) as u64).max(1)
 }
 
 /// A request in flight to a backend; dropping it ends the count.
@@ -204,13 +254,38 @@ mod tests {
         assert_eq!(b.requests.load(Ordering::Relaxed), 2);
     }
 
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000_000_000;
+
     #[test]
-    fn ewma_starts_at_the_first_sample_and_moves_an_eighth() {
+    fn ewma_starts_at_the_first_sample_and_jumps_to_a_higher_one() {
         let b = Backend::new("127.0.0.1:9001", 1);
-        b.record_latency(Duration::from_nanos(800));
-        assert_eq!(b.ewma_ns(), 800);
-        b.record_latency(Duration::from_nanos(1600));
-        assert_eq!(b.ewma_ns(), 900);
+        b.record_latency(Duration::from_nanos(800), S);
+        assert_eq!(b.ewma_ns_at(S), 800);
+        b.record_latency(Duration::from_nanos(1600), S);
+        assert_eq!(b.ewma_ns_at(S), 1600);
+    }
+
+    #[test]
+    fn ewma_decays_without_samples_and_lower_samples_pull_by_elapsed_time() {
+        let b = Backend::new("127.0.0.1:9001", 1);
+        b.record_latency(Duration::from_millis(1000), S);
+        // e^-1 after one decay time, with no sample in between: a backend no longer
+        // picked is not stuck at its one slow answer.
+        let after_tau = b.ewma_ns_at(S + 10 * S);
+        assert!((367 * MS..=369 * MS).contains(&after_tau), "{after_tau}");
+        assert!(b.ewma_ns_at(S + 100 * S) < MS);
+        assert!(
+            b.ewma_ns_at(S + 1000 * S) >= 1,
+            "sampled stays distinct from unsampled"
+        );
+        // A faster answer 10 s later pulls the decayed estimate (368 ms) toward itself
+        // by 1 - e^-1: 100 + 268 / e.
+        b.record_latency(Duration::from_millis(100), 11 * S);
+        let now = b.ewma_ns_at(11 * S);
+        assert!((198 * MS..=199 * MS).contains(&now), "{now}");
+        // The clock going backwards (stamps from two threads) does not blow it up.
+        assert_eq!(b.ewma_ns_at(S), now);
     }
 
     #[test]

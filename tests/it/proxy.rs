@@ -51,6 +51,65 @@ async fn weighted_balancing_follows_the_weights_through_the_proxy() {
     assert_eq!(count_a, 30);
 }
 
+/// `ewma_ms` and `requests` of the backend at `addr` of upstream `app`, from `/status`.
+async fn backend_status(proxy: &Proxy, addr: std::net::SocketAddr) -> (f64, u64) {
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let addr = addr.to_string();
+    status["upstreams"]["app"]["backends"]
+        .as_array()
+        .and_then(|list| list.iter().find(|b| b["addr"] == addr.as_str()))
+        .map(|b| {
+            (
+                b["ewma_ms"].as_f64().unwrap_or(f64::NAN),
+                b["requests"].as_u64().unwrap_or(0),
+            )
+        })
+        .unwrap_or_else(|| panic!("{addr} not in /status: {status}"))
+}
+
+/// The audit's p2c_ewma starvation: the latency estimate moved only on answers, so a
+/// backend with one slow answer lost every comparison, never answered again and kept its
+/// estimate for good. Now the estimate is a peak EWMA that decays with time, so it falls
+/// while the backend gets no traffic (and it is tried again once below the others').
+#[tokio::test]
+async fn p2c_ewma_lets_a_slow_answer_fade_while_the_backend_gets_no_traffic() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let cfg = single_upstream(
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+        r#"balance = "p2c_ewma""#,
+    );
+    let proxy = Proxy::start(&cfg).await;
+    // Every backend sampled first, so none is costed as "as fast as its rival".
+    for _ in 0..30 {
+        assert_eq!(get(&proxy.url("/")).await.status, 200);
+    }
+    let slow = match get(&proxy.url("/delay/500")).await.backend().as_str() {
+        "a" => a.addr,
+        "b" => b.addr,
+        _ => c.addr,
+    };
+    let (peak, requests) = backend_status(&proxy, slow).await;
+    assert!(
+        peak >= 400.0,
+        "a 500 ms answer left the estimate at {peak} ms"
+    );
+    let faded = eventually(Duration::from_secs(10), async || {
+        for _ in 0..10 {
+            assert_eq!(get(&proxy.url("/")).await.status, 200);
+        }
+        backend_status(&proxy, slow).await.0 < peak * 0.8
+    })
+    .await;
+    let (now, requests_now) = backend_status(&proxy, slow).await;
+    assert!(faded, "estimate stuck: {peak} ms, then {now} ms");
+    // The fall is the decay, not new answers: the others kept winning meanwhile.
+    assert_eq!(requests_now, requests);
+}
+
 #[tokio::test]
 async fn consistent_hash_on_a_header_sticks_to_one_backend() {
     let (a, b, c) = (
