@@ -103,7 +103,7 @@ pub fn build(algorithm: Algorithm, backends: &[Arc<Backend>]) -> Box<dyn Balance
     match algorithm {
         Algorithm::RoundRobin => Box::new(RoundRobin::new()),
         Algorithm::Weighted => Box::new(Weighted::new(backends)),
-        Algorithm::LeastConn => Box::new(LeastConn::new()),
+        Algorithm::LeastConn => Box::new(LeastConn::new(backends)),
         Algorithm::P2cEwma => Box::new(P2cEwma::new()),
         Algorithm::Random => Box::new(Random::new(backends)),
         Algorithm::ConsistentHash => Box::new(ConsistentHash::new(backends)),

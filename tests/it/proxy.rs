@@ -51,6 +51,59 @@ async fn weighted_balancing_follows_the_weights_through_the_proxy() {
     assert_eq!(count_a, 30);
 }
 
+/// The audit's least_conn tie: under light load every pick is a tie (nothing in flight),
+/// and ties ignored the weights: 3 and 1 went 20:20. nginx breaks ties by weight: 30:10.
+#[tokio::test]
+async fn least_conn_ties_follow_the_weights_under_light_load() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let cfg = single_upstream(&[(a.addr, 3), (b.addr, 1)], r#"balance = "least_conn""#);
+    let proxy = Proxy::start(&cfg).await;
+    let mut count_a = 0;
+    for _ in 0..40 {
+        if get(&proxy.url("/")).await.backend() == "a" {
+            count_a += 1;
+        }
+    }
+    assert_eq!(count_a, 30);
+}
+
+/// The audit's least_conn rotation: with one backend busy on a long request, its turns
+/// among the tied went to its successor (b2 b3 b2 b2 b3 b2, 20:10); they are shared evenly.
+#[tokio::test]
+async fn least_conn_shares_a_busy_backends_turns_evenly() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let cfg = single_upstream(
+        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+        r#"balance = "least_conn""#,
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let long_url = proxy.url("/delay/2000");
+    let long = tokio::spawn(async move { get(&long_url).await });
+    let busy = eventually(Duration::from_secs(3), async || {
+        let status = get(&proxy.admin_url("/status")).await.json();
+        status["upstreams"]["app"]["backends"]
+            .as_array()
+            .is_some_and(|list| list.iter().any(|b| b["in_flight"] == 1))
+    })
+    .await;
+    assert!(busy, "the long request never started");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        *seen
+            .entry(get(&proxy.url("/")).await.backend())
+            .or_default() += 1;
+    }
+    let long = long.await.expect("the long request").backend();
+    assert_eq!(seen.get(&long), None, "{seen:?}");
+    let mut shares: Vec<usize> = seen.values().copied().collect();
+    shares.sort_unstable();
+    assert_eq!(shares, [15, 15], "{seen:?} with {long} busy");
+}
+
 /// `ewma_ms` and `requests` of the backend at `addr` of upstream `app`, from `/status`.
 async fn backend_status(proxy: &Proxy, addr: std::net::SocketAddr) -> (f64, u64) {
     let status = get(&proxy.admin_url("/status")).await.json();
