@@ -103,6 +103,16 @@ impl Balance for ConsistentHash {
     fn needs_key(&self) -> bool {
         true
     }
+
+    /// No slow start, as in nginx (`slow_start` cannot be used with `hash`) and Envoy
+    /// (slow start is for round robin and least request only): a ramping backend is
+    /// skipped at random, and a skipped backend's keys go to the next point on the ring,
+    /// so ramping moved keys back and forth for the whole window, and every backend's
+    /// keys when all came back together (from panic mode). A returning backend takes its
+    /// own keys back at once; no other key moves.
+    fn slow_start(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

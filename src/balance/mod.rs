@@ -96,6 +96,13 @@ pub trait Balance: Send + Sync + std::fmt::Debug {
     fn needs_key(&self) -> bool {
         false
     }
+
+    /// Whether a backend back in rotation should ramp up (slow start) under this
+    /// algorithm: callers then skip it at random for part of its share. True unless
+    /// skipping moves keys (consistent_hash).
+    fn slow_start(&self) -> bool {
+        true
+    }
 }
 
 /// Builds the balancer for `algorithm` over `backends`; pass the same slice to every `pick`.
@@ -299,10 +306,14 @@ mod tests {
     }
 
     #[test]
-    fn only_consistent_hash_needs_the_key() {
+    fn only_consistent_hash_needs_the_key_and_skips_slow_start() {
         for algorithm in Algorithm::ALL {
             let balancer = build(algorithm, &pool(&[1, 1]));
             assert_eq!(balancer.needs_key(), algorithm == Algorithm::ConsistentHash);
+            assert_eq!(
+                balancer.slow_start(),
+                algorithm != Algorithm::ConsistentHash
+            );
         }
     }
 

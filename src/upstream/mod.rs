@@ -283,7 +283,8 @@ impl Upstream {
     /// Picks a backend for a request with hash key `key` and counts it in flight.
     ///
     /// In order of preference: an available backend this request has not tried (with
-    /// backends in slow start picked only for their share); an available one it has tried;
+    /// backends in slow start picked only for their share, unless the balancer does
+    /// without slow start); an available one it has tried;
     /// and with none available, any backend (panic mode: trying a backend believed down
     /// beats failing every request), first attempts by the balancer over all of them and
     /// retries on the next backend along not tried yet. Backends at their in-flight cap
@@ -361,7 +362,11 @@ impl Upstream {
         let window = crate::clock::nanos(crate::health::SLOW_START);
         let cap = self.cap;
         let open = |i: usize| backends[i].in_flight() < cap;
+        let slow_start = self.balancer.slow_start();
         let ramping = |i: usize| {
+            if !slow_start {
+                return false;
+            }
             let share = backends[i].slow_start_share(now, window);
             share < 1024 && fastrand::u32(..1024) >= share
         };

@@ -105,6 +105,62 @@ async fn a_failing_health_endpoint_takes_a_backend_out_and_recovery_brings_it_ba
     assert!(served, "backend b came back but got no traffic");
 }
 
+/// The audit's consistent_hash case: when every backend came back from panic mode at
+/// once, all were in slow start together, and slow start's random skips sent keys to
+/// other backends for its whole window (166 of 250 keys misplaced at 0.2 s). With no
+/// slow start for consistent_hash, every key is on its own backend from the start.
+#[tokio::test]
+async fn consistent_hash_keys_stay_put_when_every_backend_comes_back_together() {
+    let echos = [
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    ];
+    let addrs: Vec<_> = echos.iter().map(|e| e.addr).collect();
+    let cfg = config(
+        &addrs,
+        "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"\n[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let owners = async || {
+        let mut owners = Vec::new();
+        for user in 0..60 {
+            let user = format!("user-{user}");
+            owners.push(
+                get_with(&proxy.url("/"), &[("x-user", &user)])
+                    .await
+                    .backend(),
+            );
+        }
+        owners
+    };
+    let before = owners().await;
+    let healthy = || {
+        let snapshot = proxy.state.snapshot();
+        snapshot.upstreams[0]
+            .backends
+            .iter()
+            .map(|b| b.is_healthy())
+            .collect::<Vec<_>>()
+    };
+    for state in ["down", "up"] {
+        for addr in &addrs {
+            let answer = post(&format!("http://{addr}/health/{state}"), vec![]).await;
+            assert_eq!(answer.status, 200);
+        }
+        let want = state == "up";
+        let settled = eventually(Duration::from_secs(5), async || {
+            healthy().iter().all(|&h| h == want)
+        })
+        .await;
+        assert!(settled, "backends never all {state}: {:?}", healthy());
+    }
+    // Back together, well inside the 5 s slow-start window.
+    let after = owners().await;
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    assert_eq!(moved, 0, "{moved} of 60 keys on another backend");
+}
+
 #[tokio::test]
 async fn a_backend_answering_errors_is_ejected_by_passive_detection() {
     let good = Echo::start("good").await;
