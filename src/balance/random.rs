@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{scan_from, weight_of, Balance};
+use super::{weight_of, Balance};
 use crate::upstream::Backend;
 
 /// Draws before giving up on rejection sampling and scanning for an allowed backend.
@@ -12,8 +12,10 @@ const DRAWS: usize = 3;
 /// binary search, on the thread-local RNG (no shared state, no contention).
 ///
 /// A skipped backend is redrawn (up to three draws, which keeps the remaining backends'
-/// weights exact); after that one linear scan from a random start finds any allowed
-/// backend, so heavily skipped pools stay correct, if less precisely weighted.
+/// weights exact); after that one pass over the backends draws among the allowed ones by
+/// weight, so heavily skipped pools stay exactly weighted too. (A scan from a random
+/// start to the next allowed backend, as before, gave a skipped heavy backend's share to
+/// its successor: weights 5,1,1 with the 5 down went 57:43 instead of 50:50.)
 #[derive(Debug)]
 pub struct Random {
     /// `cumulative[i]` = sum of the weights of backends `0..=i`.
@@ -55,7 +57,29 @@ impl Balance for Random {
                 return Some(i);
             }
         }
-        scan_from(fastrand::usize(..len), len, skip).map(|(i, _)| i)
+        self.fallback(len, skip)
+    }
+}
+
+impl Random {
+    /// Weighted random choice among the allowed backends, in one pass with no allocation
+    /// (keep candidate `i` with probability `weight_i / weight seen so far`).
+    fn fallback(&self, len: usize, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let mut below = 0;
+        let mut seen = 0u64;
+        let mut chosen = None;
+        for (i, &upto) in self.cumulative.iter().enumerate().take(len) {
+            let weight = upto - below;
+            below = upto;
+            if skip(i) {
+                continue;
+            }
+            seen += weight;
+            if fastrand::u64(..seen) < weight {
+                chosen = Some(i);
+            }
+        }
+        chosen
     }
 }
 
@@ -82,6 +106,24 @@ mod tests {
         assert_eq!(c[1], 0);
         assert_share(c[0], 60_000, 1.0 / 4.0, 0.02);
         assert_share(c[2], 60_000, 3.0 / 4.0, 0.02);
+    }
+
+    #[test]
+    fn a_skipped_heavy_backend_s_share_is_split_by_weight() {
+        // The audit: weights 5,1,1 with the 5 down gave b2:b3 about 57:43 (weight 50:
+        // 63:37), the fallback scan handing the share to the successor. Expected 1:1.
+        for heavy in [5, 50] {
+            let backends = pool(&[heavy, 1, 1]);
+            let r = Random::new(&backends);
+            let c = counts(&r, &backends, 60_000, &|i| i == 0);
+            assert_eq!(c[0], 0);
+            assert_share(c[1], 60_000, 0.5, 0.015);
+        }
+        // And by weight among the rest: 1:3.
+        let backends = pool(&[50, 1, 3]);
+        let r = Random::new(&backends);
+        let c = counts(&r, &backends, 60_000, &|i| i == 0);
+        assert_share(c[1], 60_000, 0.25, 0.015);
     }
 
     #[test]

@@ -104,6 +104,40 @@ async fn least_conn_shares_a_busy_backends_turns_evenly() {
     assert_eq!(shares, [15, 15], "{seen:?} with {long} busy");
 }
 
+/// The audit's random case: with a heavy backend down, its share went to the backend
+/// after it (weights 50,1,1 with the 50 down: about 63:37); the rest share by weight.
+#[tokio::test]
+async fn random_splits_a_down_backends_share_by_weight() {
+    let (a, b, c) = (
+        Echo::start("a").await,
+        Echo::start("b").await,
+        Echo::start("c").await,
+    );
+    let cfg = single_upstream(
+        &[(a.addr, 50), (b.addr, 1), (c.addr, 1)],
+        "balance = \"random\"\n[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1",
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let answer = post(&format!("http://{}/health/down", a.addr), vec![]).await;
+    assert_eq!(answer.status, 200);
+    let down = eventually(Duration::from_secs(3), async || {
+        !proxy.state.snapshot().upstreams[0].backends[0].is_healthy()
+    })
+    .await;
+    assert!(down, "backend a never left rotation");
+    let mut seen: HashMap<String, i64> = HashMap::new();
+    for _ in 0..600 {
+        *seen
+            .entry(get(&proxy.url("/")).await.backend())
+            .or_default() += 1;
+    }
+    let (to_b, to_c) = (seen.get("b").copied(), seen.get("c").copied());
+    let (to_b, to_c) = (to_b.unwrap_or(0), to_c.unwrap_or(0));
+    assert_eq!(to_b + to_c, 600, "{seen:?}");
+    // 1:1 expected; 90 is over 3.5 standard deviations of the difference.
+    assert!((to_b - to_c).abs() <= 90, "{seen:?}");
+}
+
 /// `ewma_ms` and `requests` of the backend at `addr` of upstream `app`, from `/status`.
 async fn backend_status(proxy: &Proxy, addr: std::net::SocketAddr) -> (f64, u64) {
     let status = get(&proxy.admin_url("/status")).await.json();
