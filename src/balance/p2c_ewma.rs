@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use super::{scan_from, weight_of, Balance};
+use super::{weight_of, Balance};
 use crate::upstream::Backend;
 
 /// Draws per candidate before scanning from a random start for an allowed backend.
@@ -69,8 +69,9 @@ impl P2cEwma {
     }
 }
 
-/// A uniformly drawn allowed index other than `exclude`, or, after [`DRAWS`] misses,
-/// the first allowed one from a random start.
+/// A uniformly drawn allowed index other than `exclude`: up to [`DRAWS`] draws, then one
+/// pass choosing uniformly among the allowed (reservoir sampling; a scan from a random
+/// start would favour the backend after a run of skipped ones).
 fn candidate(len: usize, exclude: Option<usize>, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
     let choices = len - usize::from(exclude.is_some());
     if choices == 0 {
@@ -85,8 +86,18 @@ fn candidate(len: usize, exclude: Option<usize>, skip: &dyn Fn(usize) -> bool) -
             return Some(i);
         }
     }
-    let skip_or_excluded = |i: usize| Some(i) == exclude || skip(i);
-    scan_from(fastrand::usize(..len), len, &skip_or_excluded).map(|(i, _)| i)
+    let mut seen = 0;
+    let mut chosen = None;
+    for i in 0..len {
+        if Some(i) == exclude || skip(i) {
+            continue;
+        }
+        seen += 1;
+        if fastrand::usize(..seen) == 0 {
+            chosen = Some(i);
+        }
+    }
+    chosen
 }
 
 /// Whether `x` costs strictly less than `y` at `now`: `ewma × (in_flight + 1) / weight`,
@@ -274,6 +285,10 @@ mod tests {
         for i in [0, 1, 3] {
             assert_share(c[i], 40_000, 1.0 / 3.0, 0.02);
         }
+        // A run of skipped backends does not favour the one after it.
+        let backends = pool(&[1, 1, 1, 1, 1]);
+        let c = counts(&P2cEwma::new(), &backends, 60_000, &|i| i < 3);
+        assert_share(c[3], 60_000, 0.5, 0.015);
         // One backend left: it is returned without a rival.
         assert_eq!(counts(&P2cEwma::new(), &backends, 100, &|i| i != 3)[3], 100);
     }
