@@ -5,7 +5,8 @@
 //! `pick` is lock-free (atomics and a thread-local RNG only) and never allocates. Live
 //! per-backend state (in-flight count, latency EWMA) stays on [`Backend`]; balancers hold
 //! only what they precompute from the list (weights, a smooth sequence, a hash ring) plus
-//! a rotation counter, so rebuilding one on reload loses nothing that matters.
+//! a rotation counter (least_conn: each backend's place in the tie-break rotation), so
+//! rebuilding one on reload loses nothing that matters.
 //!
 //! Callers exclude backends with `skip` (unhealthy, ejected, or already tried by this
 //! request); every algorithm honours it and spreads load over the rest, and a pick that
