@@ -85,6 +85,13 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
+    if let SocketAddr::V6(v6) = addr {
+        // `[::]` takes IPv4 clients too, whatever the host's `net.ipv6.bindv6only` says
+        // (HAProxy's and Linux's usual default; nginx and Envoy need `ipv6only=off`).
+        if v6.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
@@ -347,6 +354,9 @@ async fn accept_loop(
                 continue;
             }
         };
+        // An IPv4 client of a dual-stack `[::]` listener arrives as `::ffff:a.b.c.d`: it is
+        // that IPv4 address everywhere (logs, X-Forwarded-For, allow lists, rate limits).
+        let peer = SocketAddr::new(crate::limit::client_ip::normalise(peer.ip()), peer.port());
         let snapshot = state.snapshot();
         if snapshot.generation != generation {
             generation = snapshot.generation;

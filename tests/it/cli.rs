@@ -434,6 +434,45 @@ async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_ar
 /// are not HTTP) were answered, but neither counted nor logged: a flood of them was
 /// invisible to the metrics and the access log.
 #[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_logged_as_its_ipv4_address() {
+    // On `[::]`, IPv4 clients arrive as ::ffff:a.b.c.d: requests refused before routing
+    // (404, 400, 431) were logged under that address, the rest under a.b.c.d.
+    if std::net::TcpListener::bind("[::]:0").is_err() {
+        eprintln!("no IPv6 sockets on this machine: nothing to test");
+        return;
+    }
+    let echo = Echo::start("a").await;
+    let port = common::free_port();
+    let palisade = Logged::start(&format!(
+        "[server]\nlisten = [\"[::]:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n\
+         [[routes]]\npath_prefix = \"/web\"\nupstream = \"app\"\n\
+         [upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+        common::free_port(),
+        echo.addr
+    ))
+    .await;
+    // Whatever net.ipv6.bindv6only says, `[::]` takes IPv4 clients too.
+    let web = get(&format!("http://127.0.0.1:{port}/web")).await;
+    assert_eq!(web.status, 200);
+    assert_eq!(web.json()["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{port}/nowhere"))
+            .await
+            .status,
+        404
+    );
+    let log = palisade.stop();
+    let lines = access_lines(&log);
+    for path in ["/web", "/nowhere"] {
+        assert_eq!(
+            access_line(&lines, path, &log)["client_ip"],
+            "127.0.0.1",
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn heads_the_codec_refuses_are_counted_and_get_an_access_line() {
     let echo = Echo::start("a").await;
     let palisade = Logged::start(&access_config(true, echo.addr)).await;
