@@ -166,35 +166,67 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, te_trailers: bo
 /// IP-literal is bracketed; a port is digits. An empty value is valid (RFC 9112 3.2: an
 /// authority-less target sends `Host:` empty) and matches host-less routes only.
 pub fn valid_host(host: &[u8]) -> bool {
-    let (name, port) = match host.first() {
-        Some(b'[') => match host.iter().position(|&b| b == b']') {
-            Some(end) => {
-                let literal = &host[1..end];
-                let fine =
-                    !literal.is_empty() && literal.iter().all(|&b| b == b':' || reg_name_byte(b));
-                if !fine {
+    let name = match host.split_first() {
+        Some((b'[', rest)) => {
+            // An IP-literal: unreserved, sub-delim and `:` characters up to `]`.
+            let Some(end) = rest.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = &rest[..end];
+            if literal.is_empty() || !literal.iter().all(|&b| b == b':' || reg_name_byte(b)) {
+                return false;
+            }
+            return valid_port(&rest[end + 1..]);
+        }
+        _ => host,
+    };
+    // One pass over a reg-name (every request's host goes through here).
+    let mut dot = false;
+    for (i, &b) in name.iter().enumerate() {
+        if reg_name_byte(b) {
+            if b == b'.' {
+                if dot {
                     return false;
                 }
-                (&[][..], &host[end + 1..])
+                dot = true;
+            } else {
+                dot = false;
             }
-            None => return false,
-        },
-        _ => match host.iter().position(|&b| b == b':') {
-            Some(colon) => (&host[..colon], &host[colon..]),
-            None => (host, &[][..]),
-        },
-    };
-    let port_ok = match port.split_first() {
+        } else {
+            return valid_port(&name[i..]);
+        }
+    }
+    true
+}
+
+/// Nothing, or `:` and digits (an empty port is valid, RFC 3986 3.2.3).
+fn valid_port(port: &[u8]) -> bool {
+    match port.split_first() {
         None => true,
         Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
         Some(_) => false,
-    };
-    port_ok && name.iter().all(|&b| reg_name_byte(b)) && !name.windows(2).any(|w| w == b"..")
+    }
 }
 
-/// An unreserved, `%` or sub-delim byte (RFC 3986 2.1-2.3).
+/// The bytes of a reg-name: unreserved, `%` and sub-delims (RFC 3986 2.1-2.3).
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let extra = b"-._~%!$&'()*+,;=";
+    let mut i = 0;
+    while i < extra.len() {
+        table[extra[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 fn reg_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
+    REG_NAME[usize::from(b)]
 }
 
 /// Whether a trailer field named `name` may go on to the next hop. RFC 9110 6.5.1: a
