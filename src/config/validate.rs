@@ -493,23 +493,42 @@ impl Validator<'_> {
             Some(addr) => self.socket_addr(addr),
             None => Some(default::ADMIN_LISTEN),
         };
-        let taken = listen.filter(|addr| {
-            addr.port() != 0
-                && (server.listen.contains(addr) || server.tls.iter().any(|t| t.listen == *addr))
+        // The admin API must not answer on a proxy address: the same address, or the same
+        // port where either side is a wildcard covering the other (both bind with
+        // SO_REUSEPORT, so the kernel would not refuse it).
+        let taken = listen.and_then(|addr| {
+            let plain = server.listen.iter().map(|&a| (a, "server.listen"));
+            let tls = server.tls.iter().map(|t| (t.listen, "server.tls"));
+            let all: Vec<(SocketAddr, &str)> = plain
+                .chain(tls)
+                .filter(|&(a, _)| overlap(addr, a))
+                .collect();
+            // The exact address first: its message is the plainer one.
+            all.iter()
+                .find(|(a, _)| *a == addr)
+                .or(all.first())
+                .map(|&(proxy, setting)| (addr, proxy, setting))
         });
-        if let Some(addr) = taken {
+        if let Some((addr, proxy, setting)) = taken {
+            let same = addr == proxy;
             match &raw.listen {
-                Some(admin) => self.error(
+                Some(admin) if same => self.error(
                     &admin.span(),
                     format!("admin.listen {addr} is also a proxy listen address"),
                 ),
+                Some(admin) => self.error(
+                    &admin.span(),
+                    format!("admin.listen {addr} overlaps the proxy listen address {proxy} ({setting}): same port, and a wildcard address covers the other, so the admin API would answer on the proxy's port; use another port"),
+                ),
                 // Both defaults differ, so the proxy address was written somewhere.
                 None => {
-                    if let Some((_, span)) = listen_spans.iter().find(|(a, _)| *a == addr) {
-                        self.error(
-                            span,
-                            format!("listen address {addr} is the admin API's default: choose another or set admin.listen"),
-                        );
+                    if let Some((_, span)) = listen_spans.iter().find(|(a, _)| *a == proxy) {
+                        let message = if same {
+                            format!("listen address {addr} is the admin API's default: choose another or set admin.listen")
+                        } else {
+                            format!("listen address {proxy} covers the admin API's default {addr}: choose another port or set admin.listen")
+                        };
+                        self.error(span, message);
                     }
                 }
             }
@@ -1140,6 +1159,17 @@ enum RequestKey {
     Path,
 }
 
+/// Whether listeners on `a` and `b` would take the same connections: the same port (not
+/// 0, which is any free port) and the same address, or a wildcard covering the other.
+/// 0.0.0.0 covers every IPv4 address; [::] every IPv6 address and, as Linux binds it
+/// dual-stack unless `net.ipv6.bindv6only` is set, every IPv4 address too.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |wild: IpAddr, other: IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && a.port() != 0 && (ia == ib || covers(ia, ib) || covers(ib, ia))
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -1427,6 +1457,30 @@ mod tests {
             (
                 "[admin]\nlisten = \"127.0.0.1:8443\"\n[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert = \"a.pem\"\nkey = \"a.key\"\n".into(),
                 "t.toml:2:10: admin.listen 127.0.0.1:8443 is also a proxy listen address",
+            ),
+            (
+                "[server]\nlisten = [\"127.0.0.1:23080\"]\n[admin]\nlisten = \"0.0.0.0:23080\"\n".into(),
+                "t.toml:4:10: admin.listen 0.0.0.0:23080 overlaps the proxy listen address 127.0.0.1:23080 (server.listen): same port, and a wildcard address covers the other, so the admin API would answer on the proxy's port; use another port",
+            ),
+            (
+                "[server]\nlisten = [\"127.0.0.1:23080\"]\n[admin]\nlisten = \"[::]:23080\"\n".into(),
+                "t.toml:4:10: admin.listen [::]:23080 overlaps the proxy listen address 127.0.0.1:23080 (server.listen): same port, and a wildcard address covers the other, so the admin API would answer on the proxy's port; use another port",
+            ),
+            (
+                "[server]\nlisten = [\"[::]:23080\"]\n[admin]\nlisten = \"127.0.0.1:23080\"\n".into(),
+                "t.toml:4:10: admin.listen 127.0.0.1:23080 overlaps the proxy listen address [::]:23080 (server.listen): same port, and a wildcard address covers the other, so the admin API would answer on the proxy's port; use another port",
+            ),
+            (
+                "[server]\nlisten = [\"0.0.0.0:23080\"]\n[admin]\nlisten = \"[::]:23080\"\n".into(),
+                "t.toml:4:10: admin.listen [::]:23080 overlaps the proxy listen address 0.0.0.0:23080 (server.listen): same port, and a wildcard address covers the other, so the admin API would answer on the proxy's port; use another port",
+            ),
+            (
+                "[admin]\nlisten = \"0.0.0.0:8443\"\n[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert = \"a.pem\"\nkey = \"a.key\"\n".into(),
+                "t.toml:2:10: admin.listen 0.0.0.0:8443 overlaps the proxy listen address 127.0.0.1:8443 (server.tls): same port, and a wildcard address covers the other, so the admin API would answer on the proxy's port; use another port",
+            ),
+            (
+                "[server]\nlisten = [\"0.0.0.0:9901\"]\n".into(),
+                "t.toml:2:11: listen address 0.0.0.0:9901 covers the admin API's default 127.0.0.1:9901: choose another port or set admin.listen",
             ),
             (
                 "[admin]\nlisten = \"localhost:9901\"\n".into(),
@@ -1845,6 +1899,25 @@ mod tests {
         assert_eq!(c.upstreams[1].hash_key, HashKey::Path);
         assert_eq!(c.upstreams[1].protocol, Protocol::H2c);
         assert_eq!(c.upstreams[1].backends[0].weight, 3);
+    }
+
+    #[test]
+    fn admin_and_proxy_on_one_port_are_fine_when_no_address_overlaps() {
+        // Different addresses, a wildcard of the other family, or port 0.
+        ok("[server]\nlisten = [\"127.0.0.1:23080\"]\n[admin]\nlisten = \"127.0.0.2:23080\"\n");
+        ok("[server]\nlisten = [\"0.0.0.0:23080\"]\n[admin]\nlisten = \"[::1]:23080\"\n");
+        ok("[server]\nlisten = [\"0.0.0.0:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+        // Proxy wildcards over proxy addresses are the kernel's to sort out (as nginx).
+        ok("[server]\nlisten = [\"0.0.0.0:23080\", \"127.0.0.1:23080\"]\n");
+        let mapped = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x7f00, 1);
+        assert!(overlap(
+            SocketAddr::from((mapped, 1)),
+            SocketAddr::from(([127, 0, 0, 1], 1))
+        ));
+        assert!(!overlap(
+            SocketAddr::from((mapped, 1)),
+            SocketAddr::from(([127, 0, 0, 2], 1))
+        ));
     }
 
     #[test]
