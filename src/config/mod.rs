@@ -9,6 +9,7 @@
 mod raw;
 mod validate;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -184,16 +185,18 @@ pub fn warnings(config: &Config) -> Vec<String> {
     if config.routes.is_empty() {
         out.push("no routes: every request gets 404".to_owned());
     }
+    let used: std::collections::HashSet<&str> =
+        config.routes.iter().map(|r| r.upstream.as_str()).collect();
     for upstream in &config.upstreams {
-        if !config.routes.iter().any(|r| r.upstream == upstream.name) {
+        if !used.contains(upstream.name.as_str()) {
             out.push(format!(
                 "upstream \"{}\" is not used by any route",
                 upstream.name
             ));
         }
     }
-    for (i, later) in config.routes.iter().enumerate() {
-        if let Some(earlier) = config.routes[..i].iter().find(|r| r.shadows(later)) {
+    for (later, earlier) in config.routes.iter().zip(first_shadowing(&config.routes)) {
+        if let Some(earlier) = earlier.and_then(|i| config.routes.get(i)) {
             out.push(format!(
                 "route \"{}\" never matches: route \"{}\" before it matches all its requests",
                 later.name, earlier.name
@@ -205,6 +208,62 @@ pub fn warnings(config: &Config) -> Vec<String> {
             "the admin API listens on {} without a token: anyone who can reach it can reload the config; set admin.token or admin.token_env",
             config.admin.listen
         ));
+    }
+    out
+}
+
+/// For each route, the index of the first route before it that matches all its requests
+/// ([`Route::shadows`]), if any. One pass, linear in the total length of the prefixes
+/// (comparing every pair took 11 s at 20,000 routes): the routes seen so far are kept in
+/// one trie of path segments per host (None: any host), and a route looks up only the
+/// prefixes that can shadow it, which are its own segment prefixes, each also with a
+/// trailing '/'.
+fn first_shadowing(routes: &[Route]) -> Vec<Option<usize>> {
+    /// The routes whose prefix is this node's path; `first` the earliest of them.
+    #[derive(Default)]
+    struct Node<'a> {
+        first: Option<usize>,
+        children: HashMap<&'a str, Node<'a>>,
+    }
+    let mut tries: HashMap<Option<&HostMatch>, Node<'_>> = HashMap::new();
+    let mut out = Vec::with_capacity(routes.len());
+    for (i, route) in routes.iter().enumerate() {
+        let segments: Vec<&str> = route.path_prefix.split('/').collect();
+        // An earlier route for any host shadows, and one for this very host.
+        let hosts = [None, route.host.as_ref()];
+        let hosts = if route.host.is_some() {
+            &hosts[..]
+        } else {
+            &hosts[..1]
+        };
+        let mut first: Option<usize> = None;
+        for host in hosts {
+            let Some(mut node) = tries.get(host) else {
+                continue;
+            };
+            for (k, segment) in segments.iter().enumerate() {
+                let Some(next) = node.children.get(segment) else {
+                    break;
+                };
+                node = next;
+                // The first k+1 segments: the whole prefix, or one the rest of it
+                // continues with '/'.
+                let mut candidates = [node.first, None];
+                // The same with a trailing '/', which the rest of the prefix continues.
+                if k + 1 < segments.len() {
+                    candidates[1] = node.children.get("").and_then(|n| n.first);
+                }
+                for c in candidates.into_iter().flatten() {
+                    first = Some(first.map_or(c, |f| f.min(c)));
+                }
+            }
+        }
+        out.push(first);
+        let mut node = tries.entry(route.host.as_ref()).or_default();
+        for segment in segments {
+            node = node.children.entry(segment).or_default();
+        }
+        node.first.get_or_insert(i);
     }
     out
 }
@@ -344,7 +403,9 @@ pub struct Route {
 
 impl Route {
     /// Whether every request `later` matches is matched by `self` first. Conservative:
-    /// true only when it holds whether prefixes match by string or by path segment.
+    /// true only when it holds whether prefixes match by string or by path segment. The
+    /// definition [`first_shadowing`] computes for all routes at once.
+    #[cfg(test)]
     fn shadows(&self, later: &Route) -> bool {
         let host = self.host.is_none() || self.host == later.host;
         let p = &self.path_prefix;
@@ -359,7 +420,7 @@ impl Route {
 }
 
 /// How a route matches the host; serialises as written ("api.example.com", "*.example.com").
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostMatch {
     /// This host exactly (lowercase, no port).
     Exact(String),
@@ -702,6 +763,84 @@ mod tests {
                 "the admin API listens on 0.0.0.0:9901 without a token: anyone who can reach it can reload the config; set admin.token or admin.token_env",
             ]
         );
+    }
+
+    #[test]
+    fn shadowing_in_one_pass_finds_what_comparing_every_pair_finds() {
+        let prefixes = [
+            "/", "/a", "/a/", "/ab", "/a/b", "/a/b/", "/a//b", "/a//", "//", "/ab/c", "/b",
+        ];
+        let hosts = [
+            None,
+            Some(HostMatch::Exact("x.test".into())),
+            Some(HostMatch::Exact("y.test".into())),
+            Some(HostMatch::Suffix(".x.test".into())),
+        ];
+        let route = |n: u64| Route {
+            name: format!("r{n}"),
+            host: hosts[(n / 16 % 4) as usize].clone(),
+            path_prefix: prefixes[(n % 11) as usize].to_owned(),
+            upstream: "a".into(),
+            strip_prefix: false,
+            allow: vec![],
+            deny: vec![],
+            rate_limit: None,
+        };
+        // A fixed pseudo-random sequence of short route lists.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..3000 {
+            let len = next() % 9;
+            let routes: Vec<Route> = (0..len).map(|_| route(next())).collect();
+            let naive: Vec<Option<usize>> = routes
+                .iter()
+                .enumerate()
+                .map(|(i, later)| routes[..i].iter().position(|r| r.shadows(later)))
+                .collect();
+            let shown: Vec<(Option<&HostMatch>, &str)> = routes
+                .iter()
+                .map(|r| (r.host.as_ref(), r.path_prefix.as_str()))
+                .collect();
+            assert_eq!(first_shadowing(&routes), naive, "{shown:?}");
+        }
+    }
+
+    #[test]
+    fn twenty_thousand_routes_validate_with_their_warnings() {
+        // Every 1000th route repeats the prefix of one for the same host 50 routes before
+        // (shadowed), every 5000th is under such an earlier prefix (shadowed by it).
+        let mut text = String::from("[upstreams.a]\nbackends = [{ addr = \"a:1\" }]\n");
+        for i in 0..20_000 {
+            let prefix = match i {
+                i if i % 5000 == 4999 => format!("/p{}/deeper", i - 4050),
+                i if i % 1000 == 999 => format!("/p{}", i - 50),
+                i => format!("/p{i}"),
+            };
+            text.push_str(&format!(
+                "[[routes]]\nname = \"r{i}\"\nhost = \"h{}.test\"\npath_prefix = \"{prefix}\"\nupstream = \"a\"\n",
+                i % 50
+            ));
+        }
+        let c = ok(&text);
+        assert_eq!(c.routes.len(), 20_000);
+        let mut want = Vec::new();
+        for i in 0..20_000 {
+            let earlier = match i {
+                i if i % 5000 == 4999 => i - 4050,
+                i if i % 1000 == 999 => i - 50,
+                _ => continue,
+            };
+            want.push(format!(
+                "route \"r{i}\" never matches: route \"r{earlier}\" before it matches all its requests"
+            ));
+        }
+        assert_eq!(want.len(), 20);
+        assert_eq!(warnings(&c), want);
     }
 
     #[test]

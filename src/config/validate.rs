@@ -306,11 +306,12 @@ impl Validator<'_> {
         upstreams.sort_by_key(|(start, _)| *start);
         let upstreams: Vec<Upstream> = upstreams.into_iter().map(|(_, u)| u).collect();
         let mut names = HashSet::new();
+        let defined: HashSet<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         let routes = raw
             .routes
             .into_iter()
             .enumerate()
-            .map(|(i, r)| self.route(i, r, &upstreams, &mut names))
+            .map(|(i, r)| self.route(i, r, &upstreams, &defined, &mut names))
             .collect();
         Config {
             path: self.path.to_path_buf(),
@@ -582,6 +583,7 @@ impl Validator<'_> {
         index: usize,
         raw: Spanned<RawRoute>,
         upstreams: &[Upstream],
+        defined: &HashSet<&str>,
         names: &mut HashSet<String>,
     ) -> Route {
         let span = raw.span();
@@ -610,7 +612,7 @@ impl Validator<'_> {
             None => default::PATH_PREFIX.to_owned(),
         };
         let upstream = raw.upstream.get_ref().clone();
-        if !upstreams.iter().any(|u| u.name == upstream) {
+        if !defined.contains(upstream.as_str()) {
             let defined: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
             let defined = if defined.is_empty() {
                 "none is defined".to_owned()
