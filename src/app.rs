@@ -94,13 +94,19 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // Offered in turn from before this process says it is ready.
     let offer = server::handover::name(&config).map(server::handover::Offer::claim);
     let admin_listener = bind_admin(&config)?;
-    for addr in &config.server.listen {
-        tracing::info!(%addr, "listening");
+    // The addresses bound, not as written: port 0 becomes the port the kernel chose.
+    for listener in &listeners {
+        let addr = bound(&listener.socket);
+        match listener.tls {
+            None => tracing::info!(%addr, "listening"),
+            Some(configured) => {
+                for tls in config.server.tls.iter().filter(|t| t.listen == configured) {
+                    tracing::info!(%addr, cert = %tls.cert.display(), "listening with TLS");
+                }
+            }
+        }
     }
-    for tls in &config.server.tls {
-        tracing::info!(addr = %tls.listen, cert = %tls.cert.display(), "listening with TLS");
-    }
-    tracing::info!(addr = %config.admin.listen, "admin API listening");
+    tracing::info!(addr = %bound(&admin_listener), "admin API listening");
     let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
     let resolved =
         dns::resolve_all(resolver.as_ref(), &dns::names(&config), &Default::default()).await;
@@ -128,6 +134,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The address `listener` is bound to, as logged.
+fn bound(listener: &TcpListener) -> String {
+    match listener.local_addr() {
+        Ok(addr) => addr.to_string(),
+        Err(e) => format!("(unknown: {e})"),
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -275,7 +289,7 @@ fn spawn_admin_following(listener: TcpListener, state: Arc<ProxyState>) -> Stopp
             }
             match server::bind(wanted) {
                 Ok(listener) => {
-                    tracing::info!(addr = %wanted, "admin listen address changed: listening");
+                    tracing::info!(addr = %bound(&listener), "admin listen address changed: listening");
                     let (next_stop, next) = spawn_admin(listener, state.clone());
                     let _ = std::mem::replace(&mut current_stop, next_stop).send(());
                     // The old one finishes on its own.

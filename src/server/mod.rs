@@ -248,7 +248,13 @@ async fn serve_inner(
             }
             match bind(addr) {
                 Ok(listener) => {
-                    tracing::info!(%addr, tls, "listen address added: listening");
+                    // The address bound: port 0 becomes the port the kernel chose.
+                    match listener.local_addr() {
+                        Ok(bound) => {
+                            tracing::info!(addr = %bound, tls, "listen address added: listening")
+                        }
+                        Err(_) => tracing::info!(%addr, tls, "listen address added: listening"),
+                    }
                     accept_tasks.insert((addr, tls), spawn(listener, tls.then_some(addr)));
                     unbound.remove(&(addr, tls));
                 }

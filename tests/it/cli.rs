@@ -259,6 +259,42 @@ async fn demo_serves_round_robin_over_three_echo_backends() {
     stop_gracefully(child);
 }
 
+#[tokio::test]
+async fn listening_lines_name_the_port_the_kernel_chose_for_port_0() {
+    let echo = Echo::start("a").await;
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+        echo.addr
+    );
+    let (_dir, file) = write_config("port-0.toml", &config);
+    let log = file.with_extension("log");
+    let child = spawn_logged(&file, &log, "info");
+    // The address in the log line whose message is `message`.
+    let logged = |message: &str| -> Option<std::net::SocketAddr> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == message)
+            .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()))
+    };
+    let both = eventually(Duration::from_secs(20), async || {
+        logged("listening").is_some() && logged("admin API listening").is_some()
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(both, "no listening lines: {text}");
+    let (proxy, admin) = (
+        logged("listening").expect("logged"),
+        logged("admin API listening").expect("logged"),
+    );
+    assert!(proxy.port() != 0 && admin.port() != 0, "{text}");
+    // And they are where palisade answers.
+    assert_eq!(get(&format!("http://{proxy}/")).await.status, 200);
+    assert_eq!(get(&format!("http://{admin}/healthz")).await.status, 200);
+    stop_gracefully(child);
+}
+
 /// Runs palisade with `config`, sends one request to `path`, stops it, and returns its
 /// stderr.
 async fn run_and_capture(config: &str, path: &str) -> String {
