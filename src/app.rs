@@ -20,10 +20,12 @@ pub enum StartError {
     #[error("invalid configuration")]
     Config(Vec<config::ConfigError>),
     /// A listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} ({setting}): {source}")]
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// Where it is set: `server.listen`, `server.tls`, `admin.listen`, ...
+        setting: &'static str,
         /// Why.
         source: std::io::Error,
     },
@@ -32,7 +34,11 @@ pub enum StartError {
 /// Binds the admin listener of `config`.
 pub fn bind_admin(config: &Config) -> Result<TcpListener, StartError> {
     let addr = config.admin.listen;
-    server::bind(addr).map_err(|source| StartError::Bind { addr, source })
+    server::bind(addr).map_err(|source| StartError::Bind {
+        addr,
+        setting: "admin.listen",
+        source,
+    })
 }
 
 /// Binds every `server.listen` address of `config`.
@@ -41,7 +47,13 @@ pub fn bind_all(config: &Config) -> Result<Vec<TcpListener>, StartError> {
         .server
         .listen
         .iter()
-        .map(|&addr| server::bind(addr).map_err(|source| StartError::Bind { addr, source }))
+        .map(|&addr| {
+            server::bind(addr).map_err(|source| StartError::Bind {
+                addr,
+                setting: "server.listen",
+                source,
+            })
+        })
         .collect()
 }
 
@@ -57,11 +69,16 @@ fn bind_listeners_from(
     inherited: &mut HashMap<server::handover::Key, std::net::TcpListener>,
 ) -> Result<Vec<server::Listener>, StartError> {
     let mut open = |addr: SocketAddr, tls: bool| -> Result<TcpListener, StartError> {
+        let setting = if tls { "server.tls" } else { "server.listen" };
+        let error = |source| StartError::Bind {
+            addr,
+            setting,
+            source,
+        };
         if let Some(listener) = inherited.remove(&(addr, tls)) {
-            return TcpListener::from_std(listener)
-                .map_err(|source| StartError::Bind { addr, source });
+            return TcpListener::from_std(listener).map_err(error);
         }
-        server::bind(addr).map_err(|source| StartError::Bind { addr, source })
+        server::bind(addr).map_err(error)
     };
     let mut listeners = Vec::new();
     for &addr in &config.server.listen {
@@ -221,7 +238,11 @@ pub async fn demo() -> Result<(), StartError> {
     let mut backends = Vec::new();
     for (i, port) in (9001u16..=9003).enumerate() {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let listener = server::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        let listener = server::bind(addr).map_err(|source| StartError::Bind {
+            addr,
+            setting: "the demo's echo backends",
+            source,
+        })?;
         let name: Arc<str> = format!("echo-{}", i + 1).into();
         let mut stop = stop_tx.subscribe();
         backends.push(tokio::spawn(echo::serve(listener, name, async move {

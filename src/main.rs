@@ -175,6 +175,7 @@ fn main() -> ExitCode {
         Command::Echo { listen, name } => block_on(async move {
             let listener = palisade::server::bind(listen).map_err(|source| StartError::Bind {
                 addr: listen,
+                setting: "echo --listen",
                 source,
             })?;
             tracing::info!(%listen, %name, "echo backend listening");
@@ -183,6 +184,7 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|source| StartError::Bind {
                     addr: listen,
+                    setting: "echo --listen",
                     source,
                 })
         }),

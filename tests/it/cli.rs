@@ -243,6 +243,48 @@ fn run_with_an_invalid_config_exits_1_without_serving() {
     assert!(err.contains("nowhere"), "{err}");
 }
 
+#[test]
+fn a_listen_address_in_use_is_named_with_its_setting() {
+    // Held without SO_REUSEPORT, so palisade's bind fails.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr");
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let free = || format!("127.0.0.1:{}", common::free_port());
+    let cases = [
+        (
+            format!("[server]\nlisten = [\"{taken}\"]\n[admin]\nlisten = \"{}\"\n", free()),
+            "server.listen",
+        ),
+        (
+            format!("[server]\nlisten = [\"{}\"]\n[admin]\nlisten = \"{taken}\"\n", free()),
+            "admin.listen",
+        ),
+        (
+            format!(
+                "[server]\nlisten = [\"{}\"]\n[admin]\nlisten = \"{}\"\n[[server.tls]]\nlisten = \"{taken}\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+                free(),
+                free()
+            ),
+            "server.tls",
+        ),
+    ];
+    for (config, setting) in cases {
+        let (dir, path) = write_config("taken.toml", &config);
+        dir.write("c.pem", &pair.cert.pem());
+        dir.write("k.pem", &pair.signing_key.serialize_pem());
+        let p = path.to_string_lossy().into_owned();
+        let outcome = palisade_within(&["run", "-c", &p], &[]);
+        let Some((code, err)) = outcome else {
+            panic!("palisade served with {taken} taken:\n{config}");
+        };
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(&format!("error: cannot listen on {taken} ({setting}): ")),
+            "{config}\n{err}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn demo_serves_round_robin_over_three_echo_backends() {
     // The demo's ports are fixed by the SPEC (8080, 9001-9003).
