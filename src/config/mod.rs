@@ -178,8 +178,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
 }
 
 /// Non-fatal remarks about a valid config (printed by `check`, logged by `run`): no
-/// routes, unused upstreams, routes that an earlier route always matches first, an admin API open to
-/// the network without a token.
+/// routes, unused upstreams, weights a round-robin upstream ignores, routes that an
+/// earlier route always matches first, an admin API open to the network without a token.
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if config.routes.is_empty() {
@@ -191,6 +191,15 @@ pub fn warnings(config: &Config) -> Vec<String> {
         if !used.contains(upstream.name.as_str()) {
             out.push(format!(
                 "upstream \"{}\" is not used by any route",
+                upstream.name
+            ));
+        }
+        // Every other balance weighs its backends.
+        if upstream.balance == Balance::RoundRobin
+            && upstream.backends.iter().any(|b| b.weight != 1)
+        {
+            out.push(format!(
+                "upstreams.{}: weight is ignored by balance = round_robin (use weighted)",
                 upstream.name
             ));
         }
@@ -762,6 +771,24 @@ mod tests {
                 "route \"late\" never matches: route \"all\" before it matches all its requests",
                 "the admin API listens on 0.0.0.0:9901 without a token: anyone who can reach it can reload the config; set admin.token or admin.token_env",
             ]
+        );
+    }
+
+    #[test]
+    fn weights_that_round_robin_ignores_are_a_warning() {
+        let c = ok("[upstreams.rr]\nbackends = [{ addr = \"a:1\", weight = 3 }, { addr = \"b:1\" }]\n\
+            [upstreams.rr1]\nbackends = [{ addr = \"a:1\", weight = 1 }]\n\
+            [upstreams.w]\nbalance = \"weighted\"\nbackends = [{ addr = \"a:1\", weight = 3 }]\n\
+            [upstreams.lc]\nbalance = \"least_conn\"\nbackends = [{ addr = \"a:1\", weight = 3 }]\n\
+            [upstreams.p2c]\nbalance = \"p2c_ewma\"\nbackends = [{ addr = \"a:1\", weight = 3 }]\n\
+            [upstreams.rnd]\nbalance = \"random\"\nbackends = [{ addr = \"a:1\", weight = 3 }]\n\
+            [upstreams.ch]\nbalance = \"consistent_hash\"\nbackends = [{ addr = \"a:1\", weight = 3 }]\n\
+            [[routes]]\npath_prefix = \"/rr\"\nupstream = \"rr\"\n[[routes]]\npath_prefix = \"/rr1\"\nupstream = \"rr1\"\n[[routes]]\npath_prefix = \"/w\"\nupstream = \"w\"\n\
+            [[routes]]\npath_prefix = \"/lc\"\nupstream = \"lc\"\n[[routes]]\npath_prefix = \"/p2c\"\nupstream = \"p2c\"\n[[routes]]\npath_prefix = \"/rnd\"\nupstream = \"rnd\"\n\
+            [[routes]]\npath_prefix = \"/ch\"\nupstream = \"ch\"\n");
+        assert_eq!(
+            warnings(&c),
+            ["upstreams.rr: weight is ignored by balance = round_robin (use weighted)"]
         );
     }
 
