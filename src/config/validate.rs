@@ -544,36 +544,54 @@ impl Validator<'_> {
                 );
                 None
             }
-            (Some(t), None) => Some(t.get_ref().clone()),
-            (None, Some(var)) => match std::env::var(var.get_ref()) {
-                Ok(t) if !t.is_empty() => Some(t),
-                Ok(_) => {
-                    self.error(
-                        &var.span(),
-                        format!(
-                            "environment variable {} (admin.token_env) is empty",
-                            var.get_ref()
-                        ),
-                    );
+            (Some(t), None) => match token_problem(t.get_ref()) {
+                Some(problem) => {
+                    self.error(&t.span(), format!("admin.token {problem}"));
                     None
                 }
-                Err(_) => {
-                    self.error(
-                        &var.span(),
-                        format!(
-                            "environment variable {} (admin.token_env) is not set",
-                            var.get_ref()
-                        ),
-                    );
-                    None
-                }
+                None => Some(t.get_ref().clone()),
             },
+            (None, Some(var)) => self.token_from_env(var),
             (None, None) => None,
         };
         Admin {
             listen: listen.unwrap_or(default::ADMIN_LISTEN),
             token,
         }
+    }
+
+    /// The admin token from the environment variable `admin.token_env` names.
+    fn token_from_env(&mut self, var: &Spanned<String>) -> Option<String> {
+        let name = var.get_ref();
+        // std::env::var may panic on such names, and none can be set.
+        let problem = if name.is_empty() {
+            Some("admin.token_env is empty: expected an environment variable name".to_owned())
+        } else if name.contains(['=', '\0']) {
+            Some(format!(
+                "admin.token_env {name:?} is not an environment variable name (no '=' or NUL)"
+            ))
+        } else {
+            match std::env::var(name) {
+                Ok(t) if t.is_empty() => Some(format!(
+                    "environment variable {name} (admin.token_env) is empty"
+                )),
+                Ok(t) => match token_problem(&t) {
+                    // The value is a secret: it is not echoed.
+                    Some(problem) => Some(format!("admin.token_env: ${name} {problem}")),
+                    None => return Some(t),
+                },
+                Err(std::env::VarError::NotUnicode(_)) => Some(format!(
+                    "admin.token_env: ${name} holds a character other than printable ASCII: no Authorization header can carry it, so every request would get 401"
+                )),
+                Err(std::env::VarError::NotPresent) => Some(format!(
+                    "environment variable {name} (admin.token_env) is not set"
+                )),
+            }
+        };
+        if let Some(message) = problem {
+            self.error(&var.span(), message);
+        }
+        None
     }
 
     // ---- [[routes]] ----
@@ -1161,6 +1179,22 @@ enum RequestKey {
     Path,
 }
 
+/// Why a client could never send `token` in `Authorization: Bearer TOKEN`, if it could
+/// not: HTTP strips whitespace around a header value, and the admin API reads only
+/// printable ASCII (and tabs) there, so such a token would answer every request 401.
+fn token_problem(token: &str) -> Option<&'static str> {
+    if token.trim() != token {
+        Some("has leading or trailing whitespace: HTTP strips it from the Authorization header, so every request would get 401")
+    } else if !token
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        Some("holds a character other than printable ASCII: no Authorization header can carry it, so every request would get 401")
+    } else {
+        None
+    }
+}
+
 /// Whether listeners on `a` and `b` would take the same connections: the same port (not
 /// 0, which is any free port) and the same address, or a wildcard covering the other.
 /// 0.0.0.0 covers every IPv4 address; [::] every IPv6 address and, as Linux binds it
@@ -1491,6 +1525,30 @@ mod tests {
             (
                 "[admin]\ntoken = \"a\"\ntoken_env = \"B\"\n".into(),
                 "t.toml:2:9: set admin.token or admin.token_env, not both",
+            ),
+            (
+                "[admin]\ntoken = \"abc \"\n".into(),
+                "t.toml:2:9: admin.token has leading or trailing whitespace: HTTP strips it from the Authorization header, so every request would get 401",
+            ),
+            (
+                "[admin]\ntoken = \" \"\n".into(),
+                "t.toml:2:9: admin.token has leading or trailing whitespace: HTTP strips it from the Authorization header, so every request would get 401",
+            ),
+            (
+                "[admin]\ntoken = \"s\u{e9}cret\"\n".into(),
+                "t.toml:2:9: admin.token holds a character other than printable ASCII: no Authorization header can carry it, so every request would get 401",
+            ),
+            (
+                "[admin]\ntoken_env = \"\"\n".into(),
+                "t.toml:2:13: admin.token_env is empty: expected an environment variable name",
+            ),
+            (
+                "[admin]\ntoken_env = \"A=B\"\n".into(),
+                "t.toml:2:13: admin.token_env \"A=B\" is not an environment variable name (no '=' or NUL)",
+            ),
+            (
+                "[admin]\ntoken_env = \"A\\u0000B\"\n".into(),
+                "t.toml:2:13: admin.token_env \"A\\0B\" is not an environment variable name (no '=' or NUL)",
             ),
             (
                 "[admin]\ntoken_env = \"PALISADE_TEST_SURELY_UNSET_VAR\"\n".into(),
@@ -1967,6 +2025,17 @@ mod tests {
         assert_eq!(
             ok("[admin]\ntoken = \"t\"\n").admin.token.as_deref(),
             Some("t")
+        );
+        // A value as `$(cat token-file)` or a secret mount gives it, with its newline.
+        std::env::set_var("PALISADE_TEST_NEWLINE_TOKEN_VAR", "s3cret\n");
+        assert_eq!(
+            errors("[admin]\ntoken_env = \"PALISADE_TEST_NEWLINE_TOKEN_VAR\"\n"),
+            ["t.toml:2:13: admin.token_env: $PALISADE_TEST_NEWLINE_TOKEN_VAR has leading or trailing whitespace: HTTP strips it from the Authorization header, so every request would get 401"]
+        );
+        // Spaces inside are fine: a client can send them.
+        assert_eq!(
+            ok("[admin]\ntoken = \"a b\"\n").admin.token.as_deref(),
+            Some("a b")
         );
         std::env::set_var("PALISADE_TEST_EMPTY_TOKEN_VAR", "");
         assert_eq!(
