@@ -257,8 +257,41 @@ mod tests {
         );
         assert_eq!(
             parse_error("[admin]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n"),
-            "t.toml:3:1: duplicate key"
+            "t.toml:3:1: duplicate key `listen`"
         );
+        let cases = [
+            (
+                "[[routes]]\nupstream = \"a\"\n[routes]\nupstream = \"b\"\n",
+                "t.toml:3:2: duplicate key `routes`: [routes] after [[routes]]: write [[routes]] for every entry",
+            ),
+            (
+                "[routes]\nupstream = \"b\"\n[[ routes ]]\nupstream = \"a\"\n",
+                "t.toml:3:4: duplicate key `routes`: routes is already a table, so [[routes]] cannot add an entry to it",
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:1\"\n[admin]\ntoken = \"x\"\n",
+                "t.toml:3:2: duplicate key `admin`: table [admin] is defined twice",
+            ),
+            (
+                "[upstreams.a]\nbackends = [{ addr = \"a:1\" }]\n[upstreams.\"a\"]\nbackends = []\n",
+                "t.toml:3:12: duplicate key `a`: table [upstreams.\"a\"] is defined twice",
+            ),
+            (
+                "[server]\nlimits.max_connections = 1\nlimits.max_connections = 2\n",
+                "t.toml:3:8: duplicate key `max_connections`",
+            ),
+            (
+                "[upstreams.a]\nbackends = [{ addr = \"a:1\", 'addr' = \"b:1\" }]\n",
+                "t.toml:2:29: duplicate key `addr`",
+            ),
+            (
+                "[server]\nlisten = []\n\"list\\u0065n\" = []\n",
+                "t.toml:3:1: duplicate key `listen`",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_error(text), want, "{text}");
+        }
     }
 
     #[test]

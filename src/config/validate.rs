@@ -37,7 +37,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         Ok(table) => table,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            v.error(&span, e.message().trim_end().to_owned());
+            let message = e.message().trim_end();
+            let message = match message {
+                // The parser does not say which key.
+                "duplicate key" => duplicate_key(text, span.start),
+                _ => message.to_owned(),
+            };
+            v.error(&span, message);
             return Err(v.errors);
         }
     };
@@ -95,6 +101,73 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     } else {
         v.errors.sort_by_key(|e| (e.line, e.col));
         Err(v.errors)
+    }
+}
+
+/// The TOML parser's "duplicate key" error with the key it is at (byte `at`) and, in a
+/// table header, what the header clashes with.
+fn duplicate_key(text: &str, at: usize) -> String {
+    let Some((key, key_end)) = key_at(text, at) else {
+        return "duplicate key".to_owned();
+    };
+    let line_start = text
+        .get(..at)
+        .and_then(|t| t.rfind('\n'))
+        .map_or(0, |i| i + 1);
+    let line = text
+        .get(line_start..)
+        .and_then(|t| t.lines().next())
+        .unwrap_or("");
+    let opening = line.trim_start();
+    let header_start = line_start + (line.len() - opening.len());
+    // The header as written between its brackets: the clashing key is its last part.
+    let header = |open: usize| {
+        let close = text.get(key_end..)?.find(']')? + key_end;
+        text.get(header_start + open..close).map(str::trim)
+    };
+    if opening.starts_with("[[") {
+        if let Some(h) = header(2) {
+            return format!("duplicate key `{key}`: {h} is already a table, so [[{h}]] cannot add an entry to it");
+        }
+    } else if opening.starts_with('[') {
+        if let Some(h) = header(1) {
+            let array = format!("[[{h}]]");
+            let before = text.get(..line_start).unwrap_or("");
+            return if before.lines().any(|l| l.trim_start().starts_with(&array)) {
+                format!("duplicate key `{key}`: [{h}] after {array}: write {array} for every entry")
+            } else {
+                format!("duplicate key `{key}`: table [{h}] is defined twice")
+            };
+        }
+    }
+    format!("duplicate key `{key}`")
+}
+
+/// The TOML key written at byte `at` (bare or quoted), unquoted, and where it ends.
+fn key_at(text: &str, at: usize) -> Option<(String, usize)> {
+    let rest = text.get(at..)?;
+    let bytes = rest.as_bytes();
+    match bytes.first()? {
+        &quote @ (b'"' | b'\'') => {
+            let mut i = 1;
+            while i < bytes.len() && bytes[i] != quote && bytes[i] != b'\n' {
+                i += if quote == b'"' && bytes[i] == b'\\' {
+                    2
+                } else {
+                    1
+                };
+            }
+            let written = rest.get(..=i)?;
+            let value = toml::de::DeValue::parse(written).ok()?;
+            let key = value.get_ref().as_str()?.to_owned();
+            Some((key, at + written.len()))
+        }
+        _ => {
+            let len = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .unwrap_or(rest.len());
+            (len > 0).then(|| (rest[..len].to_owned(), at + len))
+        }
     }
 }
 
