@@ -29,6 +29,7 @@ use super::*;
 pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     let mut v = Validator {
         text,
+        lines: Lines::new(text),
         path,
         errors: Vec::new(),
         replaced: Vec::new(),
@@ -346,6 +347,8 @@ enum Zero {
 
 struct Validator<'a> {
     text: &'a str,
+    /// Where `text`'s lines start.
+    lines: Lines,
     path: &'a Path,
     errors: Vec<ConfigError>,
     /// Where values of the wrong type were replaced by placeholders (already reported:
@@ -356,7 +359,7 @@ struct Validator<'a> {
 impl Validator<'_> {
     /// Where `span` starts.
     fn pos(&self, span: &Range<usize>) -> Pos {
-        let (line, col) = line_col(self.text, span.start);
+        let (line, col) = self.lines.line_col(self.text, span.start);
         Pos { line, col }
     }
 
@@ -1279,14 +1282,32 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && a.port() != 0 && (ia == ib || covers(ia, ib) || covers(ib, ia))
 }
 
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
-    (line, col)
+/// Where each line of a text starts, so that an error's position costs a binary search
+/// and a scan of its own line, not of everything before it (20,000 errors in a 1 MB file
+/// took minutes).
+struct Lines {
+    /// Byte offsets of line starts; the first is 0.
+    starts: Vec<usize>,
+}
+
+impl Lines {
+    fn new(text: &str) -> Self {
+        let after_newlines = text.match_indices('\n').map(|(i, _)| i + 1);
+        Lines {
+            starts: std::iter::once(0).chain(after_newlines).collect(),
+        }
+    }
+
+    /// 1-based line and column (in characters) of byte `offset` in `text`, the text these
+    /// lines are of.
+    fn line_col(&self, text: &str, offset: usize) -> (usize, usize) {
+        let offset = offset.min(text.len());
+        // At least 1: the first start is 0.
+        let line = self.starts.partition_point(|&start| start <= offset);
+        let start = self.starts.get(line.wrapping_sub(1)).copied().unwrap_or(0);
+        let col = text.get(start..offset).map_or(0, |s| s.chars().count()) + 1;
+        (line, col)
+    }
 }
 
 /// Parses an integer or decimal number with a unit ms, s, m or h ("250ms", "1.5s",
@@ -2157,10 +2178,14 @@ mod tests {
 
     #[test]
     fn line_col_counts_characters() {
+        let line_col = |text: &str, offset| Lines::new(text).line_col(text, offset);
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
         assert_eq!(line_col("é\nx", 3), (2, 1));
         assert_eq!(line_col("éx", 2), (1, 2));
         assert_eq!(line_col("ab", 99), (1, 3));
+        assert_eq!(line_col("ab\n", 3), (2, 1));
+        assert_eq!(line_col("ab\ncd", 2), (1, 3));
+        assert_eq!(line_col("", 0), (1, 1));
     }
 
     #[test]
