@@ -62,10 +62,16 @@ async fn read_response(stream: &mut TcpStream) -> (String, u64, Vec<u8>) {
     (head, length, kept)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gibibyte_each_way_streams_in_bounded_memory() {
+/// Its own processes: an echo backend, and palisade in front of it, the `server` and
+/// `upstream` lines added to its config's tables. Returns what keeps them (the echo
+/// process and the config's directory), palisade's process and its address.
+async fn behind_palisade(
+    tag: &str,
+    server: &str,
+    upstream: &str,
+) -> ((ChildGuard, TempDir), ChildGuard, SocketAddr) {
     let echo_port = free_port();
-    let _echo = spawn_palisade(&[
+    let echo = spawn_palisade(&[
         "echo",
         "--listen",
         &format!("127.0.0.1:{echo_port}"),
@@ -73,32 +79,30 @@ async fn a_gibibyte_each_way_streams_in_bounded_memory() {
         "big",
     ]);
     let proxy_port = free_port();
-    let dir = TempDir::new("mem");
-    let config = dir.join("palisade.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[server]
-listen = ["127.0.0.1:{proxy_port}"]
-[server.limits]
-max_body_bytes = 0
-[admin]
-listen = "127.0.0.1:{admin}"
-[[routes]]
-upstream = "big"
-[upstreams.big]
-backends = [{{ addr = "127.0.0.1:{echo_port}" }}]
-[upstreams.big.timeouts]
-response = "120s"
-"#,
-            admin = free_port()
+    let dir = TempDir::new(tag);
+    let config = dir.write(
+        "palisade.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{proxy_port}\"]\n{server}[admin]\nlisten = \"127.0.0.1:{}\"\n\
+             [[routes]]\nupstream = \"big\"\n[upstreams.big]\nbackends = [{{ addr = \"127.0.0.1:{echo_port}\" }}]\n{upstream}",
+            free_port()
         ),
-    )
-    .expect("write config");
+    );
     let proxy = spawn_palisade(&["run", "-c", &config.to_string_lossy()]);
     let addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().expect("addr");
     wait_listening(format!("127.0.0.1:{echo_port}").parse().expect("addr")).await;
     wait_listening(addr).await;
+    ((echo, dir), proxy, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gibibyte_each_way_streams_in_bounded_memory() {
+    let (_processes, proxy, addr) = behind_palisade(
+        "mem",
+        "[server.limits]\nmax_body_bytes = 0\n",
+        "[upstreams.big.timeouts]\nresponse = \"120s\"\n",
+    )
+    .await;
 
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     // Download.
@@ -164,28 +168,7 @@ async fn an_http2_client_that_opens_every_stream_and_reads_nothing_pins_little_m
     // reads its socket: what palisade buffers per stream beyond the socket is all it can
     // pin. With hyper's defaults (256 streams, 400 KiB each) one such connection held
     // about 190 MB.
-    let echo_port = free_port();
-    let _echo = spawn_palisade(&[
-        "echo",
-        "--listen",
-        &format!("127.0.0.1:{echo_port}"),
-        "--name",
-        "big",
-    ]);
-    let proxy_port = free_port();
-    let dir = TempDir::new("mem-h2");
-    let config = dir.write(
-        "palisade.toml",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:{proxy_port}\"]\n[admin]\nlisten = \"127.0.0.1:{}\"\n\
-             [[routes]]\nupstream = \"big\"\n[upstreams.big]\nbackends = [{{ addr = \"127.0.0.1:{echo_port}\" }}]\n",
-            free_port()
-        ),
-    );
-    let proxy = spawn_palisade(&["run", "-c", &config.to_string_lossy()]);
-    let addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().expect("addr");
-    wait_listening(format!("127.0.0.1:{echo_port}").parse().expect("addr")).await;
-    wait_listening(addr).await;
+    let (_processes, proxy, addr) = behind_palisade("mem-h2", "", "").await;
     let before = peak_rss_kib(proxy.0.id());
 
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");

@@ -12,18 +12,26 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 
-#[tokio::test]
-async fn round_robin_spreads_six_requests_two_per_backend() {
-    let (a, b, c) = (
+/// Echo backends `a`, `b` and `c` with these weights behind one upstream (`extra`: more
+/// lines of its table, e.g. its balance), and the proxy in front.
+async fn three_behind(weights: [u32; 3], extra: &str) -> ([Echo; 3], Proxy) {
+    let echoes = [
         Echo::start("a").await,
         Echo::start("b").await,
         Echo::start("c").await,
-    );
-    let proxy = Proxy::start(&single_upstream(
-        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
-        "",
-    ))
-    .await;
+    ];
+    let backends: Vec<_> = echoes
+        .iter()
+        .zip(weights)
+        .map(|(e, w)| (e.addr, w))
+        .collect();
+    let proxy = Proxy::start(&single_upstream(&backends, extra)).await;
+    (echoes, proxy)
+}
+
+#[tokio::test]
+async fn round_robin_spreads_six_requests_two_per_backend() {
+    let (_echoes, proxy) = three_behind([1, 1, 1], "").await;
     let mut seen: HashMap<String, u32> = HashMap::new();
     for _ in 0..6 {
         let answer = get(&proxy.url("/")).await;
@@ -71,16 +79,7 @@ async fn least_conn_ties_follow_the_weights_under_light_load() {
 /// among the tied went to its successor (b2 b3 b2 b2 b3 b2, 20:10); they are shared evenly.
 #[tokio::test]
 async fn least_conn_shares_a_busy_backends_turns_evenly() {
-    let (a, b, c) = (
-        Echo::start("a").await,
-        Echo::start("b").await,
-        Echo::start("c").await,
-    );
-    let cfg = single_upstream(
-        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
-        r#"balance = "least_conn""#,
-    );
-    let proxy = Proxy::start(&cfg).await;
+    let (_echoes, proxy) = three_behind([1, 1, 1], r#"balance = "least_conn""#).await;
     let long_url = proxy.url("/delay/2000");
     let long = tokio::spawn(async move { get(&long_url).await });
     let busy = eventually(Duration::from_secs(3), async || {
@@ -108,16 +107,7 @@ async fn least_conn_shares_a_busy_backends_turns_evenly() {
 /// after it (weights 50,1,1 with the 50 down: about 63:37); the rest share by weight.
 #[tokio::test]
 async fn random_splits_a_down_backends_share_by_weight() {
-    let (a, b, c) = (
-        Echo::start("a").await,
-        Echo::start("b").await,
-        Echo::start("c").await,
-    );
-    let cfg = single_upstream(
-        &[(a.addr, 50), (b.addr, 1), (c.addr, 1)],
-        "balance = \"random\"\n[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1",
-    );
-    let proxy = Proxy::start(&cfg).await;
+    let ([a, _b, _c], proxy) = three_behind([50, 1, 1], "balance = \"random\"\n[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1").await;
     let answer = post(&format!("http://{}/health/down", a.addr), vec![]).await;
     assert_eq!(answer.status, 200);
     let down = eventually(Duration::from_secs(3), async || {
@@ -160,16 +150,7 @@ async fn backend_status(proxy: &Proxy, addr: std::net::SocketAddr) -> (f64, u64)
 /// while the backend gets no traffic (and it is tried again once below the others').
 #[tokio::test]
 async fn p2c_ewma_lets_a_slow_answer_fade_while_the_backend_gets_no_traffic() {
-    let (a, b, c) = (
-        Echo::start("a").await,
-        Echo::start("b").await,
-        Echo::start("c").await,
-    );
-    let cfg = single_upstream(
-        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
-        r#"balance = "p2c_ewma""#,
-    );
-    let proxy = Proxy::start(&cfg).await;
+    let ([a, b, c], proxy) = three_behind([1, 1, 1], r#"balance = "p2c_ewma""#).await;
     // Every backend sampled first, so none is costed as "as fast as its rival".
     for _ in 0..30 {
         assert_eq!(get(&proxy.url("/")).await.status, 200);
@@ -199,16 +180,11 @@ async fn p2c_ewma_lets_a_slow_answer_fade_while_the_backend_gets_no_traffic() {
 
 #[tokio::test]
 async fn consistent_hash_on_a_header_sticks_to_one_backend() {
-    let (a, b, c) = (
-        Echo::start("a").await,
-        Echo::start("b").await,
-        Echo::start("c").await,
-    );
-    let cfg = single_upstream(
-        &[(a.addr, 1), (b.addr, 1), (c.addr, 1)],
+    let (_echoes, proxy) = three_behind(
+        [1, 1, 1],
         "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"",
-    );
-    let proxy = Proxy::start(&cfg).await;
+    )
+    .await;
     let mut owners = HashMap::new();
     for user in 0..20 {
         let user = format!("user-{user}");
