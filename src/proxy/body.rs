@@ -229,6 +229,11 @@ impl Replayable {
 }
 
 impl ProxyBody {
+    /// Whether the body is all in memory (none, or one chunk): it can be sent again.
+    pub fn is_in_memory(&self) -> bool {
+        matches!(self, ProxyBody::Empty | ProxyBody::Full(_))
+    }
+
     /// A backend's header lines kept as it wrote them (palisade's HTTP/1.1 client codec),
     /// when this is such a backend's response body: the response's header map holds the
     /// rest (usually nothing).

@@ -58,6 +58,11 @@ impl Idle {
     }
 }
 
+/// How long a connection may have been idle to carry a request that cannot be sent again
+/// ([`Pool::take`]): under the shortest keep-alive timeout common among backends.
+const RECENT: Duration = Duration::from_secs(1);
+const RECENT_NS: u64 = RECENT.as_nanos() as u64;
+
 /// The idle connections of one backend.
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
@@ -99,12 +104,22 @@ impl Pool {
         Duration::from_nanos(self.limit.load(Ordering::Relaxed))
     }
 
-    /// The newest idle connection that is still open and not too old.
-    fn take(&self) -> Option<Conn> {
+    /// The newest idle connection that is still open and not too old; with `recent`,
+    /// only one idle for less than [`RECENT`] (None leaves the older ones for requests
+    /// that can be sent again).
+    fn take(&self, recent: bool) -> Option<Conn> {
         let now = clock::coarse_ns();
         let limit = self.limit.load(Ordering::Relaxed);
+        let limit = if recent { limit.min(RECENT_NS) } else { limit };
         loop {
-            let idle = self.idle.lock().ok()?.pop()?;
+            let idle = {
+                let mut stack = self.idle.lock().ok()?;
+                // The stack is newest on top: when the top is too old, all are.
+                if recent && stack.last().is_some_and(|top| !top.is_fresh(now, limit)) {
+                    return None;
+                }
+                stack.pop()?
+            };
             if idle.is_fresh(now, limit) && idle.conn.is_open() {
                 return Some(idle.conn);
             }
@@ -228,8 +243,13 @@ pub async fn send(
     connect_timeout: Duration,
     deadline: tokio::time::Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
+    // A request that could not go on another connection if this one turns out closed (a
+    // body that streams, a method that is not idempotent) takes only a recently used one:
+    // backends close idle connections on their own schedule (gunicorn after 2 s, Node.js
+    // and uvicorn after 5 s), and a request sent as they do is lost.
+    let recent = !(crate::proxy::handler::is_idempotent(head.method) && body.is_in_memory());
     loop {
-        let (conn, pooled) = match backend.pool.take() {
+        let (conn, pooled) = match backend.pool.take(recent) {
             Some(conn) => (conn, true),
             // Boxed: connecting is the rare path, and its state would otherwise sit in
             // every request's future.
