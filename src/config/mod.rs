@@ -185,6 +185,24 @@ pub fn warnings(config: &Config) -> Vec<String> {
     if config.routes.is_empty() {
         out.push("no routes: every request gets 404".to_owned());
     }
+    let lists = std::iter::once((
+        "server.client_ip.trusted_proxies".to_owned(),
+        &config.server.client_ip.trusted_proxies,
+    ))
+    .chain(config.routes.iter().flat_map(|r| {
+        [
+            (format!("route \"{}\" allow", r.name), &r.allow),
+            (format!("route \"{}\" deny", r.name), &r.deny),
+        ]
+    }));
+    for (list, nets) in lists {
+        for net in nets.iter().filter(|n| n.addr() != n.network()) {
+            out.push(format!(
+                "{list}: {net} has host bits set; it means {} (nginx warns the same)",
+                net.trunc()
+            ));
+        }
+    }
     let used: std::collections::HashSet<&str> =
         config.routes.iter().map(|r| r.upstream.as_str()).collect();
     for upstream in &config.upstreams {
@@ -212,7 +230,9 @@ pub fn warnings(config: &Config) -> Vec<String> {
             ));
         }
     }
-    if !config.admin.listen.ip().is_loopback() && config.admin.token.is_none() {
+    if !crate::limit::client_ip::normalise(config.admin.listen.ip()).is_loopback()
+        && config.admin.token.is_none()
+    {
         out.push(format!(
             "the admin API listens on {} without a token: anyone who can reach it can reload the config; set admin.token or admin.token_env",
             config.admin.listen
@@ -772,6 +792,29 @@ mod tests {
                 "the admin API listens on 0.0.0.0:9901 without a token: anyone who can reach it can reload the config; set admin.token or admin.token_env",
             ]
         );
+    }
+
+    #[test]
+    fn networks_written_with_host_bits_are_a_warning() {
+        let c = ok(
+            "[server.client_ip]\ntrusted_proxies = [\"2001:db8::1/32\", \"10.0.0.0/8\"]\n\
+            [[routes]]\nname = \"r\"\nupstream = \"a\"\nallow = [\"10.1.2.3/8\", \"10.1.2.3\"]\n\
+            [upstreams.a]\nbackends = [{ addr = \"a:1\" }]\n",
+        );
+        assert_eq!(
+            warnings(&c),
+            [
+                "server.client_ip.trusted_proxies: 2001:db8::1/32 has host bits set; it means 2001:db8::/32 (nginx warns the same)",
+                "route \"r\" allow: 10.1.2.3/8 has host bits set; it means 10.0.0.0/8 (nginx warns the same)",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_admin_api_on_an_ipv4_mapped_loopback_address_is_loopback() {
+        let c = ok("[admin]\nlisten = \"[::ffff:127.0.0.1]:9901\"\n\
+            [[routes]]\nupstream = \"a\"\n[upstreams.a]\nbackends = [{ addr = \"a:1\" }]\n");
+        assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
     }
 
     #[test]

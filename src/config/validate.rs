@@ -1173,7 +1173,9 @@ impl Validator<'_> {
     fn cidr(&mut self, raw: &Spanned<String>) -> Option<IpNet> {
         let text = raw.get_ref().trim();
         if let Ok(net) = text.parse::<IpNet>() {
-            return Some(net.trunc());
+            // Kept as written (host bits and all): it means its network either way, and
+            // `check` warns when host bits are set.
+            return Some(net);
         }
         if let Ok(ip) = text.parse::<IpAddr>() {
             return Some(IpNet::from(ip));
@@ -2026,8 +2028,12 @@ mod tests {
         ));
         let r = &c.routes[0];
         assert_eq!(r.host, Some(HostMatch::Suffix(".example.com".into())));
+        // Addresses become networks; a network keeps its host bits as written (check warns
+        // about them, and lookups use the network).
         let allow: Vec<String> = r.allow.iter().map(|n| n.to_string()).collect();
-        assert_eq!(allow, ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]);
+        assert_eq!(allow, ["127.0.0.1/32", "10.1.2.3/8", "::1/128"]);
+        let set = crate::limit::cidr::CidrSet::new(&r.allow);
+        assert!(set.contains("10.200.0.1".parse().expect("ip")));
         let limit = r
             .rate_limit
             .as_ref()
