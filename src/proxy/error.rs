@@ -50,8 +50,8 @@ pub enum ProxyError {
     #[error("upstream queue full")]
     QueueFull,
     /// palisade itself ran out of what a backend connection needs (file descriptors,
-    /// local ports, socket buffers): no backend's fault, never held against one.
-    #[error("out of file descriptors or local ports")]
+    /// memory, socket buffers): no backend's fault, never held against one.
+    #[error("out of file descriptors or socket memory")]
     Exhausted,
     /// The request is malformed (the reason is for the log).
     #[error("malformed request: {0}")]
@@ -136,7 +136,7 @@ impl ProxyError {
             ProxyError::ResponseTimeout => "gateway timeout: the backend did not answer in time\n",
             ProxyError::QueueFull => "service unavailable: too many requests queued\n",
             ProxyError::Exhausted => {
-                "service unavailable: the proxy is out of file descriptors or local ports\n"
+                "service unavailable: the proxy is out of file descriptors or socket memory\n"
             }
             ProxyError::BadRequest(_) => "bad request\n",
             ProxyError::HeadTooLarge => "request header fields too large\n",
@@ -239,20 +239,16 @@ impl ProxyError {
 }
 
 /// Whether `e` says this process or host ran out of something a new connection needs:
-/// descriptors (EMFILE, ENFILE), memory or socket buffers (ENOMEM, ENOBUFS), or local
-/// ports (EADDRNOTAVAIL on connect).
+/// descriptors (EMFILE, ENFILE), memory or socket buffers (ENOMEM, ENOBUFS). Not
+/// EADDRNOTAVAIL: on connect it is as often the backend's address being unusable here (an
+/// IPv6 backend where IPv6 is off) as local ports running out, and a backend at fault
+/// must be struck and failed over from.
 fn is_exhaustion(e: &io::Error) -> bool {
     use rustix::io::Errno;
     e.raw_os_error().is_some_and(|code| {
-        [
-            Errno::MFILE,
-            Errno::NFILE,
-            Errno::NOMEM,
-            Errno::NOBUFS,
-            Errno::ADDRNOTAVAIL,
-        ]
-        .iter()
-        .any(|errno| errno.raw_os_error() == code)
+        [Errno::MFILE, Errno::NFILE, Errno::NOMEM, Errno::NOBUFS]
+            .iter()
+            .any(|errno| errno.raw_os_error() == code)
     })
 }
 
@@ -294,6 +290,24 @@ mod tests {
             assert_eq!(resp.status().as_u16(), status, "{err:?}");
             let header = resp.headers()["proxy-status"].to_str().unwrap_or_default();
             assert_eq!(header, format!("palisade; error={name}"), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn only_running_out_of_descriptors_or_memory_is_palisades_own_fault() {
+        use crate::upstream::pool::SendError;
+        use rustix::io::Errno;
+        let connect = |errno: Errno| {
+            ProxyError::from_upstream(&SendError::Connect(io::Error::from_raw_os_error(
+                errno.raw_os_error(),
+            )))
+        };
+        for errno in [Errno::MFILE, Errno::NFILE, Errno::NOMEM, Errno::NOBUFS] {
+            assert_eq!(connect(errno), ProxyError::Exhausted, "{errno:?}");
+        }
+        // An IPv6 backend where IPv6 is off: the backend's address, struck and failed over.
+        for errno in [Errno::ADDRNOTAVAIL, Errno::CONNREFUSED, Errno::NETUNREACH] {
+            assert_eq!(connect(errno), ProxyError::ConnectionRefused, "{errno:?}");
         }
     }
 

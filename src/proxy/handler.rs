@@ -703,7 +703,7 @@ async fn attempt_once<'s>(
                 return Err(error);
             }
             if error == ProxyError::Exhausted {
-                // palisade's own (out of descriptors or ports): no strike against the
+                // palisade's own (out of descriptors or memory): no strike against the
                 // backend, and no retry, which would only run into the same wall.
                 warn_exhausted(&err);
                 return Err(error);
@@ -764,7 +764,7 @@ fn warn_exhausted(err: &crate::upstream::pool::SendError) {
             )
             .is_ok()
     {
-        tracing::warn!(error = %err, "cannot open a backend connection: palisade is out of file descriptors or local ports (raise its open-file limit); answering 503");
+        tracing::warn!(error = %err, "cannot open a backend connection: palisade is out of file descriptors or socket memory (raise its open-file limit); answering 503");
     }
 }
 

@@ -245,6 +245,12 @@ pub async fn exchange(
     drop(out);
 
     let head_request = *head.method == Method::HEAD;
+    // A body held in memory can be sent again if the backend never answers (a reference
+    // to its bytes: no copy).
+    let replay = match (&inlined, &body) {
+        (Some(bytes), _) | (None, ProxyBody::Full(Some(bytes))) => Some(bytes.clone()),
+        _ => None,
+    };
     let mut writer = if inlined.is_some() {
         BodyWriter::finished()
     } else {
@@ -329,8 +335,8 @@ pub async fn exchange(
     let parsed = match parsing.await {
         Ok(parsed) => parsed,
         Err(Failure::Failed(e)) if buf.is_empty() && unanswered(&e) => {
-            // Sent whole from memory: it can be sent again as it was.
-            return Err(match (framing, inlined) {
+            // Sent from memory: it can be sent again as it was.
+            return Err(match (framing, replay) {
                 (Framing::None, _) => Failure::Unanswered(ProxyBody::Empty, e),
                 (_, Some(bytes)) => Failure::Unanswered(ProxyBody::Full(Some(bytes)), e),
                 _ => Failure::Failed(e),

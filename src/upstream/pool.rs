@@ -247,9 +247,19 @@ pub async fn send(
     // body that streams, a method that is not idempotent) takes only a recently used one:
     // backends close idle connections on their own schedule (gunicorn after 2 s, Node.js
     // and uvicorn after 5 s), and a request sent as they do is lost.
-    let recent = !(crate::proxy::handler::is_idempotent(head.method) && body.is_in_memory());
+    let idempotent = crate::proxy::handler::is_idempotent(head.method);
+    let recent = !(idempotent && body.is_in_memory());
+    // Sent again once after a pooled connection closed unanswered; then only on a new
+    // connection (a request that itself brings its backend down is not tried on every
+    // pooled connection in turn).
+    let mut resent = false;
     loop {
-        let (conn, pooled) = match backend.pool.take(recent) {
+        let pooled = if resent {
+            None
+        } else {
+            backend.pool.take(recent)
+        };
+        let (conn, pooled) = match pooled {
             Some(conn) => (conn, true),
             // Boxed: connecting is the rare path, and its state would otherwise sit in
             // every request's future.
@@ -267,10 +277,9 @@ pub async fn send(
             // backend closed it as idle while the request was on its way (or it failed
             // on this request). An idempotent request may be sent again (RFC 9112
             // 9.3.1), on the next connection; on a fresh one this is a failure.
-            Err(h1::Failure::Unanswered(back, _))
-                if pooled && crate::proxy::handler::is_idempotent(head.method) =>
-            {
+            Err(h1::Failure::Unanswered(back, _)) if pooled && idempotent => {
                 body = back;
+                resent = true;
             }
             Err(h1::Failure::Unanswered(_, e)) => return Err(SendError::Exchange(e)),
             Err(h1::Failure::Failed(e)) => return Err(SendError::Exchange(e)),

@@ -771,7 +771,16 @@ async fn a_pooled_connection_closed_without_an_answer_gets_an_idempotent_request
     // Three GETs: the first on a new connection, each next one tried on the pooled one
     // first and sent again on a new one.
     assert_eq!(backend.accepted(), 3);
-    // The third GET's connection is pooled: a POST on it is not sent again.
+    // So is a PUT whose body is held in memory, beyond what goes out with the head.
+    let put = common::send(
+        http::Request::put(proxy.url("/"))
+            .body(Full::new(Bytes::from(vec![b'p'; 20 * 1024])))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{:?}", put.header("proxy-status"));
+    assert_eq!(backend.accepted(), 4);
+    // The PUT's connection is pooled: a POST on it is not sent again.
     let resp = common::post(&proxy.url("/"), b"x".to_vec()).await;
     assert_eq!(resp.status, 502);
     assert_eq!(
