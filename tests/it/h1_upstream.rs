@@ -803,3 +803,38 @@ async fn a_request_that_cannot_be_sent_again_does_not_go_on_a_connection_idle_ov
     assert_eq!(answer.status, 200, "{:?}", answer.header("proxy-status"));
     assert_eq!(backend.accepted(), 2);
 }
+
+#[tokio::test]
+async fn a_request_closed_on_unanswered_is_sent_again_once_then_on_a_new_connection() {
+    // A request that itself brings its worker down looks like a connection closed as
+    // idle: it is sent again once, then on a new connection, not on every pooled one.
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen = heads.clone();
+    let backend = Scripted::start(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            if request_head(&mut stream).await.is_some() {
+                seen.fetch_add(1, Ordering::SeqCst);
+                // Slow enough that three requests at once need three connections.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                if request_head(&mut stream).await.is_some() {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(&backend).await;
+    let url = proxy.url("/");
+    let (a, b, c) = tokio::join!(get(&url), get(&url), get(&url));
+    assert_eq!([a.status, b.status, c.status], [200, 200, 200]);
+    assert_eq!(backend.accepted(), 3);
+    // Three pooled connections, each closing on its next request: one is tried, then a
+    // new connection answers.
+    assert_eq!(get(&url).await.status, 200);
+    assert_eq!(backend.accepted(), 4);
+    assert_eq!(heads.load(Ordering::SeqCst), 5);
+}
