@@ -159,6 +159,28 @@ fn weight_of(backend: &Backend) -> u64 {
 
 /// First index at or after `start` (wrapping) that `skip` allows, with the steps taken.
 /// O(len) only while it meets skipped backends.
+/// Weighted random choice among the `(index, weight)` candidates `skip` allows, in one
+/// pass with no allocation: candidate `i` is kept with probability
+/// `weight_i / weight seen so far` (reservoir sampling), so each wins by its share of the
+/// allowed weight. None when every candidate is skipped.
+fn weighted_choice(
+    candidates: impl Iterator<Item = (usize, u64)>,
+    skip: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    let mut seen = 0u64;
+    let mut chosen = None;
+    for (i, weight) in candidates {
+        if skip(i) {
+            continue;
+        }
+        seen += weight;
+        if fastrand::u64(..seen) < weight {
+            chosen = Some(i);
+        }
+    }
+    chosen
+}
+
 pub(crate) fn scan_from(
     start: usize,
     len: usize,

@@ -62,24 +62,15 @@ impl Balance for Random {
 }
 
 impl Random {
-    /// Weighted random choice among the allowed backends, in one pass with no allocation
-    /// (keep candidate `i` with probability `weight_i / weight seen so far`).
+    /// Weighted random choice among the allowed backends ([`super::weighted_choice`]).
     fn fallback(&self, len: usize, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let mut below = 0;
-        let mut seen = 0u64;
-        let mut chosen = None;
-        for (i, &upto) in self.cumulative.iter().enumerate().take(len) {
-            let weight = upto - below;
-            below = upto;
-            if skip(i) {
-                continue;
-            }
-            seen += weight;
-            if fastrand::u64(..seen) < weight {
-                chosen = Some(i);
-            }
-        }
-        chosen
+        let below = std::iter::once(0).chain(self.cumulative.iter().copied());
+        let weights = self
+            .cumulative
+            .iter()
+            .zip(below)
+            .map(|(&upto, below)| upto - below);
+        super::weighted_choice(weights.enumerate().take(len), skip)
     }
 }
 

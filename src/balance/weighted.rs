@@ -49,21 +49,9 @@ impl Weighted {
         }
     }
 
-    /// Weighted random choice among the allowed backends, in one pass with no allocation
-    /// (keep candidate `i` with probability `weight_i / weight seen so far`).
+    /// Weighted random choice among the allowed backends ([`super::weighted_choice`]).
     fn fallback(&self, len: usize, skip: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let mut seen = 0u64;
-        let mut chosen = None;
-        for (i, &w) in self.weights.iter().enumerate().take(len) {
-            if skip(i) {
-                continue;
-            }
-            seen += w;
-            if fastrand::u64(..seen) < w {
-                chosen = Some(i);
-            }
-        }
-        chosen
+        super::weighted_choice(self.weights.iter().copied().enumerate().take(len), skip)
     }
 }
 
