@@ -629,6 +629,11 @@ pub struct UpstreamTimeouts {
     /// `keepalive_timeout`.
     #[serde(serialize_with = "ser_duration")]
     pub idle: Duration,
+    /// The longest a backend may go silent in the middle of a response body, then the
+    /// response is cut off (zero: no limit). An extension of the SPEC, like nginx's
+    /// `proxy_read_timeout` (60 s) once the head is in.
+    #[serde(serialize_with = "ser_duration")]
+    pub read: Duration,
 }
 
 /// `[upstreams.NAME.queue]`.

@@ -206,6 +206,7 @@ pub struct RawUpstreamTimeouts {
     pub connect: Option<S<String>>,
     pub response: Option<S<String>>,
     pub idle: Option<S<String>>,
+    pub read: Option<S<String>>,
 }
 
 /// `[upstreams.NAME.queue]`.

@@ -320,6 +320,8 @@ mod default {
     pub const BUDGET_PERCENT: i64 = 20;
     pub const CONNECT: Duration = Duration::from_secs(1);
     pub const RESPONSE: Duration = Duration::from_secs(30);
+    /// A backend's longest silence mid-body: nginx's `proxy_read_timeout`.
+    pub const READ: Duration = Duration::from_secs(60);
     /// The pool's own default, so that the two cannot drift apart.
     pub const UPSTREAM_IDLE: Duration = crate::upstream::pool::IDLE_TIMEOUT;
     pub const QUEUE_IN_FLIGHT: i64 = 100;
@@ -338,8 +340,9 @@ const MAX_ATTEMPTS: i64 = 100;
 /// Whether a zero duration is meaningful for a key.
 #[derive(Clone, Copy, PartialEq)]
 enum Zero {
-    /// `shutdown = "0s"` (exit at once), `backoff = "0s"` (retry at once) and an
-    /// upstream's `idle = "0s"` (no idle backend connection kept).
+    /// `shutdown = "0s"` (exit at once), `backoff = "0s"` (retry at once), an
+    /// upstream's `idle = "0s"` (no idle backend connection kept) and `read = "0s"` (no
+    /// limit on a backend's silence mid-body).
     Allowed,
     /// Every other duration: zero would disable the feature or fail every request.
     Rejected,
@@ -884,6 +887,7 @@ impl Validator<'_> {
             connect: self.duration_or(t.connect, default::CONNECT, Zero::Rejected),
             response: self.duration_or(t.response, default::RESPONSE, Zero::Rejected),
             idle: self.duration_or(t.idle, default::UPSTREAM_IDLE, Zero::Allowed),
+            read: self.duration_or(t.read, default::READ, Zero::Allowed),
         };
         let queue = raw.queue.map(|q| Queue {
             max_in_flight_per_backend: self.int_or(
@@ -1963,6 +1967,7 @@ mod tests {
                 connect: Duration::from_secs(1),
                 response: Duration::from_secs(30),
                 idle: Duration::from_secs(60),
+                read: Duration::from_secs(60),
             }
         );
     }

@@ -85,6 +85,9 @@ pub struct BodyWatch {
     /// Whether the exchange's passive-health verdict waits for the body's end (one watch
     /// of each kind per backend, so a response carries a single pointer).
     pub judged_at_end: bool,
+    /// The upstream's `timeouts.read`: the longest the backend may go silent in the
+    /// middle of a response body (zero: no limit).
+    pub read_timeout: std::time::Duration,
 }
 
 impl BodyWatch {
@@ -272,6 +275,7 @@ impl Upstream {
                             errors: errors.clone(),
                             slot_freed: cfg.queue.as_ref().map(|_| slot_freed.clone()),
                             judged_at_end,
+                            read_timeout: cfg.timeouts.read,
                         })
                     })
                 })

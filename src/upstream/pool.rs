@@ -14,6 +14,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,7 @@ use http::Response;
 use http_body::{Frame, SizeHint};
 use hyper::body::{Body, Incoming};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::h1::{self, Conn};
 use super::Backend;
@@ -323,7 +325,32 @@ pub struct UpstreamBody {
     inner: Inner,
     /// Told how the body ends (taken then, so told once).
     watch: Option<Arc<super::BodyWatch>>,
+    /// The longest the backend may go silent in the middle of the body (the upstream's
+    /// `timeouts.read`; zero: no limit).
+    read_limit: Duration,
+    /// Made the first time the backend keeps the body waiting, and moved on each time it
+    /// does again after sending something: bodies that arrive with their head never make
+    /// one.
+    silence: Option<Pin<Box<Sleep>>>,
+    quiet: Quiet,
 }
+
+/// Where the backend's silence stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quiet {
+    /// Bytes arrived since the last wait (or nothing was awaited yet).
+    Talking,
+    /// The body waits on the backend, and nothing has arrived since `silence` was set.
+    Silent,
+    /// The backend stayed silent past `read_limit`: the body ended in an error.
+    TimedOut,
+}
+
+/// The backend went silent in the middle of its response body for longer than the
+/// upstream's `timeouts.read`.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing for {0:?} in the middle of its response body")]
+pub struct BodyReadTimeout(pub Duration);
 
 #[derive(Debug)]
 enum Inner {
@@ -336,17 +363,21 @@ enum Inner {
 impl UpstreamBody {
     /// A body read by palisade's own codec.
     pub fn own(body: h1::ResponseBody) -> Self {
-        UpstreamBody {
-            inner: Inner::Own(Box::new(body)),
-            watch: None,
-        }
+        Self::with(Inner::Own(Box::new(body)))
     }
 
     /// A body from hyper-util's client.
     pub fn hyper(body: Incoming) -> Self {
+        Self::with(Inner::Hyper(body))
+    }
+
+    fn with(inner: Inner) -> Self {
         UpstreamBody {
-            inner: Inner::Hyper(body),
+            inner,
             watch: None,
+            read_limit: Duration::ZERO,
+            silence: None,
+            quiet: Quiet::Talking,
         }
     }
 
@@ -355,8 +386,32 @@ impl UpstreamBody {
     /// dropped before its end (the client left) reports nothing. Either way its end, or
     /// its drop, ends the request's in-flight count, which the caller handed over
     /// ([`super::InFlight::hand_over`]).
+    /// The watch also brings the upstream's limit on the backend's silence mid-body.
     pub fn watch(&mut self, watch: Arc<super::BodyWatch>) {
+        self.read_limit = watch.read_timeout;
         self.watch = Some(watch);
+    }
+
+    /// The body waits on the backend: starts timing its silence if it was talking, and
+    /// tells whether the silence has lasted past the limit (the waker is then registered
+    /// with the timer too).
+    fn silent_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.read_limit.is_zero() {
+            return false;
+        }
+        if self.quiet == Quiet::Talking {
+            let Some(at) = Instant::now().checked_add(self.read_limit) else {
+                return false;
+            };
+            match &mut self.silence {
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.silence = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.quiet = Quiet::Silent;
+        }
+        self.silence
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
     }
 
     /// Tells the watch, if any, how the body ended, and ends its request's count.
@@ -414,10 +469,22 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.quiet == Quiet::TimedOut {
+            return Poll::Ready(None);
+        }
         let mut polled = match &mut self.inner {
             Inner::Own(body) => Pin::new(&mut **body).poll_frame(cx),
             Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         };
+        match polled {
+            Poll::Pending if self.silent_too_long(cx) => {
+                self.quiet = Quiet::TimedOut;
+                self.silence = None;
+                polled = Poll::Ready(Some(Err(Box::new(BodyReadTimeout(self.read_limit)))));
+            }
+            Poll::Pending => {}
+            Poll::Ready(_) => self.quiet = Quiet::Talking,
+        }
         if let Poll::Ready(Some(Ok(frame))) = &mut polled {
             if let Some(trailers) = frame.trailers_mut() {
                 crate::proxy::headers::filter_trailers(trailers);

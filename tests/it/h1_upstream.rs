@@ -87,19 +87,8 @@ async fn write_in_pieces(stream: &mut TcpStream, parts: &[&[u8]]) -> bool {
 
 /// GET `url` and read the whole body: the body, or the error the request or the body
 /// ended with (within 10 s).
-async fn get_whole_body(url: &str) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let resp = common::client()
-            .request(
-                http::Request::get(url)
-                    .body(Full::new(Bytes::new()))
-                    .expect("request"),
-            )
-            .await?;
-        Ok(resp.into_body().collect().await?.to_bytes())
-    })
-    .await
-    .expect("the client learns in time")
+async fn get_whole_body(url: &str) -> Result<Bytes, common::BoxError> {
+    common::whole_body(&common::client(), url).await
 }
 
 async fn proxy_for(backend: &Scripted) -> Proxy {
@@ -837,4 +826,115 @@ async fn a_request_closed_on_unanswered_is_sent_again_once_then_on_a_new_connect
     assert_eq!(get(&url).await.status, 200);
     assert_eq!(backend.accepted(), 4);
     assert_eq!(heads.load(Ordering::SeqCst), 5);
+}
+
+/// A backend that answers `/silent` with a head and 10 bytes of a 100-byte body, then
+/// sends nothing more (counting in `closed` when palisade closes that connection), and
+/// `/trickle` with a chunked body of ten chunks, one every 100 ms.
+async fn silent_mid_body(closed: Arc<AtomicUsize>) -> Scripted {
+    Scripted::start(move |mut stream| {
+        let closed = closed.clone();
+        async move {
+            let Some(head) = request_head(&mut stream).await else {
+                return;
+            };
+            if head.starts_with("GET /silent") {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nfirst ten.")
+                    .await;
+                let mut rest = [0u8; 64];
+                while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+                closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if stream.write_all(b"1\r\nx\r\n").await.is_err() {
+                    return;
+                }
+            }
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_silent_mid_body_past_timeouts_read_is_cut_off_and_counted() {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let backend = silent_mid_body(closed.clone()).await;
+    let proxy = Proxy::start(&single_upstream(
+        &[(backend.addr, 1)],
+        "[upstreams.app.timeouts]\nread = \"300ms\"\n",
+    ))
+    .await;
+    // The client learns that the body broke off (the head went out with 200), for
+    // HTTP/1.1 and HTTP/2 clients alike, instead of waiting forever.
+    let outcome = get_whole_body(&proxy.url("/silent")).await;
+    assert!(outcome.is_err(), "a cut-off body looked whole: {outcome:?}");
+    let h2 = common::whole_body(&common::h2_client(), &proxy.url("/silent")).await;
+    assert!(
+        h2.is_err(),
+        "a cut-off body looked whole over HTTP/2: {h2:?}"
+    );
+    // Both backend connections are closed, not kept for good.
+    let both = common::eventually(Duration::from_secs(5), async || {
+        closed.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert!(both, "closed {} of 2", closed.load(Ordering::SeqCst));
+    let metrics = get(&format!("http://{}/metrics", proxy.admin)).await.text();
+    let series = format!(
+        "palisade_upstream_body_errors_total{{backend=\"{}\",upstream=\"app\"}} 2",
+        backend.addr
+    );
+    assert!(metrics.lines().any(|l| l == series), "{metrics}");
+
+    // The limit is on silence, not on the whole body: a body that takes a second in
+    // steps of 100 ms arrives whole.
+    let trickled = get_whole_body(&proxy.url("/trickle"))
+        .await
+        .expect("a trickling body arrives whole");
+    assert_eq!(&trickled[..], b"xxxxxxxxxx");
+}
+
+#[tokio::test]
+async fn time_a_client_takes_to_read_never_counts_against_timeouts_read() {
+    // 32 MiB answered at once: the sockets fill, the backend waits on palisade and
+    // palisade on the client, which reads nothing for three times `read`.
+    const SIZE: usize = 32 << 20;
+    let backend = Scripted::start(|mut stream| async move {
+        if request_head(&mut stream).await.is_some() {
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {SIZE}\r\n\r\n");
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&vec![b'x'; SIZE]).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&single_upstream(
+        &[(backend.addr, 1)],
+        "[upstreams.app.timeouts]\nread = \"300ms\"\n",
+    ))
+    .await;
+    let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut got = Vec::with_capacity(SIZE + 1024);
+    tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut got))
+        .await
+        .expect("the answer arrives in time")
+        .expect("read");
+    let body_at = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(got.len() - body_at, SIZE, "the body was cut short");
 }

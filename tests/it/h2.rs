@@ -425,3 +425,62 @@ async fn an_h2c_backend_closing_its_connection_between_requests_fails_nothing() 
     assert_eq!(backend["failures"], 0, "{status}");
     assert_eq!(backend["requests"], 25, "{status}");
 }
+
+/// A response body that yields one frame, then none ever again; counts in `dropped` when
+/// the backend's server lets it go.
+struct StallsAfterFirst {
+    first: Option<Bytes>,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl hyper::body::Body for StallsAfterFirst {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.first.take() {
+            Some(bytes) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for StallsAfterFirst {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn an_h2c_backend_silent_mid_body_past_timeouts_read_is_cut_off() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let seen = dropped.clone();
+    let backend = h2_backend(move |_req: http::Request<Incoming>| {
+        let dropped = seen.clone();
+        async move {
+            http::Response::new(StallsAfterFirst {
+                first: Some(Bytes::from_static(b"first")),
+                dropped,
+            })
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{}\" }}]\n[upstreams.h2.timeouts]\nread = \"300ms\"\n",
+        backend.addr
+    ))
+    .await;
+    let outcome = common::whole_body(&common::client(), &proxy.url("/")).await;
+    assert!(outcome.is_err(), "a cut-off body looked whole: {outcome:?}");
+    // The backend's stream is reset: its server lets the body go.
+    assert!(
+        eventually(Duration::from_secs(5), async || dropped
+            .load(Ordering::SeqCst)
+            == 1)
+        .await,
+        "the backend's stream was kept"
+    );
+}

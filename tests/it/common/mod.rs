@@ -308,6 +308,29 @@ pub async fn send(req: http::Request<Full<Bytes>>) -> Answer {
     }
 }
 
+/// An error a request or its body ended with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// GET `url` through `client` and read the whole body: the body, or the error the
+/// request or the body ended with (within 10 s, else the test fails).
+pub async fn whole_body(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+) -> Result<Bytes, BoxError> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let resp = client
+            .request(
+                http::Request::get(url)
+                    .body(Full::new(Bytes::new()))
+                    .expect("request"),
+            )
+            .await?;
+        Ok(resp.into_body().collect().await?.to_bytes())
+    })
+    .await
+    .expect("the client learns in time")
+}
+
 pub async fn get(url: &str) -> Answer {
     send(
         http::Request::get(url)
