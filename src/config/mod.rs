@@ -181,7 +181,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
 /// routes, unused upstreams, weights a round-robin upstream ignores, routes that an
 /// earlier route always matches first, an admin API open to the network without a token.
 pub fn warnings(config: &Config) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out = config.ignored.clone();
     if config.routes.is_empty() {
         out.push("no routes: every request gets 404".to_owned());
     }
@@ -310,6 +310,10 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// `[upstreams.NAME]`, in file order.
     pub upstreams: Vec<Upstream>,
+    /// Keys that have no effect where they are set (`hash_key` without consistent_hash,
+    /// `redis_url` with a local store), as `check` warns of them: `PATH:LINE:COL: ...`.
+    #[serde(skip)]
+    pub ignored: Vec<String>,
 }
 
 impl Config {
@@ -820,6 +824,43 @@ mod tests {
         let c = ok("[admin]\nlisten = \"[::ffff:127.0.0.1]:9901\"\n\
             [[routes]]\nupstream = \"a\"\n[upstreams.a]\nbackends = [{ addr = \"a:1\" }]\n");
         assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+    }
+
+    #[test]
+    fn keys_that_have_no_effect_where_they_are_set_are_warnings() {
+        // SPEC's example sets both, with comments saying where they apply: it must load.
+        let c = ok("[[routes]]\nupstream = \"app\"\n[routes.rate_limit]\nrequests_per_second = 1\nburst = 1\nstore = \"local\"\nredis_url = \"redis://127.0.0.1:6379\"\n[upstreams.app]\nbalance = \"round_robin\"\nhash_key = \"client_ip\"\nbackends = [{ addr = \"a:1\" }]\n");
+        assert_eq!(
+            warnings(&c),
+            [
+                "t.toml:7:13: redis_url is ignored: the limit's store is \"local\" (redis_url is for store = \"redis\")",
+                "t.toml:10:12: hash_key is ignored: it is for balance = \"consistent_hash\"",
+            ]
+        );
+        assert_eq!(
+            c.routes[0].rate_limit.as_ref().map(|r| &r.store),
+            Some(&LimitStore::Local)
+        );
+    }
+
+    #[test]
+    fn the_example_config_of_the_spec_loads() {
+        // A copy of SPEC.md's example, kept in the repository; SPEC.md lives beside it.
+        let example = include_str!("../../tests/fixtures/spec_example.toml");
+        let spec =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/SPEC.md"));
+        if let Ok(spec) = spec {
+            let current = spec
+                .split("```toml\n")
+                .nth(1)
+                .and_then(|rest| rest.split("```").next());
+            assert_eq!(current, Some(example), "SPEC.md's example changed: copy it");
+        }
+        // Its TLS listener's certificate files are read when the config is used, not
+        // here.
+        let c = ok(example);
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(warnings(&c).len(), 2, "{:?}", warnings(&c));
     }
 
     #[test]
