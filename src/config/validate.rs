@@ -426,6 +426,22 @@ impl Validator<'_> {
         }
     }
 
+    /// A file the config names: a relative path is relative to the config file's
+    /// directory, or, when nothing is there but the path names a file from the working
+    /// directory, that file (SPEC's example, meant to be run from the repository, names
+    /// `config/certs/localhost.pem`). Errors about a file found in neither place name
+    /// the first.
+    fn file_path(&self, written: &str) -> PathBuf {
+        let beside = self.path.parent().unwrap_or(Path::new(".")).join(written);
+        let here = Path::new(written);
+        if here.is_relative() && !beside.exists() && here.is_file() {
+            if let Ok(cwd) = std::env::current_dir() {
+                return cwd.join(here);
+            }
+        }
+        beside
+    }
+
     /// A key at `span` that is valid but has no effect there: a warning, not an error
     /// (SPEC's own example sets such keys, with comments saying where they apply).
     fn ignored(&mut self, span: &Range<usize>, message: &str) {
@@ -527,7 +543,6 @@ impl Validator<'_> {
         plain: &[SocketAddr],
         listen_spans: &mut Vec<(SocketAddr, Range<usize>)>,
     ) -> Vec<TlsListener> {
-        let base = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut names_by_listen: HashMap<SocketAddr, HashSet<String>> = HashMap::new();
         let mut default_by_listen: HashSet<SocketAddr> = HashSet::new();
         let mut out = Vec::new();
@@ -583,8 +598,8 @@ impl Validator<'_> {
             }
             out.push(TlsListener {
                 listen: listen.unwrap_or(default::LISTEN),
-                cert: base.join(raw.cert.get_ref()),
-                key: base.join(raw.key.get_ref()),
+                cert: self.file_path(raw.cert.get_ref()),
+                key: self.file_path(raw.key.get_ref()),
                 cert_at: self.pos(&raw.cert.span()),
                 key_at: self.pos(&raw.key.span()),
                 sni,
@@ -1014,9 +1029,8 @@ impl Validator<'_> {
                 );
             }
         }
-        let base = self.path.parent().unwrap_or(Path::new("."));
         Some(UpstreamTls {
-            ca_file: ca_file.as_ref().map(|f| base.join(f.get_ref())),
+            ca_file: ca_file.as_ref().map(|f| self.file_path(f.get_ref())),
             ca_file_at: ca_file
                 .as_ref()
                 .map(|f| self.pos(&f.span()))

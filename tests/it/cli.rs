@@ -42,6 +42,23 @@ fn check_accepts_the_example_config() {
 }
 
 #[test]
+fn check_accepts_the_spec_example_from_the_repository() {
+    // Saved anywhere and checked from the repository's root, as SPEC's example is meant
+    // to be used: its two keys that apply elsewhere are warnings, its certificate
+    // paths are the repository's.
+    let (_dir, path) = write_config("spec.toml", include_str!("../fixtures/spec_example.toml"));
+    let path = path.to_string_lossy().into_owned();
+    let (code, out, err) = palisade(&["check", "-c", &path]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("warning: ")).count(),
+        2,
+        "{err}"
+    );
+    assert!(!err.contains("error"), "{err}");
+}
+
+#[test]
 fn check_reports_every_mistake_with_its_position() {
     let (_dir, path) = write_config(
         "three-mistakes.toml",

@@ -617,3 +617,34 @@ async fn a_client_sending_an_ip_address_as_sni_does_not_fill_the_log() {
     let loud = run("info,rustls=warn").await;
     assert_eq!(loud.matches("Illegal SNI").count(), 3, "{loud}");
 }
+
+#[tokio::test]
+async fn the_spec_examples_certificate_paths_work_from_the_repository() {
+    // SPEC's example names `config/certs/localhost.pem`, a path from the repository's
+    // root: with the config file elsewhere, a relative path that is not beside the file
+    // is taken from the working directory (the tests run in the repository's root), and
+    // the repository ships that localhost pair.
+    let dir = temp_dir("spec-certs");
+    let echo = Echo::start("e").await;
+    let path = dir.write(
+        "palisade.toml",
+        &format!(
+            "[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert = \"config/certs/localhost.pem\"\nkey = \"config/certs/localhost-key.pem\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+            echo.addr
+        ),
+    );
+    let (_proxy, tls) = Proxy::start_with_tls(&path).await;
+    let addr = tls[&"127.0.0.1:8443".parse().expect("addr")];
+    let shipped = std::fs::read("config/certs/localhost.pem").expect("the shipped certificate");
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(&shipped).expect("PEM");
+    let cert = Cert {
+        der,
+        cert_pem: String::new(),
+        key_pem: String::new(),
+    };
+    for name in ["localhost", "127.0.0.1"] {
+        let mut stream = handshake(addr, name, client_config(&[&cert], &[])).await;
+        let answer = exchange_over(&mut stream, "/").await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{name}: {answer}");
+    }
+}
