@@ -20,24 +20,39 @@ use super::{on_probe, Transition};
 use crate::clock::now_ns;
 use crate::config::Health;
 use crate::metrics::Metrics;
-use crate::upstream::{Backend, Upstream};
+use crate::upstream::client::Connector;
+use crate::upstream::{h2, Backend, Upstream};
 use prometheus::IntCounter;
 
-type ProbeClient = Client<crate::upstream::client::Connector, Empty<Bytes>>;
+type ProbeClient = Client<Connector, Empty<Bytes>>;
+
+/// How probes reach a backend: each probe on a new connection, to the backend's address,
+/// naming its configured `host:port`. HTTP/1.1 goes through hyper-util's client (the URI
+/// says where to connect, the Host header names the backend); h2c opens its own HTTP/2
+/// connection, as requests do ([`crate::upstream::h2`]): hyper-util's client would send
+/// the address as `:authority`, and a `host` field next to it is malformed.
+#[derive(Clone)]
+enum Prober {
+    Http1(Box<ProbeClient>),
+    H2(Connector),
+}
 
 /// Starts the checkers of every backend of `upstream` (none when it has no `health`).
 pub fn spawn_checks(upstream: &Upstream, metrics: &Metrics) -> Vec<JoinHandle<()>> {
     let Some(cfg) = upstream.config.health.clone() else {
         return Vec::new();
     };
-    let client: ProbeClient = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_max_idle_per_host(0)
-        .http2_only(upstream.config.protocol == crate::config::Protocol::H2c)
-        .build(crate::upstream::client::connector(
-            &upstream.config,
-            cfg.timeout,
-        ));
+    let connector =
+        crate::upstream::client::connector(&upstream.config, cfg.timeout, &upstream.server_names);
+    let prober = match upstream.config.protocol {
+        crate::config::Protocol::H2c => Prober::H2(connector),
+        crate::config::Protocol::Http1 => Prober::Http1(Box::new(
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_max_idle_per_host(0)
+                .build(connector),
+        )),
+    };
     upstream
         .backends
         .iter()
@@ -46,7 +61,7 @@ pub fn spawn_checks(upstream: &Upstream, metrics: &Metrics) -> Vec<JoinHandle<()
                 upstream.name.clone(),
                 backend.clone(),
                 cfg.clone(),
-                client.clone(),
+                prober.clone(),
                 upstream.scheme.clone(),
                 metrics.health_checks(&upstream.name, &backend.addr),
             ))
@@ -58,7 +73,7 @@ async fn check_loop(
     upstream: Arc<str>,
     backend: Arc<Backend>,
     cfg: Health,
-    client: ProbeClient,
+    prober: Prober,
     scheme: http::uri::Scheme,
     (passes, failures): (IntCounter, IntCounter),
 ) {
@@ -68,7 +83,7 @@ async fn check_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let (passed, detail) = probe(&client, &backend, &cfg, &scheme).await;
+        let (passed, detail) = probe(&prober, &backend, &cfg, &scheme).await;
         if passed {
             passes.inc()
         } else {
@@ -92,39 +107,61 @@ async fn check_loop(
 
 /// One probe: whether it passed, and why not.
 async fn probe(
-    client: &ProbeClient,
+    prober: &Prober,
     backend: &Backend,
     cfg: &Health,
     scheme: &http::uri::Scheme,
 ) -> (bool, String) {
-    let uri = match Uri::builder()
+    match tokio::time::timeout(cfg.timeout, send_probe(prober, backend, cfg, scheme)).await {
+        Ok(Ok(status)) => (
+            cfg.expect_status.contains(&status),
+            format!("status {status}"),
+        ),
+        Ok(Err(e)) => (false, e),
+        Err(_) => (false, format!("no answer within {:?}", cfg.timeout)),
+    }
+}
+
+/// Sends one probe; the answer's status.
+async fn send_probe(
+    prober: &Prober,
+    backend: &Backend,
+    cfg: &Health,
+    scheme: &http::uri::Scheme,
+) -> Result<u16, String> {
+    // HTTP/1.1: the URI says where to connect; HTTP/2: what `:authority` to send.
+    let authority = match prober {
+        Prober::Http1(_) => backend.authority.clone(),
+        Prober::H2(_) => backend.host.clone(),
+    };
+    let uri = Uri::builder()
         .scheme(scheme.clone())
-        .authority(backend.authority.clone())
+        .authority(authority)
         .path_and_query(cfg.path.as_str())
         .build()
-    {
-        Ok(uri) => uri,
-        Err(e) => return (false, format!("invalid probe URI: {e}")),
-    };
+        .map_err(|e| format!("invalid probe URI: {e}"))?;
     let mut req = Request::new(Empty::<Bytes>::new());
     *req.uri_mut() = uri;
     let headers = req.headers_mut();
-    if let Ok(host) = HeaderValue::from_str(backend.authority.as_str()) {
-        headers.insert(HOST, host);
-    }
     headers.insert(
         USER_AGENT,
         HeaderValue::from_static("palisade-health-check"),
     );
-    match tokio::time::timeout(cfg.timeout, client.request(req)).await {
-        Ok(Ok(resp)) => {
-            let status = resp.status().as_u16();
-            (
-                cfg.expect_status.contains(&status),
-                format!("status {status}"),
-            )
+    let resp = match prober {
+        Prober::Http1(client) => {
+            if let Ok(host) = HeaderValue::from_str(backend.host.as_str()) {
+                headers.insert(HOST, host);
+            }
+            client.request(req).await.map_err(|e| e.to_string())?
         }
-        Ok(Err(e)) => (false, format!("{e}")),
-        Err(_) => (false, format!("no answer within {:?}", cfg.timeout)),
-    }
+        Prober::H2(connector) => {
+            *req.version_mut() = http::Version::HTTP_2;
+            let mut sender = h2::connect(backend, connector, scheme)
+                .await
+                .map_err(|e| e.to_string())?;
+            // The connection closes once the sender and the answer are dropped.
+            sender.send_request(req).await.map_err(|e| e.to_string())?
+        }
+    };
+    Ok(resp.status().as_u16())
 }

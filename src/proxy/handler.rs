@@ -515,8 +515,8 @@ struct Template {
     /// The client's headers, hop-by-hop ones removed (the forwarding headers are not in it).
     headers: HeaderMap,
     /// Toward an HTTP/2 backend: the `:authority` to send, the client's Host (which is
-    /// then not in `headers`); `None`: the backend's address (as for a Host-less HTTP/1.0
-    /// request to an HTTP/1.1 backend).
+    /// then not in `headers`); `None`: the backend's configured `host:port` (as for a
+    /// Host-less HTTP/1.0 request to an HTTP/1.1 backend).
     authority: Option<Authority>,
     forwarding: Forwarding,
     version: Version,
@@ -536,7 +536,7 @@ impl Template {
             version: self.version,
             headers: &self.headers,
             forwarding: &self.forwarding,
-            default_host: backend.authority.as_str(),
+            default_host: backend.host.as_str(),
             response_timeout: self.response_timeout,
             body_pause: self.body_pause,
         }
@@ -550,13 +550,17 @@ impl Template {
         body: ProxyBody,
         last: bool,
     ) -> Result<Request<ProxyBody>, ProxyError> {
+        // Over HTTP/2 the URI's authority is the `:authority` sent (the connection goes to
+        // the backend's address, see `h2::send`); through hyper-util's client (HTTP/1.1
+        // over TLS) it is where to connect, and the Host goes in the headers.
+        let authority = match &self.authority {
+            Some(authority) => authority.clone(),
+            None if self.version == Version::HTTP_2 => backend.host.clone(),
+            None => backend.authority.clone(),
+        };
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
-            .authority(
-                self.authority
-                    .clone()
-                    .unwrap_or_else(|| backend.authority.clone()),
-            )
+            .authority(authority)
             .path_and_query(self.path_and_query.clone())
             .build()
             .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
@@ -569,6 +573,13 @@ impl Template {
         } else {
             self.headers.clone()
         };
+        if self.version != Version::HTTP_2 && !req.headers().contains_key(HOST) {
+            // A Host-less HTTP/1.0 request: the backend's name, as palisade's own pool
+            // sends it (hyper-util would send the address it connects to).
+            if let Ok(host) = HeaderValue::from_str(backend.host.as_str()) {
+                req.headers_mut().insert(HOST, host);
+            }
+        }
         self.forwarding.apply(req.headers_mut());
         Ok(req)
     }

@@ -14,12 +14,17 @@ use tokio::sync::Notify;
 /// One backend of an upstream with its live counters (shared by all requests, lock-free).
 #[derive(Debug)]
 pub struct Backend {
-    /// The address as configured: `host:port`.
+    /// The address connections go to: `host:port` as configured, or one address a
+    /// configured name resolved to (`ip:port`).
     pub addr: Box<str>,
     /// Relative share of traffic, at least 1.
     pub weight: u32,
-    /// The authority of upstream request URIs, parsed once.
+    /// `addr` as the authority of upstream request URIs (where to connect), parsed once.
     pub authority: Authority,
+    /// The backend as configured (`host:port`, the name when `addr` is one of its
+    /// addresses; else the same as `authority`): the Host of requests that came without
+    /// one and of health probes, and the TLS name to verify. Parsed once.
+    pub host: Authority,
     /// Requests currently sent to this backend and not yet answered.
     pub in_flight: AtomicU32,
     /// Response-time estimate (peak EWMA) in nanoseconds as of `ewma_at`; 0 = no sample
@@ -55,14 +60,23 @@ pub struct Backend {
 impl Backend {
     /// A backend for `addr` (`host:port`, as validated by the config), healthy and idle.
     pub fn new(addr: &str, weight: u32) -> Self {
-        let authority = Authority::from_maybe_shared(Bytes::copy_from_slice(addr.as_bytes()))
-            // Config validation guarantees host:port; an address that slipped through
-            // still fails cleanly at connect time instead of panicking here.
-            .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"));
+        Self::named(addr, addr, weight)
+    }
+
+    /// A backend at `addr` (an address the configured `host`, `host:port`, resolved to),
+    /// healthy and idle.
+    pub fn named(addr: &str, host: &str, weight: u32) -> Self {
+        let authority = parse_authority(addr);
+        let host = if host == addr {
+            authority.clone()
+        } else {
+            parse_authority(host)
+        };
         Backend {
             addr: addr.into(),
             weight: weight.max(1),
             authority,
+            host,
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(0),
             ewma_at: AtomicU64::new(0),
@@ -196,6 +210,13 @@ impl Backend {
     }
 }
 
+/// `host:port` as an authority. Config validation guarantees the form; one that slipped
+/// through still fails cleanly at connect time instead of panicking here.
+fn parse_authority(text: &str) -> Authority {
+    Authority::from_maybe_shared(Bytes::copy_from_slice(text.as_bytes()))
+        .unwrap_or_else(|_| Authority::from_static("invalid.invalid:1"))
+}
+
 /// How fast a backend's response-time estimate forgets: it falls by a factor `e` over
 /// this long without a sample (Finagle's and Linkerd's default decay, 10 s). A 1 s
 /// answer among 1 ms ones is forgotten (back under 1 ms) after about 70 s; one twice as
@@ -292,6 +313,10 @@ mod tests {
     fn authority_is_parsed_once() {
         let b = Backend::new("app.internal:80", 0);
         assert_eq!(b.authority.as_str(), "app.internal:80");
+        assert_eq!(b.host.as_str(), "app.internal:80");
         assert_eq!(b.weight, 1);
+        let named = Backend::named("10.1.2.3:8080", "app.internal:8080", 1);
+        assert_eq!(named.authority.as_str(), "10.1.2.3:8080");
+        assert_eq!(named.host.as_str(), "app.internal:8080");
     }
 }

@@ -5,18 +5,25 @@
 //! One keep-alive pool per upstream (hyper-util's legacy client; the pool is keyed by
 //! backend address), TCP_NODELAY, a connect timeout, HTTP/1.1 or HTTP/2 prior knowledge as
 //! the upstream's `protocol` says, and TLS to the backends when the upstream has
-//! `tls = true` (rustls: the system roots or `ca_file`, the backend's host or
-//! `server_name` as the name to verify).
+//! `tls = true` (rustls: the system roots or `ca_file`; `server_name`, else the backend's
+//! configured host, as the name to send in SNI and to verify, see [`ServerNames`]).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
+use arc_swap::ArcSwap;
+use http::Uri;
+use hyper_rustls::{
+    DefaultServerNameResolver, FixedServerNameResolver, HttpsConnector, ResolveServerName,
+};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::{CertificateDer, ServerName};
 
+use super::Backend;
 use crate::config::{self, Protocol};
 use crate::proxy::body::ProxyBody;
 
@@ -40,8 +47,64 @@ pub fn build(cfg: &config::Upstream, connector: Connector) -> HttpClient {
     builder.build(connector)
 }
 
-/// The connector for one upstream's backends (also used by its health probes).
-pub fn connector(cfg: &config::Upstream, connect_timeout: Duration) -> Connector {
+/// The TLS names of an upstream's backends by the address connections go to.
+///
+/// Connections go to the resolved addresses of a backend name (the request URI's
+/// authority is `ip:port`), but the certificate names the host as configured, and the
+/// backend may pick its certificate by SNI: hyper-rustls asks this table, once per new
+/// connection, for the name of the URI's authority. Shared by the connector, the health
+/// probes' connector and every snapshot that keeps them, and updated by
+/// [`super::Upstream::build`] as the addresses change. An authority without an entry (an
+/// IP address as configured, a name not resolved yet) is its own name, as by default.
+#[derive(Debug, Default, Clone)]
+pub struct ServerNames(Arc<ArcSwap<HashMap<Box<str>, ServerName<'static>>>>);
+
+impl ServerNames {
+    /// Maps each of `backends` whose address is not its configured host to that host.
+    pub fn update(&self, backends: &[Arc<Backend>]) {
+        let mut names = HashMap::new();
+        for b in backends {
+            if b.host == b.authority {
+                continue;
+            }
+            let host = b.host.host();
+            // An IP literal configured as a name keeps the default (no SNI).
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            if let Ok(name) = ServerName::try_from(host.to_owned()) {
+                names.insert(b.addr.clone(), name);
+            }
+        }
+        if **self.0.load() != names {
+            self.0.store(Arc::new(names));
+        }
+    }
+}
+
+impl ResolveServerName for ServerNames {
+    fn resolve(
+        &self,
+        uri: &Uri,
+    ) -> Result<ServerName<'static>, Box<dyn std::error::Error + Sync + Send>> {
+        if let Some(name) = uri
+            .authority()
+            .and_then(|a| self.0.load().get(a.as_str()).cloned())
+        {
+            return Ok(name);
+        }
+        DefaultServerNameResolver::default().resolve(uri)
+    }
+}
+
+/// The connector for one upstream's backends (also used by its health probes); without
+/// a `server_name`, `names` gives the TLS name of each backend address.
+pub fn connector(
+    cfg: &config::Upstream,
+    connect_timeout: Duration,
+    names: &ServerNames,
+) -> Connector {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
@@ -86,7 +149,7 @@ pub fn connector(cfg: &config::Upstream, connect_timeout: Duration) -> Connector
         .and_then(|name| ServerName::try_from(name).ok())
     {
         Some(name) => schemes.with_server_name_resolver(FixedServerNameResolver::new(name)),
-        None => schemes,
+        None => schemes.with_server_name_resolver(names.clone()),
     };
     match cfg.protocol {
         Protocol::Http1 => schemes.enable_http1().wrap_connector(http),
@@ -110,4 +173,41 @@ fn client_config(roots: Vec<CertificateDer<'static>>) -> ClientConfig {
 /// Reads the CA certificates of `ca_file`.
 pub fn load_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     crate::tls::read_certificates("ca_file", path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name_of(names: &ServerNames, uri: &'static str) -> String {
+        match names.resolve(&Uri::from_static(uri)) {
+            Ok(ServerName::DnsName(name)) => name.as_ref().to_owned(),
+            Ok(ServerName::IpAddress(ip)) => format!("ip {ip:?}"),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_names_map_addresses_to_configured_names_and_follow_updates() {
+        let names = ServerNames::default();
+        names.update(&[
+            Arc::new(Backend::named("10.0.0.1:443", "api.example.com:443", 1)),
+            Arc::new(Backend::new("10.0.0.9:443", 1)),
+            Arc::new(Backend::new("direct.example.com:443", 1)),
+        ]);
+        assert_eq!(name_of(&names, "https://10.0.0.1:443/"), "api.example.com");
+        // Configured as an address, or not resolved yet: the URI's own host.
+        assert!(name_of(&names, "https://10.0.0.9:443/").starts_with("ip "));
+        assert_eq!(
+            name_of(&names, "https://direct.example.com:443/"),
+            "direct.example.com"
+        );
+        // The address now belongs to another name; the old one is gone.
+        names.update(&[Arc::new(Backend::named(
+            "10.0.0.1:443",
+            "web.example.com:443",
+            1,
+        ))]);
+        assert_eq!(name_of(&names, "https://10.0.0.1:443/"), "web.example.com");
+    }
 }

@@ -130,12 +130,18 @@ pub async fn send(
     }
 }
 
-/// Opens an HTTP/2 connection to `backend`.
-async fn connect(
+/// Opens an HTTP/2 connection to `backend` (to its address; requests name the host in
+/// their URI). Health probes open theirs here too.
+pub async fn connect<B>(
     backend: &Backend,
     connector: &Connector,
     scheme: &Scheme,
-) -> Result<SendRequest<ProxyBody>, SendError> {
+) -> Result<SendRequest<B>, SendError>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let target = Uri::builder()
         .scheme(scheme.clone())
         .authority(backend.authority.clone())

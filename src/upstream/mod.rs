@@ -40,6 +40,8 @@ pub struct Upstream {
     pub client: HttpClient,
     /// How the client and the h2c connections ([`h2`]) reach a backend.
     pub connector: client::Connector,
+    /// The TLS names of the backends' addresses, which `connector` asks (shared with it).
+    pub server_names: client::ServerNames,
     /// Plain HTTP/1.1: requests go through the backends' own pools ([`pool`]) instead of
     /// `client`, with origin-form URIs.
     pub direct: bool,
@@ -191,28 +193,33 @@ impl Upstream {
                 if backends.iter().any(|x| *x.addr == *addr) {
                     continue;
                 }
+                // Kept only under the same name too: the name is its Host and TLS name.
                 let kept = previous.and_then(|p| {
-                    p.backends
-                        .iter()
-                        .find(|old| *old.addr == *addr && old.weight == b.weight)
+                    p.backends.iter().find(|old| {
+                        *old.addr == *addr && old.host.as_str() == b.addr && old.weight == b.weight
+                    })
                 });
                 backends.push(match kept {
                     Some(old) => old.clone(),
-                    None => Arc::new(Backend::new(&addr, b.weight)),
+                    None => Arc::new(Backend::named(&addr, &b.addr, b.weight)),
                 });
             }
         }
         for b in &backends {
             b.pool.set_idle_limit(cfg.timeouts.idle);
         }
-        let (client, connector) = match previous {
+        let (client, connector, server_names) = match previous {
             Some(p)
                 if p.config.protocol == cfg.protocol
                     && p.config.timeouts.connect == cfg.timeouts.connect
                     && p.config.timeouts.idle == cfg.timeouts.idle
                     && p.config.tls == cfg.tls =>
             {
-                (p.client.clone(), p.connector.clone())
+                (
+                    p.client.clone(),
+                    p.connector.clone(),
+                    p.server_names.clone(),
+                )
             }
             _ => {
                 // Connections opened under the old transport settings are not reused.
@@ -220,10 +227,13 @@ impl Upstream {
                     b.pool.clear();
                     b.h2.clear();
                 }
-                let connector = client::connector(cfg, cfg.timeouts.connect);
-                (client::build(cfg, connector.clone()), connector)
+                let names = client::ServerNames::default();
+                let connector = client::connector(cfg, cfg.timeouts.connect, &names);
+                (client::build(cfg, connector.clone()), connector, names)
             }
         };
+        // The connector may be the previous snapshot's: its table follows the addresses.
+        server_names.update(&backends);
         let balancer = balance::build(algorithm(cfg.balance), &backends);
         let slot_freed = Arc::new(Notify::new());
         let budget = match previous {
@@ -237,6 +247,7 @@ impl Upstream {
             balancer,
             client,
             connector,
+            server_names,
             direct: cfg.protocol == config::Protocol::Http1 && cfg.tls.is_none(),
             scheme: if cfg.tls.is_some() {
                 http::uri::Scheme::HTTPS

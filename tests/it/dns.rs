@@ -1,5 +1,7 @@
 //! DNS backends: a name's addresses join and leave the pool as lookups change, a failed
-//! lookup keeps the last good set, and real names (localhost) resolve through the system.
+//! lookup keeps the last good set, real names (localhost) resolve through the system, and
+//! a backend is named by its configured name, not its address, where it is named (the
+//! Host of a Host-less request, of health probes; its TLS name, in tls.rs).
 
 use crate::common;
 
@@ -8,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::request_headers::{lines, Recorder, OK};
 use common::*;
 use palisade::dns::{self, Lookup, Resolve};
 
@@ -120,4 +123,46 @@ async fn localhost_resolves_through_the_system_resolver() {
     .await;
     let addrs = resolved.get(&name).cloned().unwrap_or_default();
     assert!(addrs.contains(&a.addr), "{addrs:?}");
+}
+
+/// Has the running proxy take `name` as resolved to `addr`, as a lookup would.
+pub(crate) fn resolve(proxy: &Proxy, name: &str, addr: SocketAddr) {
+    proxy
+        .state
+        .set_resolved(dns::Resolved::from([(name.to_owned(), vec![addr])]));
+}
+
+#[tokio::test]
+async fn a_host_less_request_reaches_a_dns_backend_with_its_name_as_host() {
+    // As nginx sends the proxy_pass name: a virtual-hosted backend does not know its
+    // address as a host.
+    let mut backend = Recorder::start(OK).await;
+    let proxy = Proxy::start(
+        "[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{ addr = \"app.internal:8080\" }]\n",
+    )
+    .await;
+    resolve(&proxy, "app.internal:8080", backend.addr);
+    let head = backend
+        .through(proxy.addr, b"GET /x HTTP/1.0\r\n\r\n", "HTTP/1.0 200 ")
+        .await;
+    assert_eq!(lines(&head, "host"), ["app.internal:8080"], "{head}");
+    // The backend is still listed (/status, metrics) by the address it is at.
+    assert_eq!(
+        *proxy.state.snapshot().upstreams[0].backends[0].addr,
+        backend.addr.to_string()
+    );
+}
+
+#[tokio::test]
+async fn health_probes_name_a_dns_backend_by_its_name() {
+    let mut backend = Recorder::start(OK).await;
+    let proxy = Proxy::start(
+        "[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{ addr = \"app.internal:8080\" }]\n\
+         [upstreams.app.health]\npath = \"/probe\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
+    )
+    .await;
+    resolve(&proxy, "app.internal:8080", backend.addr);
+    let head = backend.head().await;
+    assert!(head.starts_with("get /probe "), "{head}");
+    assert_eq!(lines(&head, "host"), ["app.internal:8080"], "{head}");
 }

@@ -294,7 +294,8 @@ async fn an_h2c_upstream_gets_the_clients_host_as_authority_and_no_host_field() 
         proxy.addr.to_string().as_str()
     );
     assert_eq!(resp.headers()["x-saw-host-fields"], "0");
-    // An HTTP/1.0 client without Host: the backend's address, as toward HTTP/1.1 backends.
+    // An HTTP/1.0 client without Host: the backend as configured (here its address), as
+    // toward HTTP/1.1 backends.
     let (answer, _) = raw_exchange(
         proxy.addr,
         b"GET /c HTTP/1.0\r\n\r\n",
@@ -307,6 +308,43 @@ async fn an_h2c_upstream_gets_the_clients_host_as_authority_and_no_host_field() 
         "{answer}"
     );
     assert!(answer.contains("x-saw-host-fields: 0\r\n"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_dns_h2c_backend_gets_its_name_as_authority_from_probes_and_host_less_requests() {
+    // hyper-util's client, which probes went through, sent the address as `:authority`
+    // and as a `host` field.
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, usize)>();
+    let backend = h2_backend(move |req: http::Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let authority = req
+                .uri()
+                .authority()
+                .map_or_else(|| "-".to_owned(), |a| a.to_string());
+            let _ = tx.send((authority, req.headers().get_all("host").iter().count()));
+            http::Response::new(Full::new(Bytes::from_static(b"ok")))
+        }
+    })
+    .await;
+    let proxy = Proxy::start(
+        "[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{ addr = \"app.internal:8080\" }]\n\
+         [upstreams.h2.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
+    )
+    .await;
+    crate::dns::resolve(&proxy, "app.internal:8080", backend.addr);
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("a request reached the backend in time")
+            .expect("backend running")
+    };
+    let name = ("app.internal:8080".to_owned(), 0);
+    assert_eq!(next().await, name, "a probe");
+    raw_expect(proxy.addr, b"GET /c HTTP/1.0\r\n\r\n", "HTTP/1.0 200 ").await;
+    // The request, and any probe that came along meanwhile.
+    assert_eq!(next().await, name);
+    assert_eq!(next().await, name);
 }
 
 /// An h2c backend connection that carried no request for the upstream's `idle` is closed

@@ -21,16 +21,16 @@ use tokio::task::JoinHandle;
 
 /// A backend that sends every request head it reads (lower-cased) to `heads`, and answers
 /// each with `answer`.
-struct Recorder {
-    addr: SocketAddr,
+pub(crate) struct Recorder {
+    pub(crate) addr: SocketAddr,
     heads: mpsc::UnboundedReceiver<String>,
     task: JoinHandle<()>,
 }
 
-const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+pub(crate) const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 impl Recorder {
-    async fn start(answer: &'static [u8]) -> Recorder {
+    pub(crate) async fn start(answer: &'static [u8]) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, heads) = mpsc::unbounded_channel();
@@ -51,11 +51,18 @@ impl Recorder {
     }
 
     /// The next request head the backend read.
-    async fn head(&mut self) -> String {
+    pub(crate) async fn head(&mut self) -> String {
         tokio::time::timeout(Duration::from_secs(5), self.heads.recv())
             .await
             .expect("a request reached the backend in time")
             .expect("backend running")
+    }
+
+    /// Sends `raw` to the proxy at `proxy`, checks that its answer starts with `answer`,
+    /// and returns the request head that reached the backend.
+    pub(crate) async fn through(&mut self, proxy: SocketAddr, raw: &[u8], answer: &str) -> String {
+        common::raw_expect(proxy, raw, answer).await;
+        self.head().await
     }
 
     /// Whether no request reached the backend.
@@ -84,7 +91,7 @@ async fn request_head(stream: &mut TcpStream) -> Option<String> {
 }
 
 /// The values of every `name:` line in `head`, in order.
-fn lines<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+pub(crate) fn lines<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
     head.lines()
         .filter_map(|l| {
             let (n, v) = l.split_once(':')?;
@@ -226,14 +233,13 @@ async fn an_http1_absolute_form_target_replaces_the_host_header() {
     // with it, so the backend sees the host the request was routed (and allowed) by.
     let mut backend = Recorder::start(OK).await;
     let proxy = Proxy::start(&admin_and_public(backend.addr)).await;
-    let (answer, _) = raw_exchange(
-        proxy.addr,
-        b"GET http://www.test/x HTTP/1.1\r\nHost: admin.test\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
-    let head = backend.head().await;
+    let head = backend
+        .through(
+            proxy.addr,
+            b"GET http://www.test/x HTTP/1.1\r\nHost: admin.test\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 200 ",
+        )
+        .await;
     assert_eq!(lines(&head, "host"), ["www.test"], "{head}");
     assert_eq!(lines(&head, "x-forwarded-host"), ["www.test"], "{head}");
 

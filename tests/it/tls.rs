@@ -483,7 +483,17 @@ async fn certificate_files_a_reload_names_are_watched_too() {
     );
 }
 
-/// An HTTPS-only backend with `cert`, answering `tls-ok PATH`.
+/// A certificate for `names`, written as `backend-ca.pem` to a new directory for `tag`,
+/// and an HTTPS backend ([`https_backend`]) serving it.
+async fn https_backend_and_ca(tag: &str, names: &[&str]) -> (TempDir, SocketAddr) {
+    let cert = make_cert(names);
+    let dir = temp_dir(tag);
+    std::fs::write(dir.join("backend-ca.pem"), &cert.cert_pem).expect("ca");
+    (dir, https_backend(&cert).await)
+}
+
+/// An HTTPS-only backend with `cert`, answering `tls-ok PATH`, with the SNI it got in
+/// `x-sni` and the Host in `x-host` (`-`: none).
 async fn https_backend(cert: &Cert) -> SocketAddr {
     use rustls::pki_types::pem::PemObject;
     let key =
@@ -508,14 +518,25 @@ async fn https_backend(cert: &Cert) -> SocketAddr {
                 let Ok(stream) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let body = format!("tls-ok {}", req.uri().path());
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(Bytes::from(body)),
-                        ))
-                    },
-                );
+                let sni = stream.get_ref().1.server_name().unwrap_or("-").to_owned();
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let sni = sni.clone();
+                        async move {
+                            let body = format!("tls-ok {}", req.uri().path());
+                            let mut resp =
+                                http::Response::new(http_body_util::Full::new(Bytes::from(body)));
+                            let host = req
+                                .headers()
+                                .get("host")
+                                .cloned()
+                                .unwrap_or(http::HeaderValue::from_static("-"));
+                            resp.headers_mut().insert("x-host", host);
+                            resp.headers_mut()
+                                .insert("x-sni", sni.parse().expect("sni as a value"));
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -525,7 +546,7 @@ async fn https_backend(cert: &Cert) -> SocketAddr {
     addr
 }
 
-fn upstream_tls_config(dir: &Path, backend: SocketAddr, tls_lines: &str) -> PathBuf {
+fn upstream_tls_config(dir: &Path, backend: impl std::fmt::Display, tls_lines: &str) -> PathBuf {
     let path = dir.join(format!("up-{}.toml", free_port()));
     std::fs::write(
         &path,
@@ -537,10 +558,7 @@ fn upstream_tls_config(dir: &Path, backend: SocketAddr, tls_lines: &str) -> Path
 
 #[tokio::test]
 async fn https_backends_are_verified_against_ca_file_and_server_name() {
-    let cert = make_cert(&["backend.test"]);
-    let dir = temp_dir("upstream");
-    std::fs::write(dir.join("backend-ca.pem"), &cert.cert_pem).expect("ca");
-    let backend = https_backend(&cert).await;
+    let (dir, backend) = https_backend_and_ca("upstream", &["backend.test"]).await;
 
     let good = Proxy::start_file(&upstream_tls_config(
         &dir,
@@ -569,6 +587,35 @@ async fn https_backends_are_verified_against_ca_file_and_server_name() {
     ))
     .await;
     assert_eq!(get(&untrusted.url("/")).await.status, 502);
+}
+
+#[tokio::test]
+async fn a_dns_backend_gets_its_name_as_sni_and_is_verified_against_it() {
+    // Connections go to the address the name resolved to; the certificate names the
+    // host, and nothing else does: neither the address nor a server_name.
+    let (dir, backend) = https_backend_and_ca("dns-name", &["localhost"]).await;
+    let name = format!("localhost:{}", backend.port());
+    let proxy = Proxy::start_file(&upstream_tls_config(
+        &dir,
+        &name,
+        "ca_file = \"backend-ca.pem\"",
+    ))
+    .await;
+    // What palisade's lookup of localhost gives (127.0.0.1 only: the backend is there).
+    crate::dns::resolve(&proxy, &name, backend);
+    assert_eq!(
+        *proxy.state.snapshot().upstreams[0].backends[0].addr,
+        backend.to_string()
+    );
+
+    let answer = get(&proxy.url("/named")).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "tls-ok /named");
+    assert_eq!(answer.header("x-sni"), Some("localhost"));
+
+    // An HTTP/1.0 client without Host: the name is the Host too.
+    let answer = raw_expect(proxy.addr, b"GET /bare HTTP/1.0\r\n\r\n", "HTTP/1.0 200 ").await;
+    assert!(answer.contains(&format!("x-host: {name}\r\n")), "{answer}");
 }
 
 /// rustls warns about what a client does in its handshake (an IP address as SNI, among

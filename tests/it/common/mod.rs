@@ -397,6 +397,14 @@ pub async fn raw_exchange(addr: SocketAddr, raw: &[u8], limit: Duration) -> (Str
     }
 }
 
+/// Sends `raw` on a new connection to `addr` and returns what comes back within 5 s,
+/// which must start with `start`.
+pub async fn raw_expect(addr: SocketAddr, raw: &[u8], start: &str) -> String {
+    let (answer, _) = raw_exchange(addr, raw, Duration::from_secs(5)).await;
+    assert!(answer.starts_with(start), "{answer}");
+    answer
+}
+
 /// Polls `check` until it returns true or `limit` passes.
 pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
