@@ -106,8 +106,15 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
     let path = current.config.path.clone();
     let (text, loaded) = load(&path);
     match loaded {
-        Ok(config) if config == *current.config => Ok(None),
+        Ok(config) if config == *current.config => {
+            tracing::info!(
+                generation = current.generation,
+                "config file unchanged in meaning: not reloaded"
+            );
+            Ok(None)
+        }
         Err(_) if text.is_some_and(|t| t == state.rejected_text.load(Ordering::Relaxed)) => {
+            tracing::info!("config file is the one last rejected: not reloaded again");
             Ok(None)
         }
         loaded => apply(state, &path, text, loaded).map(Some),
@@ -219,7 +226,7 @@ async fn follow(
             tracing::info!("certificate files changed: reloading");
             let _ = reload(&state);
         } else {
-            tracing::info!("config file changed: reloading");
+            tracing::info!("config file changed");
             let _ = reload_if_changed(&state);
         }
         // Links may lead elsewhere now (a swapped `..data`), and the files may be others.

@@ -592,3 +592,47 @@ async fn metric_series_of_renamed_routes_and_removed_backends_go_away() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_save_that_changes_nothing_is_logged_as_not_reloaded() {
+    let echo = Echo::start("a").await;
+    let (port, admin) = (free_port(), free_port());
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+        routes_to(&[echo.addr], "/")
+    );
+    let (dir, path) = temp_config("unchanged-log", &text);
+    let log = dir.write("palisade.log", "");
+    let child = spawn_logged(&path, &log, "info");
+    wait_listening(format!("127.0.0.1:{port}").parse().expect("addr")).await;
+    // The watcher starts after the listeners: give it a moment. A comment changes the
+    // text, not the meaning.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::fs::write(&path, format!("# saved again\n{text}")).expect("write");
+    let messages = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["message"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let said = eventually(Duration::from_secs(10), async || {
+        messages()
+            .iter()
+            .any(|m| m == "config file unchanged in meaning: not reloaded")
+    })
+    .await;
+    assert!(said, "{:?}", messages());
+    let status = get(&format!("http://127.0.0.1:{admin}/status"))
+        .await
+        .json();
+    assert_eq!(status["generation"], 1, "{status}");
+    // Nothing claims a reload that did not happen.
+    assert!(
+        !messages().iter().any(|m| m.contains("reloading")),
+        "{:?}",
+        messages()
+    );
+    stop_gracefully(child);
+}
