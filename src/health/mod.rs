@@ -5,8 +5,8 @@
 //! - active checks (`active`): a probe every `interval`; `unhealthy_threshold` failures in
 //!   a row take the backend out of rotation, `healthy_threshold` passes bring it back;
 //! - passive outlier detection (here): `consecutive_failures` live failures in a row
-//!   eject the backend for `ejection`; an ejection soon after the last one lasts twice as
-//!   long (capped), as Envoy's outlier detection does.
+//!   eject the backend for `ejection` (SPEC: "A passive ejection lasts `ejection`"; Envoy
+//!   doubles a repeated one, which the SPEC rules out).
 //!
 //! A backend that comes back ramps up over [`SLOW_START`] instead of taking a full share
 //! at once. The decisions are pure functions of the counters and a clock value, tested
@@ -24,10 +24,6 @@ use crate::upstream::Backend;
 /// How long a backend that came back takes to ramp up to its full share (HAProxy's
 /// `slowstart`).
 pub const SLOW_START: Duration = Duration::from_secs(5);
-
-/// The longest ejection, however often a backend is ejected (Envoy's default
-/// `max_ejection_time`), unless `ejection` itself is longer.
-pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// A change of a backend's state worth logging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,15 +80,7 @@ pub fn on_live_result(backend: &Backend, ok: bool, cfg: &Passive, now: u64) -> O
         return None;
     }
     backend.live_failures.store(0, Ordering::Relaxed);
-    let returned = backend.returned_at.load(Ordering::Relaxed);
-    let previous = backend.ejections.load(Ordering::Relaxed);
-    // "Soon after returning": within twice the previous ejection's length.
-    let soon = previous > 0
-        && returned != 0
-        && now.saturating_sub(returned) < nanos(ejection_length(cfg.ejection, previous)) * 2;
-    let count = if soon { previous.saturating_add(1) } else { 1 };
-    let length = ejection_length(cfg.ejection, count);
-    backend.ejections.store(count, Ordering::Relaxed);
+    let length = cfg.ejection;
     backend
         .ejected_until
         .store(now.saturating_add(nanos(length)), Ordering::Relaxed);
@@ -119,13 +107,6 @@ pub fn record_live(upstream: &str, backend: &Backend, passive: Option<&Passive>,
             "backend failed {} requests in a row; ejected", passive.consecutive_failures
         );
     }
-}
-
-/// The length of the `count`-th ejection in a row: `base`, doubling, capped.
-pub fn ejection_length(base: Duration, count: u32) -> Duration {
-    let cap = MAX_EJECTION.max(base);
-    let factor = 1u32 << count.saturating_sub(1).min(16);
-    base.saturating_mul(factor).min(cap)
 }
 
 #[cfg(test)]
@@ -192,7 +173,7 @@ mod tests {
     }
 
     #[test]
-    fn an_ejection_soon_after_returning_lasts_twice_as_long() {
+    fn every_ejection_lasts_ejection_however_soon_it_follows_the_last() {
         let b = Backend::new("10.0.0.1:80", 1);
         let cfg = passive();
         let eject = |at: u64| {
@@ -202,28 +183,11 @@ mod tests {
             }
             last
         };
-        assert_eq!(eject(S), Some(Transition::Ejected(Duration::from_secs(10))));
-        // Back at 11 s, failing again at 12 s: 20 s.
-        assert_eq!(
-            eject(12 * S),
-            Some(Transition::Ejected(Duration::from_secs(20)))
-        );
-        // Back at 32 s, failing again long after (2 x 20 s later): back to 10 s.
-        assert_eq!(
-            eject(200 * S),
-            Some(Transition::Ejected(Duration::from_secs(10)))
-        );
-    }
-
-    #[test]
-    fn ejection_length_doubles_and_is_capped() {
-        let base = Duration::from_secs(10);
-        assert_eq!(ejection_length(base, 1), base);
-        assert_eq!(ejection_length(base, 3), Duration::from_secs(40));
-        assert_eq!(ejection_length(base, 30), MAX_EJECTION);
-        assert_eq!(
-            ejection_length(Duration::from_secs(600), 5),
-            Duration::from_secs(600)
-        );
+        let ten = Some(Transition::Ejected(Duration::from_secs(10)));
+        assert_eq!(eject(S), ten);
+        // Back at 11 s, failing again at 12 s: 10 s again (Envoy would double it).
+        assert_eq!(eject(12 * S), ten);
+        assert!(!b.is_available(21 * S));
+        assert!(b.is_available(22 * S + 1));
     }
 }

@@ -46,8 +46,6 @@ pub struct Backend {
     pub(crate) live_failures: AtomicU32,
     /// Ejected until this clock time (0: not ejected).
     pub(crate) ejected_until: AtomicU64,
-    /// Ejections in close succession; each one lasts twice as long as the one before.
-    pub(crate) ejections: AtomicU32,
     /// When the backend last came back into rotation (0: never left); slow start runs
     /// from here.
     pub(crate) returned_at: AtomicU64,
@@ -87,7 +85,6 @@ impl Backend {
             probe_failures: AtomicU32::new(0),
             live_failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
             returned_at: AtomicU64::new(0),
             pool: super::pool::Pool::default(),
             h2: super::h2::H2Conn::default(),

@@ -1,14 +1,17 @@
 //! The retry budget: retries may add at most `budget_percent` to an upstream's request rate.
 //!
 //! A token bucket in thousandths of a retry (Finagle's and Linkerd's retry budget): each
-//! request deposits `budget_percent` x 10, each retry withdraws 1000. The bucket starts
-//! with a reserve of [`RESERVE`] retries, so a quiet upstream can still retry, and is
-//! capped at [`CAP`] retries, so a long healthy stretch cannot bank a retry storm.
+//! request deposits `budget_percent` x 10, and a retry may be taken while the bucket holds
+//! anything (it then withdraws 1000, and may go below zero). So retries stay within the
+//! percentage of requests rounded up: the first request of a quiet upstream may be retried
+//! (20 % of one request, rounded up), the next one only after five more (Finagle and
+//! Linkerd add a reserve of 10 retries a second instead, which a small pool can exceed the
+//! percentage with; SPEC: "retries may add at most this % to the request rate"), and
+//! `budget_percent = 0` allows none. The bucket is capped at [`CAP`] retries, so a long
+//! healthy stretch cannot bank a retry storm.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-/// Retries available before any request has been seen.
-pub const RESERVE: i64 = 10;
 /// The most retries the bucket holds.
 pub const CAP: i64 = 100;
 
@@ -23,7 +26,7 @@ impl RetryBudget {
     /// A budget of `percent` % of the request rate.
     pub fn new(percent: u32) -> Self {
         RetryBudget {
-            milli: AtomicI64::new(RESERVE * 1000),
+            milli: AtomicI64::new(0),
             deposit: i64::from(percent.min(100)) * 10,
         }
     }
@@ -40,7 +43,7 @@ impl RetryBudget {
         self.milli
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                 let v = v.min(CAP * 1000);
-                (v >= 1000).then_some(v - 1000)
+                (v > 0).then_some(v - 1000)
             })
             .is_ok()
     }
@@ -51,7 +54,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retries_stay_within_the_percentage_plus_the_reserve() {
+    fn retries_stay_within_the_percentage_rounded_up() {
         let budget = RetryBudget::new(20);
         let mut retries = 0;
         for _ in 0..1000 {
@@ -63,7 +66,25 @@ mod tests {
                 }
             }
         }
-        assert_eq!(retries, 1000 * 20 / 100 + RESERVE);
+        assert_eq!(retries, 1000 * 20 / 100);
+    }
+
+    #[test]
+    fn a_quiet_upstreams_first_request_may_be_retried_and_zero_allows_none() {
+        let budget = RetryBudget::new(20);
+        budget.deposit();
+        assert!(budget.try_withdraw(), "20 % of one request, rounded up");
+        for _ in 0..4 {
+            budget.deposit();
+            assert!(!budget.try_withdraw());
+        }
+        budget.deposit();
+        assert!(budget.try_withdraw(), "one more after five more requests");
+        let none = RetryBudget::new(0);
+        for _ in 0..100 {
+            none.deposit();
+            assert!(!none.try_withdraw());
+        }
     }
 
     #[test]
@@ -77,13 +98,5 @@ mod tests {
             retries += 1;
         }
         assert_eq!(retries, CAP);
-    }
-
-    #[test]
-    fn a_zero_budget_still_has_the_reserve() {
-        let budget = RetryBudget::new(0);
-        budget.deposit();
-        let n = (0..50).filter(|_| budget.try_withdraw()).count() as i64;
-        assert_eq!(n, RESERVE);
     }
 }
