@@ -860,6 +860,8 @@ mod tests {
         // here.
         let c = ok(example);
         assert_eq!(c.upstreams.len(), 1);
+        // The two keys that apply elsewhere (the file is read as `t.toml`, so its
+        // certificate paths are the repository's own).
         assert_eq!(warnings(&c).len(), 2, "{:?}", warnings(&c));
     }
 

@@ -73,6 +73,20 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
                 if !again {
                     v.error(&span, expected.plain_words(message));
                 }
+                if v.errors.len() >= MAX_SCHEMA_ERRORS {
+                    // Each one costs a reading of the whole document: a file that is
+                    // mostly wrong (another program's config, a merge gone bad) would
+                    // take minutes to list in full.
+                    v.errors.sort_by_key(|e| (e.line, e.col));
+                    v.errors.push(ConfigError::at(
+                        v.path,
+                        Pos::default(),
+                        format!(
+                            "stopped after {MAX_SCHEMA_ERRORS} errors: fix these, then check again"
+                        ),
+                    ));
+                    return Err(v.errors);
+                }
                 // Each value is replaced once at most: the loop ends.
                 let fresh = !v.replaced.contains(&span.start);
                 if fresh && message.starts_with("invalid type") && e.span().is_some() {
@@ -92,21 +106,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
                     None
                 };
                 match removed {
-                    Some(name) if v.errors.len() < MAX_SCHEMA_ERRORS => taken.push(name),
-                    Some(_) => {
-                        // Each one costs a reading of the whole document: a file that is
-                        // mostly wrong (another program's config, a merge gone bad) would
-                        // take minutes to list in full.
-                        v.errors.sort_by_key(|e| (e.line, e.col));
-                        v.errors.push(ConfigError::at(
-                            v.path,
-                            Pos::default(),
-                            format!(
-                                "stopped after {MAX_SCHEMA_ERRORS} errors: fix these, then check again"
-                            ),
-                        ));
-                        return Err(v.errors);
-                    }
+                    Some(name) => taken.push(name),
                     None => {
                         v.errors.sort_by_key(|e| (e.line, e.col));
                         return Err(v.errors);
@@ -431,12 +431,23 @@ impl Validator<'_> {
     /// directory, that file (SPEC's example, meant to be run from the repository, names
     /// `config/certs/localhost.pem`). Errors about a file found in neither place name
     /// the first.
-    fn file_path(&self, written: &str) -> PathBuf {
+    /// The working directory's file is a warning (it may not be the file meant); a
+    /// `ca_file` is never taken from there (trusting a stray CA would fail open).
+    fn file_path(&mut self, span: &Range<usize>, written: &str, fallback: bool) -> PathBuf {
         let beside = self.path.parent().unwrap_or(Path::new(".")).join(written);
         let here = Path::new(written);
-        if here.is_relative() && !beside.exists() && here.is_file() {
+        if fallback && here.is_relative() && !beside.exists() && here.is_file() {
             if let Ok(cwd) = std::env::current_dir() {
-                return cwd.join(here);
+                let used = cwd.join(here);
+                self.ignored(
+                    span,
+                    &format!(
+                        "{} is not there; using {} from the working directory",
+                        beside.display(),
+                        used.display()
+                    ),
+                );
+                return used;
             }
         }
         beside
@@ -598,8 +609,8 @@ impl Validator<'_> {
             }
             out.push(TlsListener {
                 listen: listen.unwrap_or(default::LISTEN),
-                cert: self.file_path(raw.cert.get_ref()),
-                key: self.file_path(raw.key.get_ref()),
+                cert: self.file_path(&raw.cert.span(), raw.cert.get_ref(), true),
+                key: self.file_path(&raw.key.span(), raw.key.get_ref(), true),
                 cert_at: self.pos(&raw.cert.span()),
                 key_at: self.pos(&raw.key.span()),
                 sni,
@@ -1030,7 +1041,9 @@ impl Validator<'_> {
             }
         }
         Some(UpstreamTls {
-            ca_file: ca_file.as_ref().map(|f| self.file_path(f.get_ref())),
+            ca_file: ca_file
+                .as_ref()
+                .map(|f| self.file_path(&f.span(), f.get_ref(), false)),
             ca_file_at: ca_file
                 .as_ref()
                 .map(|f| self.pos(&f.span()))
@@ -1868,6 +1881,15 @@ mod tests {
                 "t.toml: stopped after {MAX_SCHEMA_ERRORS} errors: fix these, then check again"
             )
         );
+        // Values of the wrong type too (each is replaced by a placeholder and the
+        // document read again).
+        let list: Vec<String> = (0..200).map(|i| format!("{{ addr = {i} }}")).collect();
+        let e = errors(&format!(
+            "[[routes]]\nupstream = \"a\"\n[upstreams.a]\nbackends = [{}]\n",
+            list.join(", ")
+        ));
+        assert_eq!(e.len(), MAX_SCHEMA_ERRORS + 1, "{e:#?}");
+        assert!(e[MAX_SCHEMA_ERRORS].contains("stopped after"), "{e:#?}");
     }
 
     #[test]

@@ -50,12 +50,36 @@ fn check_accepts_the_spec_example_from_the_repository() {
     let path = path.to_string_lossy().into_owned();
     let (code, out, err) = palisade(&["check", "-c", &path]);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    // The two keys that apply elsewhere, and the certificate and key found from the
+    // working directory rather than beside the file.
     assert_eq!(
         err.lines().filter(|l| l.starts_with("warning: ")).count(),
+        4,
+        "{err}"
+    );
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.ends_with("from the working directory"))
+            .count(),
         2,
         "{err}"
     );
     assert!(!err.contains("error"), "{err}");
+}
+
+#[test]
+fn a_ca_file_is_never_taken_from_the_working_directory() {
+    // Trusting a stray CA file that happens to be in the working directory would fail
+    // open: a ca_file must be where the config says.
+    let (dir, path) = write_config(
+        "ca.toml",
+        "[[routes]]\nupstream = \"app\"\n[upstreams.app]\ntls = true\nca_file = \"config/certs/localhost.pem\"\nbackends = [{ addr = \"127.0.0.1:9443\" }]\n",
+    );
+    let path = path.to_string_lossy().into_owned();
+    let (code, out, err) = palisade(&["check", "-c", &path]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    let beside = dir.join("config/certs/localhost.pem");
+    assert!(err.contains(&*beside.to_string_lossy()), "{err}");
 }
 
 #[test]
