@@ -694,6 +694,9 @@ async fn attempt_once<'s>(
         let req = template.request(backend, body.attempt(), last)?;
         upstream.send_client(index, req, deadline).await
     };
+    // A stream the backend gave back unprocessed (HTTP/2 GOAWAY or REFUSED_STREAM) is no
+    // failure of the backend's: not counted for it, nor against it.
+    let mut blameless = false;
     let mut outcome = match sent {
         Ok(resp) => {
             backend.record_latency(started.elapsed(), crate::clock::coarse_ns());
@@ -719,7 +722,12 @@ async fn attempt_once<'s>(
                 warn_exhausted(&err);
                 return Err(error);
             }
-            tracing::warn!(upstream = %upstream.name, backend = %backend.addr, error = %err, "upstream request failed");
+            if matches!(err, crate::upstream::pool::SendError::H2Refused(_)) {
+                blameless = true;
+                tracing::debug!(upstream = %upstream.name, backend = %backend.addr, error = %err, "backend gave the request back unprocessed; sending it again");
+            } else {
+                tracing::warn!(upstream = %upstream.name, backend = %backend.addr, error = %err, "upstream request failed");
+            }
             Outcome::Failed {
                 sent: !err.is_connect(),
                 error,
@@ -730,7 +738,7 @@ async fn attempt_once<'s>(
         Outcome::Answer(resp) => resp.status().as_u16(),
         Outcome::Failed { error, .. } => error.status().as_u16(),
     };
-    if let Some(counters) = upstream.backend_metrics.get(index) {
+    if let Some(counters) = upstream.backend_metrics.get(index).filter(|_| !blameless) {
         counters.inc(code);
     }
     let ok = matches!(&outcome, Outcome::Answer(r) if !r.status().is_server_error());
@@ -748,7 +756,7 @@ async fn attempt_once<'s>(
     } else {
         drop(in_flight);
     }
-    if !judged_at_end {
+    if !judged_at_end && !blameless {
         health::record_live(
             &upstream.name,
             backend,

@@ -124,10 +124,39 @@ pub async fn send(
                 }
                 // Nothing was sent: as good as a connection that could not be made.
                 Some(_) => return Err(SendError::H2Connect(failed.into_error().into())),
-                None => return Err(SendError::H2(failed.into_error())),
+                None => {
+                    let error = failed.into_error();
+                    if refused_unprocessed(&error) {
+                        // The connection is closing: the next request opens a new one.
+                        backend.h2.clear();
+                        return Err(SendError::H2Refused(error));
+                    }
+                    return Err(SendError::H2(error));
+                }
             },
         }
     }
+}
+
+/// Whether the backend gave the stream back without processing it: a graceful GOAWAY
+/// (NO_ERROR) names a last stream below this one (h2 reports exactly those streams so;
+/// streams it goes on processing end normally, or with an I/O error if the connection
+/// drops), or the stream was reset with REFUSED_STREAM. A GOAWAY with an error code is
+/// not taken as proof: h2 reports it to every stream left when the connection ends.
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && match h2.reason() {
+                    Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+                    Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
+                    _ => false,
+                };
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Opens an HTTP/2 connection to `backend` (to its address; requests name the host in

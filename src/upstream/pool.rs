@@ -187,6 +187,11 @@ pub enum SendError {
     H2Connect(crate::proxy::body::BoxError),
     /// The HTTP/2 exchange failed (h2c upstreams).
     H2(hyper::Error),
+    /// The backend's HTTP/2 connection gave the stream back unprocessed: a graceful
+    /// GOAWAY whose last stream is below it, or REFUSED_STREAM (RFC 9113 8.7: safe to
+    /// send again, whatever the method). Nothing reached the application, so it counts
+    /// like a connection that could not be made, and against no backend.
+    H2Refused(hyper::Error),
     /// The response head had not arrived by the response deadline.
     TimedOut,
 }
@@ -195,7 +200,7 @@ impl SendError {
     /// Whether the request never reached the backend.
     pub fn is_connect(&self) -> bool {
         match self {
-            SendError::Connect(_) | SendError::H2Connect(_) => true,
+            SendError::Connect(_) | SendError::H2Connect(_) | SendError::H2Refused(_) => true,
             SendError::Exchange(_) | SendError::H2(_) | SendError::TimedOut => false,
             SendError::Client(e) => e.is_connect(),
         }
@@ -216,6 +221,10 @@ impl fmt::Display for SendError {
                 Some(cause) => write!(f, "{e}: {cause}"),
                 None => write!(f, "{e}"),
             },
+            SendError::H2Refused(e) => match e.source() {
+                Some(cause) => write!(f, "refused unprocessed (HTTP/2): {cause}"),
+                None => write!(f, "refused unprocessed (HTTP/2): {e}"),
+            },
             SendError::TimedOut => f.write_str("no response head before the response timeout"),
         }
     }
@@ -228,7 +237,7 @@ impl StdError for SendError {
             SendError::Exchange(e) => Some(e),
             SendError::Client(e) => Some(e),
             SendError::H2Connect(e) => Some(&**e),
-            SendError::H2(e) => Some(e),
+            SendError::H2(e) | SendError::H2Refused(e) => Some(e),
             SendError::TimedOut => None,
         }
     }

@@ -522,3 +522,79 @@ async fn an_h2c_backend_silent_mid_body_past_timeouts_read_is_cut_off() {
         "the backend's stream was kept"
     );
 }
+
+/// An h2c backend that takes each connection's first request and then says GOAWAY with
+/// last stream 0 (NO_ERROR): the request was not processed, as RFC 9113 6.8 lets a
+/// client know. nginx does this at `keepalive_requests` to streams already on their way.
+/// Counts the connections it refused so.
+async fn goaway_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                // The client's preface, then frames until a HEADERS frame (type 1).
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                let headers_seen = |bytes: &[u8]| {
+                    let mut at = 24;
+                    while bytes.len() >= at + 9 {
+                        let len = usize::from(bytes[at]) << 16
+                            | usize::from(bytes[at + 1]) << 8
+                            | usize::from(bytes[at + 2]);
+                        if bytes[at + 3] == 1 {
+                            return true;
+                        }
+                        at += 9 + len;
+                    }
+                    false
+                };
+                while !headers_seen(&seen) {
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                // SETTINGS (empty), then GOAWAY: last stream 0, NO_ERROR.
+                let frames: [u8; 9 + 17] = [
+                    0, 0, 0, 4, 0, 0, 0, 0, 0, // SETTINGS
+                    0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // GOAWAY
+                ];
+                if stream.write_all(&frames).await.is_ok() {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[tokio::test]
+async fn a_stream_an_h2c_backend_refuses_with_goaway_is_sent_again_whatever_its_method() {
+    let (closing, refused) = goaway_backend().await;
+    let good = h2_backend(|_req: http::Request<Incoming>| async move {
+        http::Response::new(Full::new(Bytes::from_static(b"ok")))
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{closing}\" }}, {{ addr = \"{}\" }}]\n[upstreams.h2.passive]\nconsecutive_failures = 1\nejection = \"60s\"\n",
+        good.addr
+    ))
+    .await;
+    // POST is not idempotent: only a request the backend did not process may go again.
+    for _ in 0..4 {
+        let answer = post(&proxy.url("/"), b"payload".to_vec()).await;
+        assert_eq!((answer.status, answer.text().as_str()), (200, "ok"));
+    }
+    assert!(refused.load(Ordering::SeqCst) >= 1, "no GOAWAY was sent");
+    // Nothing counts against the backend that said GOAWAY.
+    let status = get(&proxy.admin_url("/status")).await.json();
+    let backend = &status["upstreams"]["h2"]["backends"][0];
+    assert_eq!(backend["failures"], 0, "{status}");
+    assert_eq!(backend["ejected"], false, "{status}");
+}
