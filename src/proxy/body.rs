@@ -99,8 +99,8 @@ pub enum ProxyBody {
     Taken {
         /// The body, limited or not.
         inner: Box<ProxyBody>,
-        /// The slot it came from.
-        slot: Arc<Parked>,
+        /// The slot it came from, marked as sending until the body ends or is dropped.
+        slot: Sending,
     },
     /// A client's body, streamed through, failing once more than `remaining` bytes arrive.
     Limited {
@@ -129,6 +129,43 @@ pub struct Parked {
     body: Mutex<Option<ClientBody>>,
     /// How reading it failed, if it did: [`NO_FAULT`], [`TOO_LARGE`] or [`BROKEN`].
     fault: std::sync::atomic::AtomicU8,
+    /// An attempt is sending the body and has not reached its end: the backend may wait
+    /// for the rest before it answers on (its silence is then not its own).
+    sending: std::sync::atomic::AtomicBool,
+    /// When the last attempt stopped sending it ([`crate::clock::coarse_ns`]; 0: never).
+    stopped_at: std::sync::atomic::AtomicU64,
+}
+
+/// A parked body's slot while an attempt sends the body: marks it as sending, until the
+/// body's end or the attempt's drop.
+#[derive(Debug)]
+pub struct Sending(Arc<Parked>);
+
+impl Sending {
+    fn start(slot: Arc<Parked>) -> Self {
+        slot.sending
+            .store(true, std::sync::atomic::Ordering::Release);
+        Sending(slot)
+    }
+
+    fn stop(&self) {
+        if self
+            .0
+            .sending
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.0.stopped_at.store(
+                crate::clock::coarse_ns(),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 const NO_FAULT: u8 = 0;
@@ -136,6 +173,16 @@ const TOO_LARGE: u8 = 1;
 const BROKEN: u8 = 2;
 
 impl Parked {
+    /// Whether an attempt is still sending the body (started, not ended nor dropped).
+    pub fn is_sending(&self) -> bool {
+        self.sending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// When the body stopped being sent ([`crate::clock::coarse_ns`]; 0: never started).
+    pub fn stopped_at(&self) -> u64 {
+        self.stopped_at.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Notes a failure of the client's body (too large, cut short, malformed), so that
     /// the attempt it broke is not held against its backend, whatever that backend's
     /// client reported (hyper's HTTP/2 client only says it reset the stream).
@@ -176,6 +223,8 @@ impl Replayable {
             slot: Arc::new(Parked {
                 body: Mutex::new(Some(body)),
                 fault: std::sync::atomic::AtomicU8::new(NO_FAULT),
+                sending: std::sync::atomic::AtomicBool::new(false),
+                stopped_at: std::sync::atomic::AtomicU64::new(0),
             }),
             limit,
         }
@@ -288,8 +337,14 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             ProxyBody::Taken { inner, slot } => {
                 let polled = Pin::new(&mut **inner).poll_frame(cx);
-                if let Poll::Ready(Some(Err(e))) = &polled {
-                    slot.note(e);
+                match &polled {
+                    Poll::Ready(Some(Err(e))) => {
+                        slot.0.note(e);
+                        slot.stop();
+                    }
+                    Poll::Ready(None) => slot.stop(),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => slot.stop(),
+                    _ => {}
                 }
                 polled
             }
@@ -331,7 +386,7 @@ impl Body for ProxyBody {
                                 limit,
                             }
                         });
-                        let slot = slot.clone();
+                        let slot = Sending::start(slot.clone());
                         let this = self.get_mut();
                         *this = ProxyBody::Taken { inner, slot };
                         Pin::new(this).poll_frame(cx)

@@ -751,6 +751,9 @@ async fn attempt_once<'s>(
         judged_at_end = ok && !resp.body().is_end_stream();
         resp.body_mut()
             .watch(watches[usize::from(judged_at_end)].clone());
+        if let Replayable::Parked { slot, .. } = body {
+            resp.body_mut().waits_for_upload(slot.clone());
+        }
         // The request stays in flight to the backend until its body ends.
         in_flight.hand_over();
     } else {

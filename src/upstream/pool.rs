@@ -342,6 +342,10 @@ pub struct UpstreamBody {
     /// one.
     silence: Option<Pin<Box<Sleep>>>,
     quiet: Quiet,
+    /// The request's streaming body, when it has one: while an attempt still sends it,
+    /// the backend may be waiting for the rest before it answers on (a gRPC client
+    /// stream, an upload whose progress it reports), and its silence is not counted.
+    upload: Option<Arc<crate::proxy::body::Parked>>,
 }
 
 /// Where the backend's silence stands.
@@ -387,6 +391,7 @@ impl UpstreamBody {
             read_limit: Duration::ZERO,
             silence: None,
             quiet: Quiet::Talking,
+            upload: None,
         }
     }
 
@@ -399,6 +404,11 @@ impl UpstreamBody {
     pub fn watch(&mut self, watch: Arc<super::BodyWatch>) {
         self.read_limit = watch.read_timeout;
         self.watch = Some(watch);
+    }
+
+    /// The request's streaming body: the backend's silence counts only once it is sent.
+    pub fn waits_for_upload(&mut self, upload: Arc<crate::proxy::body::Parked>) {
+        self.upload = Some(upload);
     }
 
     /// The body waits on the backend: starts timing its silence if it was talking, and
@@ -418,9 +428,32 @@ impl UpstreamBody {
             }
             self.quiet = Quiet::Silent;
         }
-        self.silence
-            .as_mut()
-            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+        let Some(timer) = self.silence.as_mut() else {
+            return false;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        // While the request body is on its way the silence may be the client's: it counts
+        // from the body's end.
+        let more = match &self.upload {
+            Some(upload) if upload.is_sending() => self.read_limit,
+            Some(upload) => {
+                let since = clock::coarse_ns().saturating_sub(upload.stopped_at());
+                self.read_limit.saturating_sub(Duration::from_nanos(since))
+            }
+            None => Duration::ZERO,
+        };
+        if more.is_zero() {
+            return true;
+        }
+        match Instant::now().checked_add(more) {
+            Some(at) => {
+                timer.as_mut().reset(at);
+                timer.as_mut().poll(cx).is_ready()
+            }
+            None => false,
+        }
     }
 
     /// Tells the watch, if any, how the body ended, and ends its request's count.

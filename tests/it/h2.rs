@@ -598,3 +598,74 @@ async fn a_stream_an_h2c_backend_refuses_with_goaway_is_sent_again_whatever_its_
     assert_eq!(backend["failures"], 0, "{status}");
     assert_eq!(backend["ejected"], false, "{status}");
 }
+
+#[tokio::test]
+async fn a_backend_waiting_for_a_slow_upload_is_not_cut_off_by_timeouts_read() {
+    // Like a gRPC client stream: the backend answers its head at once, then waits for
+    // the whole request body before it sends anything more. The client uploads for
+    // four times `read`: the silence is the client's, and the answer arrives whole.
+    let backend = h2_backend(|req: http::Request<Incoming>| async move {
+        use futures_util::StreamExt;
+        // `/stall`: after the total, nothing ever again.
+        let stall = req.uri().path() == "/stall";
+        let total = futures_util::stream::once(async move {
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(format!(
+                "received {n}"
+            ))))
+        });
+        let body = if stall {
+            total.chain(futures_util::stream::pending()).boxed()
+        } else {
+            total.boxed()
+        };
+        http::Response::new(http_body_util::StreamBody::new(body))
+    })
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nupstream = \"h2\"\n[upstreams.h2]\nprotocol = \"h2c\"\nbackends = [{{ addr = \"{}\" }}]\n[upstreams.h2.timeouts]\nread = \"300ms\"\n",
+        backend.addr
+    ))
+    .await;
+    // Uploads 60 bytes to `path` in six pieces 200 ms apart; the answer's body, or how it
+    // broke off.
+    let upload = |path: &'static str| {
+        let url = proxy.url(path);
+        async move {
+            let chunks = Box::pin(futures_util::stream::unfold(0u8, |n| async move {
+                if n == 6 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let frame = hyper::body::Frame::data(Bytes::from_static(b"0123456789"));
+                Some((Ok::<_, Infallible>(frame), n + 1))
+            }));
+            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build_http::<http_body_util::StreamBody<_>>();
+            let req = http::Request::post(url)
+                .body(http_body_util::StreamBody::new(chunks))
+                .expect("request");
+            tokio::time::timeout(Duration::from_secs(10), async {
+                let resp = client.request(req).await.expect("response head");
+                assert_eq!(resp.status(), 200);
+                resp.into_body().collect().await.map(|b| b.to_bytes())
+            })
+            .await
+            .expect("in time")
+        }
+    };
+    let answer = upload("/upload").await;
+    assert_eq!(
+        answer.as_ref().map(|b| &b[..]).ok(),
+        Some(&b"received 60"[..]),
+        "{answer:?}"
+    );
+    // Once the upload is over, the backend's silence counts again.
+    let answer = upload("/stall").await;
+    assert!(answer.is_err(), "a stalled answer looked whole: {answer:?}");
+}
