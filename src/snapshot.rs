@@ -253,12 +253,16 @@ impl ProxyState {
     /// Builds a snapshot of `config` from the current one and swaps it in; returns its
     /// generation. In-flight requests finish on the snapshot they started with.
     pub fn apply(&self, config: Config) -> u64 {
+        // Held from build to store: a reload and a DNS change building from the same
+        // snapshot at once would otherwise store one and lose the other.
+        let resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.snapshot.load();
-        let next = Snapshot::build(config, Some(&current), &self.resolved(), &self.metrics);
+        let next = Snapshot::build(config, Some(&current), &resolved, &self.metrics);
         let generation = next.generation;
         self.restart_checkers(&next);
         self.metrics.retain(&next);
         self.snapshot.store(Arc::new(next));
+        drop(resolved);
         self.changes.send_replace(generation);
         generation
     }
@@ -286,18 +290,18 @@ impl ProxyState {
     /// Takes new backend addresses: the running config is rebuilt with them, keeping its
     /// generation (it is not a reload) and the state of every backend that stays.
     pub fn set_resolved(&self, resolved: Resolved) {
+        // Held from build to store, as in `apply`.
+        let mut guard = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        *guard = resolved;
         let current = self.snapshot.load_full();
         let config = (*current.config).clone();
         let next = Snapshot::build_generation(
             config,
             Some(&current),
-            &resolved,
+            &guard,
             &self.metrics,
             current.generation,
         );
-        if let Ok(mut r) = self.resolved.lock() {
-            *r = resolved;
-        }
         self.restart_checkers(&next);
         self.metrics.retain(&next);
         self.snapshot.store(Arc::new(next));

@@ -56,8 +56,18 @@ pub fn build(cfg: &config::Upstream, connector: Connector) -> HttpClient {
 /// probes' connector and every snapshot that keeps them, and updated by
 /// [`super::Upstream::build`] as the addresses change. An authority without an entry (an
 /// IP address as configured, a name not resolved yet) is its own name, as by default.
+/// The names of the addresses before the last change are kept too: a request of an older
+/// snapshot (queued, or retrying after its backoff) may still open a connection to an
+/// address that is gone.
 #[derive(Debug, Default, Clone)]
-pub struct ServerNames(Arc<ArcSwap<HashMap<Box<str>, ServerName<'static>>>>);
+pub struct ServerNames(Arc<ArcSwap<NameTables>>);
+
+/// The current address-to-name table and the one before it.
+#[derive(Debug, Default)]
+pub struct NameTables {
+    now: HashMap<Box<str>, ServerName<'static>>,
+    before: HashMap<Box<str>, ServerName<'static>>,
+}
 
 impl ServerNames {
     /// Maps each of `backends` whose address is not its configured host to that host.
@@ -77,8 +87,12 @@ impl ServerNames {
                 names.insert(b.addr.clone(), name);
             }
         }
-        if **self.0.load() != names {
-            self.0.store(Arc::new(names));
+        let tables = self.0.load();
+        if tables.now != names {
+            self.0.store(Arc::new(NameTables {
+                now: names,
+                before: tables.now.clone(),
+            }));
         }
     }
 }
@@ -88,11 +102,12 @@ impl ResolveServerName for ServerNames {
         &self,
         uri: &Uri,
     ) -> Result<ServerName<'static>, Box<dyn std::error::Error + Sync + Send>> {
-        if let Some(name) = uri
-            .authority()
-            .and_then(|a| self.0.load().get(a.as_str()).cloned())
-        {
-            return Ok(name);
+        if let Some(authority) = uri.authority() {
+            let tables = self.0.load();
+            let name = tables.now.get(authority.as_str());
+            if let Some(name) = name.or_else(|| tables.before.get(authority.as_str())) {
+                return Ok(name.clone());
+            }
         }
         DefaultServerNameResolver::default().resolve(uri)
     }
@@ -209,5 +224,20 @@ mod tests {
             1,
         ))]);
         assert_eq!(name_of(&names, "https://10.0.0.1:443/"), "web.example.com");
+        // A name moves to a new address: the old address keeps its name for one more
+        // change, for requests of older snapshots still on their way to it.
+        names.update(&[Arc::new(Backend::named(
+            "10.0.0.2:443",
+            "web.example.com:443",
+            1,
+        ))]);
+        assert_eq!(name_of(&names, "https://10.0.0.2:443/"), "web.example.com");
+        assert_eq!(name_of(&names, "https://10.0.0.1:443/"), "web.example.com");
+        names.update(&[Arc::new(Backend::named(
+            "10.0.0.3:443",
+            "web.example.com:443",
+            1,
+        ))]);
+        assert!(name_of(&names, "https://10.0.0.1:443/").starts_with("ip "));
     }
 }
