@@ -235,6 +235,13 @@ impl SharedLimit {
             .load_async(&mut conn)
             .await
             .map(|_: String| ())?;
+        // And run it once on a key no client has (header values cannot hold NUL): a Redis
+        // that takes connections but refuses the checks (out of memory, read-only) is
+        // not up. Taking it for up made a "back" and an "unreachable" line, and the store
+        // shown up, on every reconnect.
+        let mut probe = self.script.key(format!("{}\0probe", self.prefix));
+        probe.arg(self.interval_us).arg(self.burst);
+        probe.invoke_async::<(i64, i64)>(&mut conn).await?;
         Ok(conn)
     }
 }
