@@ -692,7 +692,25 @@ async fn attempt_once<'s>(
             .await
     } else {
         let req = template.request(backend, body.attempt(), last)?;
-        upstream.send_client(index, req, deadline).await
+        let sent = upstream.send_client(index, req, deadline).await;
+        match sent {
+            // A kept-alive connection the backend closed or reset as the request went out
+            // (its idle timeout, a reload): an idempotent request held whole is sent
+            // again once, on another connection, as palisade's own pool does and nginx
+            // does for a cached connection. hyper-util only resends requests it had not
+            // begun to write.
+            Err(err)
+                if err.connection_lost()
+                    && !err.is_connect()
+                    && is_idempotent(&template.method)
+                    && body.is_buffered() =>
+            {
+                tracing::debug!(upstream = %upstream.name, backend = %backend.addr, error = %err, "connection lost before the answer; sending the request again");
+                let req = template.request(backend, body.attempt(), last)?;
+                upstream.send_client(index, req, deadline).await
+            }
+            sent => sent,
+        }
     };
     // A stream the backend gave back unprocessed (HTTP/2 GOAWAY or REFUSED_STREAM) is no
     // failure of the backend's: not counted for it, nor against it.

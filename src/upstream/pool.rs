@@ -197,6 +197,35 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// Whether hyper-util's client lost its connection before the answer was complete:
+    /// closed ("connection closed before message completed"; over TLS also without
+    /// close_notify), reset, or broken. Safe to send again only for an idempotent request.
+    pub fn connection_lost(&self) -> bool {
+        let SendError::Client(e) = self else {
+            return false;
+        };
+        let mut source = e.source();
+        while let Some(cause) = source {
+            if cause
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_incomplete_message)
+            {
+                return true;
+            }
+            if let Some(io) = cause.downcast_ref::<io::Error>() {
+                return matches!(
+                    io.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                );
+            }
+            source = cause.source();
+        }
+        false
+    }
+
     /// Whether the request never reached the backend.
     pub fn is_connect(&self) -> bool {
         match self {

@@ -762,7 +762,7 @@ struct BreakingBackend {
 
 impl BreakingBackend {
     async fn start() -> BreakingBackend {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -773,14 +773,9 @@ impl BreakingBackend {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let flag = flag.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match stream.read(&mut byte).await {
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
-                    }
+                    let Some(head) = request_head_bytes(&mut stream).await else {
+                        return;
+                    };
                     let path = String::from_utf8_lossy(&head)
                         .split(' ')
                         .nth(1)

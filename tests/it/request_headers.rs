@@ -79,15 +79,9 @@ impl Drop for Recorder {
 
 /// Reads one request head (bytes up to the blank line); `None` once the peer closed.
 async fn request_head(stream: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return None,
-        }
-    }
-    Some(String::from_utf8_lossy(&head).into_owned())
+    common::request_head_bytes(stream)
+        .await
+        .map(|head| String::from_utf8_lossy(&head).into_owned())
 }
 
 /// The values of every `name:` line in `head`, in order.

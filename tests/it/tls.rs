@@ -6,6 +6,7 @@ use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -492,9 +493,8 @@ async fn https_backend_and_ca(tag: &str, names: &[&str]) -> (TempDir, SocketAddr
     (dir, https_backend(&cert).await)
 }
 
-/// An HTTPS-only backend with `cert`, answering `tls-ok PATH`, with the SNI it got in
-/// `x-sni` and the Host in `x-host` (`-`: none).
-async fn https_backend(cert: &Cert) -> SocketAddr {
+/// A TLS acceptor serving `cert`.
+fn acceptor(cert: &Cert) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     let key =
         rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("key");
@@ -506,7 +506,13 @@ async fn https_backend(cert: &Cert) -> SocketAddr {
     .with_no_client_auth()
     .with_single_cert(vec![cert.der.clone()], key)
     .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// An HTTPS-only backend with `cert`, answering `tls-ok PATH`, with the SNI it got in
+/// `x-sni` and the Host in `x-host` (`-`: none).
+async fn https_backend(cert: &Cert) -> SocketAddr {
+    let acceptor = acceptor(cert);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -694,4 +700,68 @@ async fn the_spec_examples_certificate_paths_work_from_the_repository() {
         let answer = exchange_over(&mut stream, "/").await;
         assert!(answer.starts_with("HTTP/1.1 200 "), "{name}: {answer}");
     }
+}
+
+/// An HTTPS backend that answers the first request of each connection, keeping it
+/// alive, then reads the second request and closes without answering (a keep-alive
+/// timeout meeting a request on its way), with or without TLS close_notify. Counts the
+/// request heads it read.
+async fn https_closing_on_the_second_request(cert: &Cert) -> (SocketAddr, Arc<AtomicUsize>) {
+    let acceptor = acceptor(cert);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let count = heads.clone();
+    tokio::spawn(async move {
+        let mut graceful = false;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, count) = (acceptor.clone(), count.clone());
+            // Every other connection ends with TLS close_notify, the others without.
+            graceful = !graceful;
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                for answered in [true, false] {
+                    if request_head_bytes(&mut stream).await.is_none() {
+                        return;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if answered {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() || stream.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if graceful {
+                    let _ = stream.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn an_https_keep_alive_connection_closed_on_a_request_gets_it_sent_again() {
+    let cert = make_cert(&["backend.test"]);
+    let dir = temp_dir("closing");
+    std::fs::write(dir.join("backend-ca.pem"), &cert.cert_pem).expect("ca");
+    let (backend, heads) = https_closing_on_the_second_request(&cert).await;
+    let proxy = Proxy::start_file(&upstream_tls_config(
+        &dir,
+        backend,
+        "ca_file = \"backend-ca.pem\"\nserver_name = \"backend.test\"",
+    ))
+    .await;
+    // Each second request on a connection is read and dropped: a GET (idempotent, no
+    // body) goes again on a new connection instead of failing with 502.
+    for i in 0..4 {
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!((i, answer.status), (i, 200), "{}", answer.text());
+    }
+    assert!(heads.load(Ordering::SeqCst) > 4, "no request was dropped");
 }

@@ -349,6 +349,24 @@ pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Answer {
 }
 
 /// Reads one response head and its Content-Length body; returns the head.
+/// Reads one request head, byte by byte (nothing past it), from any stream: `None` once
+/// the peer closed first.
+pub async fn request_head_bytes<S>(stream: &mut S) -> Option<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
 pub async fn read_head(conn: &mut TcpStream) -> String {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
