@@ -361,15 +361,23 @@ async fn connect(
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Inner,
-    /// Told how the body ends (taken then, so told once).
+    /// Told how the body ends (taken then, so told once); brings the upstream's
+    /// `timeouts.read`.
     watch: Option<Arc<super::BodyWatch>>,
-    /// The longest the backend may go silent in the middle of the body (the upstream's
-    /// `timeouts.read`; zero: no limit).
-    read_limit: Duration,
-    /// Made the first time the backend keeps the body waiting, and moved on each time it
-    /// does again after sending something: bodies that arrive with their head never make
-    /// one.
-    silence: Option<Pin<Box<Sleep>>>,
+    /// The backend's silence mid-body, timed from the first time the body waits on it
+    /// (or the request has a streaming upload): bodies that arrive with their head never
+    /// make one, and it costs the others one pointer while they move.
+    silence: Option<Box<Silence>>,
+}
+
+/// How long the backend has kept a body waiting.
+#[derive(Debug)]
+struct Silence {
+    /// The upstream's `timeouts.read` (zero: no limit).
+    limit: Duration,
+    /// Made the first time the body waits, moved on each time it waits again after
+    /// bytes arrived.
+    timer: Option<Pin<Box<Sleep>>>,
     quiet: Quiet,
     /// The request's streaming body, when it has one: while an attempt still sends it,
     /// the backend may be waiting for the rest before it answers on (a gRPC client
@@ -382,9 +390,9 @@ pub struct UpstreamBody {
 enum Quiet {
     /// Bytes arrived since the last wait (or nothing was awaited yet).
     Talking,
-    /// The body waits on the backend, and nothing has arrived since `silence` was set.
+    /// The body waits on the backend, and nothing has arrived since the timer was set.
     Silent,
-    /// The backend stayed silent past `read_limit`: the body ended in an error.
+    /// The backend stayed silent past the limit: the body ended in an error.
     TimedOut,
 }
 
@@ -417,10 +425,7 @@ impl UpstreamBody {
         UpstreamBody {
             inner,
             watch: None,
-            read_limit: Duration::ZERO,
             silence: None,
-            quiet: Quiet::Talking,
-            upload: None,
         }
     }
 
@@ -431,33 +436,53 @@ impl UpstreamBody {
     /// ([`super::InFlight::hand_over`]).
     /// The watch also brings the upstream's limit on the backend's silence mid-body.
     pub fn watch(&mut self, watch: Arc<super::BodyWatch>) {
-        self.read_limit = watch.read_timeout;
         self.watch = Some(watch);
     }
 
-    /// The request's streaming body: the backend's silence counts only once it is sent.
+    /// The request's streaming body: the backend's silence counts only once it is sent
+    /// (after [`UpstreamBody::watch`], which brings the limit).
     pub fn waits_for_upload(&mut self, upload: Arc<crate::proxy::body::Parked>) {
-        self.upload = Some(upload);
+        if let Some(silence) = self.silence_mut() {
+            silence.upload = Some(upload);
+        }
+    }
+
+    /// The silence state, made on first use; `None` without a limit.
+    fn silence_mut(&mut self) -> Option<&mut Silence> {
+        if self.silence.is_none() {
+            let limit = self.watch.as_ref().map_or(Duration::ZERO, |w| w.read_timeout);
+            if limit.is_zero() {
+                return None;
+            }
+            self.silence = Some(Box::new(Silence {
+                limit,
+                timer: None,
+                quiet: Quiet::Talking,
+                upload: None,
+            }));
+        }
+        self.silence.as_deref_mut()
     }
 
     /// The body waits on the backend: starts timing its silence if it was talking, and
     /// tells whether the silence has lasted past the limit (the waker is then registered
     /// with the timer too).
     fn silent_too_long(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.read_limit.is_zero() {
+        let Some(silence) = self.silence_mut() else {
             return false;
-        }
-        if self.quiet == Quiet::Talking {
-            let Some(at) = Instant::now().checked_add(self.read_limit) else {
+        };
+        let limit = silence.limit;
+        if silence.quiet == Quiet::Talking {
+            let Some(at) = Instant::now().checked_add(limit) else {
                 return false;
             };
-            match &mut self.silence {
+            match &mut silence.timer {
                 Some(timer) => timer.as_mut().reset(at),
-                None => self.silence = Some(Box::pin(tokio::time::sleep_until(at))),
+                None => silence.timer = Some(Box::pin(tokio::time::sleep_until(at))),
             }
-            self.quiet = Quiet::Silent;
+            silence.quiet = Quiet::Silent;
         }
-        let Some(timer) = self.silence.as_mut() else {
+        let Some(timer) = silence.timer.as_mut() else {
             return false;
         };
         if timer.as_mut().poll(cx).is_pending() {
@@ -465,15 +490,17 @@ impl UpstreamBody {
         }
         // While the request body is on its way the silence may be the client's: it counts
         // from the body's end.
-        let more = match &self.upload {
-            Some(upload) if upload.is_sending() => self.read_limit,
+        let more = match &silence.upload {
+            Some(upload) if upload.is_sending() => limit,
             Some(upload) => {
                 let since = clock::coarse_ns().saturating_sub(upload.stopped_at());
-                self.read_limit.saturating_sub(Duration::from_nanos(since))
+                limit.saturating_sub(Duration::from_nanos(since))
             }
             None => Duration::ZERO,
         };
         if more.is_zero() {
+            silence.quiet = Quiet::TimedOut;
+            silence.timer = None;
             return true;
         }
         match Instant::now().checked_add(more) {
@@ -540,7 +567,11 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.quiet == Quiet::TimedOut {
+        if self
+            .silence
+            .as_ref()
+            .is_some_and(|s| s.quiet == Quiet::TimedOut)
+        {
             return Poll::Ready(None);
         }
         let mut polled = match &mut self.inner {
@@ -549,12 +580,15 @@ impl Body for UpstreamBody {
         };
         match polled {
             Poll::Pending if self.silent_too_long(cx) => {
-                self.quiet = Quiet::TimedOut;
-                self.silence = None;
-                polled = Poll::Ready(Some(Err(Box::new(BodyReadTimeout(self.read_limit)))));
+                let limit = self.silence.as_ref().map_or(Duration::ZERO, |s| s.limit);
+                polled = Poll::Ready(Some(Err(Box::new(BodyReadTimeout(limit)))));
             }
             Poll::Pending => {}
-            Poll::Ready(_) => self.quiet = Quiet::Talking,
+            Poll::Ready(_) => {
+                if let Some(silence) = self.silence.as_deref_mut() {
+                    silence.quiet = Quiet::Talking;
+                }
+            }
         }
         if let Poll::Ready(Some(Ok(frame))) = &mut polled {
             if let Some(trailers) = frame.trailers_mut() {
