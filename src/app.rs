@@ -238,7 +238,7 @@ pub async fn demo() -> Result<(), StartError> {
     let mut backends = Vec::new();
     for (i, port) in (9001u16..=9003).enumerate() {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let listener = server::bind(addr).map_err(|source| StartError::Bind {
+        let listener = server::bind_exclusive(addr).map_err(|source| StartError::Bind {
             addr,
             setting: "the demo's echo backends",
             source,
@@ -249,8 +249,21 @@ pub async fn demo() -> Result<(), StartError> {
             let _ = stop.recv().await;
         })));
     }
-    let listeners = bind_all(&config)?;
-    let admin_listener = bind_admin(&config)?;
+    // Its fixed ports are taken alone: a second demo fails instead of sharing them.
+    let exclusive = |addr: SocketAddr, setting: &'static str| {
+        server::bind_exclusive(addr).map_err(|source| StartError::Bind {
+            addr,
+            setting,
+            source,
+        })
+    };
+    let listeners = config
+        .server
+        .listen
+        .iter()
+        .map(|&addr| exclusive(addr, "server.listen"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin_listener = exclusive(config.admin.listen, "admin.listen")?;
     let state = Arc::new(ProxyState::new(config));
     let (admin_stop, admin_task) = spawn_admin(admin_listener, state.clone());
     println!("{}", demo_banner());

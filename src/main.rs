@@ -173,11 +173,12 @@ fn main() -> ExitCode {
         }
         Command::Demo => block_on(app::demo()),
         Command::Echo { listen, name } => block_on(async move {
-            let listener = palisade::server::bind(listen).map_err(|source| StartError::Bind {
-                addr: listen,
-                setting: "echo --listen",
-                source,
-            })?;
+            let listener =
+                palisade::server::bind_exclusive(listen).map_err(|source| StartError::Bind {
+                    addr: listen,
+                    setting: "echo --listen",
+                    source,
+                })?;
             tracing::info!(%listen, %name, "echo backend listening");
             let name: Arc<str> = name.into();
             palisade::echo::serve(listener, name, app::shutdown_signal())

@@ -80,11 +80,24 @@ fn evict_oldest_idle(registry: &Registry) -> bool {
 /// Binds a listener with SO_REUSEADDR and SO_REUSEPORT, so a new palisade process can start
 /// on the same port while the old one drains.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_with(addr, true)
+}
+
+/// Binds a listener without SO_REUSEPORT: a port another process holds is an error
+/// ("Address already in use"), for `demo` and `echo`, which have no restart to make
+/// room for (a second demo used to share every port with the first, silently).
+pub fn bind_exclusive(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_with(addr, false)
+}
+
+fn bind_with(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
-    socket.set_reuse_port(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if let SocketAddr::V6(v6) = addr {
         // `[::]` takes IPv4 clients too, whatever the host's `net.ipv6.bindv6only` says
         // (HAProxy's and Linux's usual default; nginx and Envoy need `ipv6only=off`).

@@ -835,3 +835,18 @@ async fn a_burst_of_long_access_lines_reaches_the_log_whole() {
         .sum();
     assert!(access_bytes > 1 << 20, "only {access_bytes} bytes of lines");
 }
+
+#[tokio::test]
+async fn a_second_echo_on_a_taken_port_fails_instead_of_sharing_it() {
+    // `echo` and `demo` bind without SO_REUSEPORT: a second one on the same port used
+    // to start and take half the connections, silently.
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let first = spawn_palisade(&["echo", "--listen", &listen, "--name", "first"]);
+    wait_listening(listen.parse().expect("addr")).await;
+    let second = palisade_within(&["echo", "--listen", &listen, "--name", "second"], &[]);
+    let (code, err) = second.expect("the second echo exits instead of serving");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("Address already in use"), "{err}");
+    stop_gracefully(first);
+}
