@@ -450,7 +450,10 @@ impl UpstreamBody {
     /// The silence state, made on first use; `None` without a limit.
     fn silence_mut(&mut self) -> Option<&mut Silence> {
         if self.silence.is_none() {
-            let limit = self.watch.as_ref().map_or(Duration::ZERO, |w| w.read_timeout);
+            let limit = self
+                .watch
+                .as_ref()
+                .map_or(Duration::ZERO, |w| w.read_timeout);
             if limit.is_zero() {
                 return None;
             }
