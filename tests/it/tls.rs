@@ -764,4 +764,14 @@ async fn an_https_keep_alive_connection_closed_on_a_request_gets_it_sent_again()
         assert_eq!((i, answer.status), (i, 200), "{}", answer.text());
     }
     assert!(heads.load(Ordering::SeqCst) > 4, "no request was dropped");
+    // A POST on the kept connection is dropped the same way: it may have been acted on,
+    // so it is not sent again (a 502), and the backend saw it once.
+    let before = heads.load(Ordering::SeqCst);
+    let answer = post(&proxy.url("/"), b"once".to_vec()).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        before + 1,
+        "the POST was sent again"
+    );
 }
