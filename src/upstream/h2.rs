@@ -144,19 +144,16 @@ pub async fn send(
 /// drops), or the stream was reset with REFUSED_STREAM. A GOAWAY with an error code is
 /// not taken as proof: h2 reports it to every stream left when the connection ends.
 fn refused_unprocessed(error: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
+    std::iter::successors(std::error::Error::source(error), |&cause| cause.source())
+        .find_map(|cause| cause.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
+            h2.is_remote()
                 && match h2.reason() {
                     Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
                     Some(h2::Reason::REFUSED_STREAM) => h2.is_reset(),
                     _ => false,
-                };
-        }
-        source = cause.source();
-    }
-    false
+                }
+        })
 }
 
 /// Opens an HTTP/2 connection to `backend` (to its address; requests name the host in

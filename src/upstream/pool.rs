@@ -204,26 +204,20 @@ impl SendError {
         let SendError::Client(e) = self else {
             return false;
         };
-        let mut source = e.source();
-        while let Some(cause) = source {
-            if cause
+        std::iter::successors(e.source(), |&cause| cause.source()).any(|cause| {
+            cause
                 .downcast_ref::<hyper::Error>()
                 .is_some_and(hyper::Error::is_incomplete_message)
-            {
-                return true;
-            }
-            if let Some(io) = cause.downcast_ref::<io::Error>() {
-                return matches!(
-                    io.kind(),
-                    io::ErrorKind::UnexpectedEof
-                        | io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::ConnectionAborted
-                        | io::ErrorKind::BrokenPipe
-                );
-            }
-            source = cause.source();
-        }
-        false
+                || cause.downcast_ref::<io::Error>().is_some_and(|io| {
+                    matches!(
+                        io.kind(),
+                        io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::BrokenPipe
+                    )
+                })
+        })
     }
 
     /// Whether the request never reached the backend.

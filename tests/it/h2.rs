@@ -523,11 +523,16 @@ async fn an_h2c_backend_silent_mid_body_past_timeouts_read_is_cut_off() {
     );
 }
 
-/// An h2c backend that takes each connection's first request and then says GOAWAY with
-/// last stream 0 (NO_ERROR): the request was not processed, as RFC 9113 6.8 lets a
-/// client know. nginx does this at `keepalive_requests` to streams already on their way.
-/// Counts the connections it refused so.
-async fn goaway_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+/// GOAWAY, last stream 0, NO_ERROR: no stream was processed (RFC 9113 6.8). nginx sends
+/// it at `keepalive_requests` to streams already on their way.
+const GOAWAY_NONE_PROCESSED: &[u8] = &[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// RST_STREAM on stream 1 with REFUSED_STREAM (RFC 9113 8.7).
+const REFUSED_STREAM_1: &[u8] = &[0, 0, 4, 3, 0, 0, 0, 0, 1, 0, 0, 0, 7];
+
+/// An h2c backend that takes each connection's first request (stream 1) and answers it
+/// with `refusal` (after its SETTINGS), then closes. Counts the requests it refused.
+async fn refusing_backend(refusal: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -559,11 +564,9 @@ async fn goaway_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                         _ => return,
                     }
                 }
-                // SETTINGS (empty), then GOAWAY: last stream 0, NO_ERROR.
-                let frames: [u8; 9 + 17] = [
-                    0, 0, 0, 4, 0, 0, 0, 0, 0, // SETTINGS
-                    0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // GOAWAY
-                ];
+                // SETTINGS (empty), then the refusal.
+                let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+                frames.extend_from_slice(refusal);
                 if stream.write_all(&frames).await.is_ok() {
                     count.fetch_add(1, Ordering::SeqCst);
                 }
@@ -576,7 +579,18 @@ async fn goaway_backend() -> (SocketAddr, Arc<AtomicUsize>) {
 
 #[tokio::test]
 async fn a_stream_an_h2c_backend_refuses_with_goaway_is_sent_again_whatever_its_method() {
-    let (closing, refused) = goaway_backend().await;
+    refused_streams_go_elsewhere(GOAWAY_NONE_PROCESSED).await;
+}
+
+#[tokio::test]
+async fn a_stream_an_h2c_backend_resets_with_refused_stream_is_sent_again_whatever_its_method() {
+    refused_streams_go_elsewhere(REFUSED_STREAM_1).await;
+}
+
+/// POSTs to an h2c upstream of a backend refusing with `refusal` and a good one: every
+/// one is answered, by the good one, and the refusing one is not held to account.
+async fn refused_streams_go_elsewhere(refusal: &'static [u8]) {
+    let (closing, refused) = refusing_backend(refusal).await;
     let good = h2_backend(|_req: http::Request<Incoming>| async move {
         http::Response::new(Full::new(Bytes::from_static(b"ok")))
     })
@@ -591,8 +605,8 @@ async fn a_stream_an_h2c_backend_refuses_with_goaway_is_sent_again_whatever_its_
         let answer = post(&proxy.url("/"), b"payload".to_vec()).await;
         assert_eq!((answer.status, answer.text().as_str()), (200, "ok"));
     }
-    assert!(refused.load(Ordering::SeqCst) >= 1, "no GOAWAY was sent");
-    // Nothing counts against the backend that said GOAWAY.
+    assert!(refused.load(Ordering::SeqCst) >= 1, "no stream was refused");
+    // Nothing counts against the backend that refused.
     let status = get(&proxy.admin_url("/status")).await.json();
     let backend = &status["upstreams"]["h2"]["backends"][0];
     assert_eq!(backend["failures"], 0, "{status}");
