@@ -437,9 +437,36 @@ pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -
     }
 }
 
-/// A free ephemeral port on 127.0.0.1 (bound then released; the kernel does not hand it
-/// out again right away).
+/// A port on 127.0.0.1 that nothing listens on, for a server a test starts there later.
+///
+/// Taken from below the kernel's ephemeral range when there is room. A port from inside
+/// it (what binding port 0 gives) can meanwhile become the local port of one of the
+/// thousands of outgoing connections the other tests make; once that connection closes,
+/// its TIME_WAIT keeps the port from being bound for a minute, SO_REUSEADDR or not (CI
+/// once saw the admin API unable to move to such a port). Ports outside the range are
+/// never picked for outgoing connections; each call here hands out a different one.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FLOOR: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if low > FLOOR + 1_000 && low <= 65_536 {
+        let span = low - FLOOR;
+        // Runs one after another start at different places.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let port = FLOOR + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
