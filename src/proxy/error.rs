@@ -33,6 +33,11 @@ pub enum ProxyError {
     /// The backend refused the connection (or none could be reached).
     #[error("backend refused the connection")]
     ConnectionRefused,
+    /// The TLS handshake with the backend failed (its certificate did not verify, it sent
+    /// an alert, or it does not speak TLS as expected): a connect-phase failure, answered
+    /// as a refused connection, and one that would fail again on the same backend.
+    #[error("TLS handshake with the backend failed: {0}")]
+    Tls(TlsFailure),
     /// The backend closed or reset the connection before a complete response head.
     #[error("backend closed the connection")]
     ConnectionTerminated,
@@ -68,6 +73,53 @@ pub enum ProxyError {
     BodyTimeout,
 }
 
+/// Why a TLS handshake with a backend failed, as RFC 9209 names it (in the `details` of
+/// the `Proxy-Status` palisade answers with: the kind, nothing of the backend's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFailure {
+    /// The backend's certificate did not verify: an unknown issuer, another name, expired,
+    /// or none at all (`tls_certificate_error`).
+    #[error("its certificate did not verify")]
+    Certificate,
+    /// The backend ended the handshake with an alert (`tls_alert_received`).
+    #[error("it sent a TLS alert")]
+    Alert,
+    /// Any other handshake failure: no common version or cipher, or not TLS at all
+    /// (`tls_protocol_error`).
+    #[error("TLS protocol error")]
+    Protocol,
+}
+
+impl TlsFailure {
+    /// The kind of `error`, a handshake's failure.
+    pub fn of(error: &rustls::Error) -> TlsFailure {
+        match error {
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::InvalidCertRevocationList(_) => TlsFailure::Certificate,
+            rustls::Error::AlertReceived(_) => TlsFailure::Alert,
+            _ => TlsFailure::Protocol,
+        }
+    }
+
+    /// The `Proxy-Status` header of a 502 for this failure: a refused connection (the
+    /// SPEC's name for a backend that could not be reached), with the RFC 9209 name of
+    /// the failure as its `details`.
+    fn proxy_status_header(self) -> &'static str {
+        match self {
+            TlsFailure::Certificate => {
+                "palisade; error=connection_refused; details=\"tls_certificate_error\""
+            }
+            TlsFailure::Alert => {
+                "palisade; error=connection_refused; details=\"tls_alert_received\""
+            }
+            TlsFailure::Protocol => {
+                "palisade; error=connection_refused; details=\"tls_protocol_error\""
+            }
+        }
+    }
+}
+
 impl ProxyError {
     /// The HTTP status palisade answers with.
     pub fn status(&self) -> StatusCode {
@@ -76,6 +128,7 @@ impl ProxyError {
             ProxyError::Denied => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ConnectionRefused
+            | ProxyError::Tls(_)
             | ProxyError::ConnectionTerminated
             | ProxyError::ConnectionTimeout
             | ProxyError::InvalidResponse => StatusCode::BAD_GATEWAY,
@@ -93,7 +146,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "destination_not_found",
             ProxyError::Denied | ProxyError::RateLimited { .. } => "http_request_denied",
-            ProxyError::ConnectionRefused => "connection_refused",
+            ProxyError::ConnectionRefused | ProxyError::Tls(_) => "connection_refused",
             ProxyError::ConnectionTerminated => "connection_terminated",
             ProxyError::ConnectionTimeout => "connection_timeout",
             ProxyError::InvalidResponse => "http_protocol_error",
@@ -109,6 +162,9 @@ impl ProxyError {
 
     /// The full `Proxy-Status` header value, built without allocating.
     fn proxy_status_header(&self) -> HeaderValue {
+        if let ProxyError::Tls(failure) = self {
+            return HeaderValue::from_static(failure.proxy_status_header());
+        }
         HeaderValue::from_static(match self.proxy_status_name() {
             "destination_not_found" => "palisade; error=destination_not_found",
             "http_request_denied" => "palisade; error=http_request_denied",
@@ -130,6 +186,7 @@ impl ProxyError {
             ProxyError::Denied => "forbidden\n",
             ProxyError::RateLimited { .. } => "too many requests\n",
             ProxyError::ConnectionRefused
+            | ProxyError::Tls(_)
             | ProxyError::ConnectionTerminated
             | ProxyError::ConnectionTimeout => "bad gateway: no backend could answer\n",
             ProxyError::InvalidResponse => "bad gateway: the backend's answer is not valid HTTP\n",
@@ -193,6 +250,9 @@ impl ProxyError {
     pub fn from_upstream(err: &crate::upstream::pool::SendError) -> ProxyError {
         if matches!(err, crate::upstream::pool::SendError::TimedOut) {
             return ProxyError::ResponseTimeout;
+        }
+        if let Some(tls) = err.tls_handshake_error() {
+            return ProxyError::Tls(TlsFailure::of(tls));
         }
         let mut source = err.source();
         while let Some(cause) = source {
@@ -284,6 +344,21 @@ mod tests {
             (ProxyError::HeadTooLarge, 431, "http_request_error"),
             (ProxyError::InvalidResponse, 502, "http_protocol_error"),
             (ProxyError::BodyTooLarge, 413, "http_request_error"),
+            (
+                ProxyError::Tls(TlsFailure::Certificate),
+                502,
+                "connection_refused; details=\"tls_certificate_error\"",
+            ),
+            (
+                ProxyError::Tls(TlsFailure::Alert),
+                502,
+                "connection_refused; details=\"tls_alert_received\"",
+            ),
+            (
+                ProxyError::Tls(TlsFailure::Protocol),
+                502,
+                "connection_refused; details=\"tls_protocol_error\"",
+            ),
         ];
         for (err, status, name) in cases {
             let resp = err.into_response();
@@ -309,6 +384,50 @@ mod tests {
         for errno in [Errno::ADDRNOTAVAIL, Errno::CONNREFUSED, Errno::NETUNREACH] {
             assert_eq!(connect(errno), ProxyError::ConnectionRefused, "{errno:?}");
         }
+    }
+
+    #[test]
+    fn a_failed_tls_handshake_is_told_apart_from_a_refused_connection() {
+        use crate::upstream::pool::SendError;
+        let handshake = |error: rustls::Error| {
+            // As hyper-rustls reports it: tokio-rustls' io::Error in another.
+            let err = SendError::Connect(io::Error::other(io::Error::new(
+                io::ErrorKind::InvalidData,
+                error,
+            )));
+            (
+                ProxyError::from_upstream(&err),
+                err.tls_handshake_error().is_some(),
+            )
+        };
+        assert_eq!(
+            handshake(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer
+            )),
+            (ProxyError::Tls(TlsFailure::Certificate), true)
+        );
+        assert_eq!(
+            handshake(rustls::Error::AlertReceived(
+                rustls::AlertDescription::HandshakeFailure
+            )),
+            (ProxyError::Tls(TlsFailure::Alert), true)
+        );
+        assert_eq!(
+            handshake(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            )),
+            (ProxyError::Tls(TlsFailure::Protocol), true)
+        );
+        // Once the request went out, a TLS error is the exchange's, not the handshake's.
+        let lost = SendError::Exchange(crate::upstream::h1::ProtoError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::DecryptError,
+        )));
+        assert_eq!(lost.tls_handshake_error(), None);
+        assert_eq!(
+            ProxyError::from_upstream(&lost),
+            ProxyError::ConnectionTerminated
+        );
     }
 
     #[test]

@@ -600,7 +600,9 @@ enum Outcome {
 /// Sends the request to one backend after another until an attempt succeeds or the retry
 /// rules say stop: connection failures (nothing was sent) are retried whatever the method,
 /// on any backend (the same one too: it costs it nothing) and without a token from the
-/// retry budget; after the request was sent, only idempotent requests with a buffered
+/// retry budget, except that a backend whose TLS handshake failed (its certificate did not
+/// verify) would fail the same way again: the request goes on only to a backend it has not
+/// tried, and never back to that one; after the request was sent, only idempotent requests with a buffered
 /// body are retried, only after a reset, a timeout or a 502/503/504, only on a backend
 /// this request has not tried (as nginx: a slow answer is not asked for again from the
 /// backend that is still working on it), and each such retry needs a token from the
@@ -641,7 +643,11 @@ async fn attempt_until_done<'s>(
                     );
                 (true, can, Err(error))
             }
-            Outcome::Failed { error, sent: false } => (false, body.can_replay(), Err(error)),
+            Outcome::Failed { error, sent: false } => {
+                let can = body.can_replay()
+                    && (!matches!(error, ProxyError::Tls(_)) || upstream.has_untried(&tried));
+                (false, can, Err(error))
+            }
         };
         if !retryable
             || attempt >= policy.attempts
@@ -743,6 +749,12 @@ async fn attempt_once<'s>(
             if matches!(err, crate::upstream::pool::SendError::H2Refused(_)) {
                 blameless = true;
                 tracing::debug!(upstream = %upstream.name, backend = %backend.addr, error = %err, "backend gave the request back unprocessed; sending it again");
+            } else if let (ProxyError::Tls(failure), Some(reason)) =
+                (error, err.tls_handshake_error())
+            {
+                // It would fail the same way again: not for this request.
+                tried.bar_last();
+                warn_tls_failed(&upstream.name, backend, failure, reason);
             } else {
                 tracing::warn!(upstream = %upstream.name, backend = %backend.addr, error = %err, "upstream request failed");
             }
@@ -786,6 +798,27 @@ async fn attempt_once<'s>(
         );
     }
     Ok(outcome)
+}
+
+/// Logs a failed TLS handshake with `backend`, naming it (by address, and by its
+/// configured `host:port` when that differs), what failed, and rustls' reason.
+fn warn_tls_failed(
+    upstream: &str,
+    backend: &Backend,
+    failure: super::error::TlsFailure,
+    reason: &rustls::Error,
+) {
+    let name = backend.host.as_str();
+    let (open, named, close) = if name == &*backend.addr {
+        ("", "", "")
+    } else {
+        (" (", name, ")")
+    };
+    tracing::warn!(
+        upstream, backend = %backend.addr,
+        "TLS handshake with backend {}{open}{named}{close} failed, {failure}: {reason}; not trying it again for this request",
+        backend.addr
+    );
 }
 
 /// Logs running out of descriptors or ports at most once a second: under such a flood

@@ -144,11 +144,14 @@ impl Drop for QueuePlace<'_> {
     }
 }
 
-/// The backends a request already tried (only the first few are remembered).
+/// The backends a request already tried (only the first few are remembered), and those
+/// of them it may not try again.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Tried {
     list: [u32; 8],
     len: usize,
+    /// Bit `n`: `list[n]` is barred (its TLS handshake failed: it would fail again).
+    barred: u8,
 }
 
 impl Tried {
@@ -169,6 +172,22 @@ impl Tried {
     pub fn last(&self) -> Option<usize> {
         let i = self.len.checked_sub(1)?;
         Some(self.list[i] as usize)
+    }
+
+    /// Bars the backend tried last: no later attempt of the request goes to it.
+    pub fn bar_last(&mut self) {
+        if let Some(n) = self.len.checked_sub(1) {
+            self.barred |= 1 << n;
+        }
+    }
+
+    /// Whether backend `i` is barred.
+    pub fn is_barred(&self, i: usize) -> bool {
+        self.barred != 0
+            && self.list[..self.len]
+                .iter()
+                .enumerate()
+                .any(|(n, &b)| b as usize == i && self.barred & (1 << n) != 0)
     }
 }
 
@@ -299,7 +318,7 @@ impl Upstream {
     ///
     /// In order of preference: an available backend this request has not tried (with
     /// backends in slow start picked only for their share, unless the balancer does
-    /// without slow start); an available one it has tried;
+    /// without slow start); an available one it has tried, unless barred;
     /// and with none available, any backend (panic mode: trying a backend believed down
     /// beats failing every request), first attempts by the balancer over all of them and
     /// retries on the next backend along not tried yet. Backends at their in-flight cap
@@ -392,7 +411,7 @@ impl Upstream {
             .or_else(|| self.balancer.pick(backends, key, &|i| !fresh(i)))
             .or_else(|| {
                 self.balancer.pick(backends, key, &|i| {
-                    !(backends[i].is_available(now) && open(i))
+                    !(backends[i].is_available(now) && open(i)) || tried.is_barred(i)
                 })
             });
         if found.is_some() {
@@ -409,13 +428,17 @@ impl Upstream {
         // request has not tried (one that is back before its ejection or its health checks
         // end may be among them) without turning the balancer's rotation: first attempts
         // alone turn it, so they keep spreading over every backend instead of starting
-        // where the previous request's retries stopped.
+        // where the previous request's retries stopped. (A retry also comes here when the
+        // only available backends are barred to it: then it fares as in panic mode.)
         let len = backends.len();
         let untried = tried.last().and_then(|last| {
             let next = if last + 1 >= len { 0 } else { last + 1 };
             balance::scan_from(next, len, &|i| !open(i) || tried.contains(i)).map(|(i, _)| i)
         });
-        let any = untried.or_else(|| self.balancer.pick(backends, key, &|i| !open(i)));
+        let any = untried.or_else(|| {
+            self.balancer
+                .pick(backends, key, &|i| !open(i) || tried.is_barred(i))
+        });
         if any.is_some() {
             self.panic_picks.fetch_add(1, Ordering::Relaxed);
             if !self.panic_logged.swap(true, Ordering::Relaxed) {
@@ -513,5 +536,50 @@ fn algorithm(balance: config::Balance) -> balance::Algorithm {
         config::Balance::P2cEwma => balance::Algorithm::P2cEwma,
         config::Balance::Random => balance::Algorithm::Random,
         config::Balance::ConsistentHash => balance::Algorithm::ConsistentHash,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(backends: &str) -> Upstream {
+        let toml =
+            format!("[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{backends}]\n");
+        let config = match config::parse(&toml, std::path::Path::new("t.toml")) {
+            Ok(config) => config,
+            Err(e) => panic!("{e:?}"),
+        };
+        Upstream::build(
+            &config.upstreams[0],
+            None,
+            &Resolved::new(),
+            &Metrics::new(),
+        )
+    }
+
+    #[test]
+    fn a_barred_backend_is_never_picked_again() {
+        let up = upstream("{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }");
+        let mut tried = Tried::default();
+        tried.push(0);
+        assert!(!tried.is_barred(0));
+        // Tried but not barred: picked again once the other one is out of rotation.
+        up.backends[1].healthy.store(false, Ordering::Relaxed);
+        assert_eq!(up.pick(0, &tried), Some(0));
+        // Barred: no retry is begun for it in this state (no available backend left to
+        // try); one begun before the other went out of rotation (during its backoff) gets
+        // that one, out of rotation as it is, rather than the barred one.
+        tried.bar_last();
+        assert!(tried.is_barred(0) && !tried.is_barred(1));
+        assert!(!up.has_untried(&tried));
+        for _ in 0..8 {
+            assert_eq!(up.pick(0, &tried), Some(1));
+        }
+        // Nothing left but the barred one: nothing to pick.
+        tried.push(1);
+        tried.bar_last();
+        assert!(!up.has_untried(&tried));
+        assert_eq!(up.pick(0, &tried), None);
     }
 }

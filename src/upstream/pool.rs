@@ -220,6 +220,15 @@ impl SendError {
         })
     }
 
+    /// The TLS error that ended the handshake with the backend, when that is why no
+    /// connection could be made (rustls reports it inside the connector's `io::Error`).
+    pub fn tls_handshake_error(&self) -> Option<&rustls::Error> {
+        if !self.is_connect() {
+            return None;
+        }
+        std::iter::successors(self.source(), |&cause| cause.source()).find_map(rustls_error)
+    }
+
     /// Whether the request never reached the backend.
     pub fn is_connect(&self) -> bool {
         match self {
@@ -227,6 +236,17 @@ impl SendError {
             SendError::Exchange(_) | SendError::H2(_) | SendError::TimedOut => false,
             SendError::Client(e) => e.is_connect(),
         }
+    }
+}
+
+/// The rustls error `cause` is, or wraps in (layers of) `io::Error`: hyper-rustls wraps
+/// tokio-rustls' `io::Error` in another, and `io::Error::source` skips the error it wraps.
+fn rustls_error<'a>(mut cause: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    loop {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        cause = cause.downcast_ref::<io::Error>()?.get_ref()?;
     }
 }
 

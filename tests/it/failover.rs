@@ -893,15 +893,7 @@ async fn a_backend_that_breaks_off_its_body_counts_as_failed_is_logged_and_eject
 
     stop_gracefully(child);
     let log = std::fs::read_to_string(&log).expect("read log");
-    let broke_off: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("broke off its response body"))
-        })
-        .collect();
+    let broke_off = log_lines_saying(&log, "broke off its response body");
     assert_eq!(broke_off.len(), 3, "{log}");
     for line in &broke_off {
         assert_eq!(line["level"], "WARN", "{line}");

@@ -512,13 +512,21 @@ fn acceptor(cert: &Cert) -> tokio_rustls::TlsAcceptor {
 /// An HTTPS-only backend with `cert`, answering `tls-ok PATH`, with the SNI it got in
 /// `x-sni` and the Host in `x-host` (`-`: none).
 async fn https_backend(cert: &Cert) -> SocketAddr {
+    https_backend_counted(cert).await.0
+}
+
+/// [`https_backend`], and the count of connections it accepted (handshakes begun).
+async fn https_backend_counted(cert: &Cert) -> (SocketAddr, Arc<AtomicUsize>) {
     let acceptor = acceptor(cert);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else {
@@ -549,7 +557,7 @@ async fn https_backend(cert: &Cert) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 fn upstream_tls_config(dir: &Path, backend: impl std::fmt::Display, tls_lines: &str) -> PathBuf {
@@ -774,4 +782,101 @@ async fn an_https_keep_alive_connection_closed_on_a_request_gets_it_sent_again()
         before + 1,
         "the POST was sent again"
     );
+}
+
+#[tokio::test]
+async fn a_backend_certificate_that_fails_verification_is_named_and_not_tried_again() {
+    // `bad` serves a certificate for backend.test from a CA palisade does not trust;
+    // `good` one it trusts. Handshakes that fail on a certificate are connect-phase
+    // failures: the request was never sent, so it goes on to another backend whatever its
+    // method, but never back to the backend whose certificate failed.
+    let (dir, good) = https_backend_and_ca("bad-cert", &["backend.test"]).await;
+    let (bad, bad_handshakes) = https_backend_counted(&make_cert(&["backend.test"])).await;
+    let (port, admin) = (free_port(), free_port());
+    let upstream = |name: &str, backends: &[SocketAddr], server_name: &str| {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|a| format!("{{ addr = \"{a}\" }}"))
+            .collect();
+        format!(
+            "[upstreams.{name}]\ntls = true\nca_file = \"backend-ca.pem\"\nserver_name = \"{server_name}\"\n\
+             backends = [{}]\n[upstreams.{name}.retry]\nattempts = 2\nbackoff = \"1ms\"\n",
+            list.join(", ")
+        )
+    };
+    let file = dir.write(
+        "palisade.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [[routes]]\npath_prefix = \"/solo\"\nupstream = \"solo\"\n\
+             [[routes]]\npath_prefix = \"/misnamed\"\nupstream = \"misnamed\"\n\
+             [[routes]]\nupstream = \"pair\"\n{}{}{}",
+            upstream("solo", &[bad], "backend.test"),
+            upstream("misnamed", &[good], "other.test"),
+            upstream("pair", &[bad, good], "backend.test"),
+        ),
+    );
+    let log = dir.write("palisade.log", "");
+    let child = spawn_logged(&file, &log, "warn");
+    let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_listening(proxy).await;
+
+    // The only backend's certificate is untrusted: one handshake, not one per attempt.
+    let answer = get(&format!("http://{proxy}/solo")).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    let proxy_status = answer.header("proxy-status").unwrap_or_default();
+    assert!(
+        proxy_status.starts_with("palisade; error=connection_refused"),
+        "{proxy_status}"
+    );
+    assert_eq!(
+        bad_handshakes.load(Ordering::SeqCst),
+        1,
+        "retried on the same backend"
+    );
+    // A certificate for another name: refused the same way.
+    let answer = get(&format!("http://{proxy}/misnamed")).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+
+    // With a backend to go on to, every request gets there, a POST too, and each tries
+    // the failing backend once at most.
+    for i in 0..4 {
+        let answer = post(&format!("http://{proxy}/pair/{i}"), b"once".to_vec()).await;
+        assert_eq!((i, answer.status), (i, 200), "{}", answer.text());
+        assert_eq!(answer.text(), format!("tls-ok /pair/{i}"));
+    }
+    let handshakes = bad_handshakes.load(Ordering::SeqCst);
+    assert!((2..=5).contains(&handshakes), "{handshakes}");
+
+    // Each failed handshake counts against the backend, as a failed connect does.
+    let status = get(&format!("http://127.0.0.1:{admin}/status"))
+        .await
+        .json();
+    let failures = |upstream: &str, i: usize| {
+        status["upstreams"][upstream]["backends"][i]["failures"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    assert_eq!(failures("solo", 0), 1, "{status}");
+    assert_eq!(failures("misnamed", 0), 1, "{status}");
+    assert_eq!(failures("pair", 0) as usize, handshakes - 1, "{status}");
+    assert_eq!(failures("pair", 1), 0, "{status}");
+
+    // The log names the failure and the backend, with rustls' reason.
+    stop_gracefully(child);
+    let log = std::fs::read_to_string(&log).expect("read log");
+    let failed = log_lines_saying(&log, "TLS handshake with backend");
+    assert_eq!(failed.len(), handshakes + 1, "{log}");
+    for line in &failed {
+        let message = line["message"].as_str().unwrap_or_default();
+        assert!(message.contains("certificate"), "{line}");
+        let (reason, backend) = if line["upstream"] == "misnamed" {
+            ("not valid for name \"other.test\"", good)
+        } else {
+            ("invalid peer certificate", bad)
+        };
+        assert!(message.contains(reason), "{line}");
+        assert!(message.contains(&backend.to_string()), "{line}");
+        assert_eq!(line["backend"], backend.to_string(), "{line}");
+    }
 }

@@ -538,6 +538,14 @@ pub fn spawn_logged(config: &Path, log: &Path, level: &str) -> ChildGuard {
     ChildGuard(child)
 }
 
+/// The lines of a JSON `log` whose message contains `text`.
+pub fn log_lines_saying(log: &str, text: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(text)))
+        .collect()
+}
+
 /// Waits until something accepts connections on `addr`.
 pub async fn wait_listening(addr: SocketAddr) {
     let up = eventually(Duration::from_secs(20), async || {
