@@ -234,11 +234,14 @@ impl Upstream {
                     && p.config.timeouts.idle == cfg.timeouts.idle
                     && p.config.tls == cfg.tls =>
             {
-                (
-                    p.client.clone(),
-                    p.connector.clone(),
-                    p.server_names.clone(),
-                )
+                let client = if renames_an_address(cfg, p, &backends) {
+                    // hyper-util's pool is keyed by the address alone: its idle
+                    // connections there were opened (SNI, verified name) for the old name.
+                    client::build(cfg, p.connector.clone())
+                } else {
+                    p.client.clone()
+                };
+                (client, p.connector.clone(), p.server_names.clone())
             }
             _ => {
                 // Connections opened under the old transport settings are not reused.
@@ -526,6 +529,25 @@ impl Upstream {
                 .map_or_else(ip_key, |v| balance::hash_key(v.as_bytes())),
         }
     }
+}
+
+/// Whether an address of `backends` belonged to a backend of another name in `previous`
+/// (a reload renamed the backend, or DNS moved the address to another name) in an upstream
+/// whose TLS name is each backend's own (`tls = true` without `server_name`).
+fn renames_an_address(
+    cfg: &config::Upstream,
+    previous: &Upstream,
+    backends: &[Arc<Backend>],
+) -> bool {
+    cfg.tls
+        .as_ref()
+        .is_some_and(|tls| tls.server_name.is_none())
+        && backends.iter().any(|b| {
+            previous
+                .backends
+                .iter()
+                .any(|old| old.addr == b.addr && old.host != b.host)
+        })
 }
 
 fn algorithm(balance: config::Balance) -> balance::Algorithm {

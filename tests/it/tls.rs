@@ -880,3 +880,61 @@ async fn a_backend_certificate_that_fails_verification_is_named_and_not_tried_ag
         assert_eq!(line["backend"], backend.to_string(), "{line}");
     }
 }
+
+#[tokio::test]
+async fn a_backend_renamed_by_a_reload_gets_connections_with_its_new_name() {
+    // a.test and b.test both resolve to the one backend, whose certificate names both
+    // and which answers with the SNI of the connection each request came on.
+    let cert = make_cert(&["a.test", "b.test"]);
+    let dir = temp_dir("renamed");
+    std::fs::write(dir.join("backend-ca.pem"), &cert.cert_pem).expect("ca");
+    let (backend, accepted) = https_backend_counted(&cert).await;
+    let (a, b) = (
+        format!("a.test:{}", backend.port()),
+        format!("b.test:{}", backend.port()),
+    );
+    let path = dir.join("palisade.toml");
+    let write = |name: &str, attempts: u32| {
+        std::fs::write(
+            &path,
+            format!(
+                "[[routes]]\nupstream = \"secure\"\n[upstreams.secure]\ntls = true\n\
+                 ca_file = \"backend-ca.pem\"\nbackends = [{{ addr = \"{name}\" }}]\n\
+                 [upstreams.secure.retry]\nattempts = {attempts}\n"
+            ),
+        )
+        .expect("config");
+    };
+    write(&a, 2);
+    let proxy = Proxy::start_file(&path).await;
+    proxy.state.set_resolved(palisade::dns::Resolved::from([
+        (a.clone(), vec![backend]),
+        (b.clone(), vec![backend]),
+    ]));
+    // Each request's SNI, and the connections the backend has taken so far.
+    let sni_and_connections = async || {
+        let answer = get(&proxy.url("/")).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let sni = answer.header("x-sni").unwrap_or_default().to_owned();
+        (sni, accepted.load(Ordering::SeqCst))
+    };
+    for _ in 0..2 {
+        assert_eq!(sni_and_connections().await, ("a.test".into(), 1));
+    }
+
+    // A reload that leaves the name alone keeps the pooled connection.
+    write(&a, 1);
+    palisade::reload::reload(&proxy.state).expect("reload");
+    assert_eq!(sni_and_connections().await, ("a.test".into(), 1));
+
+    // Renamed, at the same address: a connection made for the new name, then kept.
+    write(&b, 1);
+    palisade::reload::reload(&proxy.state).expect("reload");
+    assert_eq!(
+        *proxy.state.snapshot().upstreams[0].backends[0].addr,
+        backend.to_string()
+    );
+    for _ in 0..2 {
+        assert_eq!(sni_and_connections().await, ("b.test".into(), 2));
+    }
+}
