@@ -125,8 +125,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     tracing::info!(addr = %bound(&admin_listener), "admin API listening");
     let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
-    let resolved =
-        dns::resolve_all(resolver.as_ref(), &dns::names(&config), &Default::default()).await;
+    // Carried on by the refresh task: a name failing now is warned about once, not again
+    // at its first refresh.
+    let mut lookups = dns::Lookups::default();
+    let resolved = lookups
+        .resolve_all(resolver.as_ref(), &dns::names(&config), &Default::default())
+        .await;
     let state = Arc::new(ProxyState::with_resolved(config, resolved));
     let sighup = tokio::spawn(reload_on_sighup(state.clone()));
     // Dropping the watcher stops it, so it lives as long as the server.
@@ -137,7 +141,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             None
         }
     };
-    let dns_task = tokio::spawn(dns::refresh_forever(state.clone(), resolver));
+    let dns_task = tokio::spawn(dns::refresh_from(state.clone(), resolver, lookups));
     let (admin_stop, admin_task) = spawn_admin_following(admin_listener, state.clone());
     crate::sdnotify::ready();
     let shutdown = async {

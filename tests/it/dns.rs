@@ -166,3 +166,48 @@ async fn health_probes_name_a_dns_backend_by_its_name() {
     assert!(head.starts_with("get /probe "), "{head}");
     assert_eq!(lines(&head, "host"), ["app.internal:8080"], "{head}");
 }
+
+/// A backend name that does not resolve (`.invalid` never does, RFC 6761) is warned about
+/// once, at start, not again at every `resolve_every`: the lookups go on (at debug level).
+#[tokio::test]
+async fn a_name_that_does_not_resolve_is_warned_about_once() {
+    let name = "palisade-test.invalid:80";
+    let dir = TempDir::new("dns-fail");
+    let file = dir.write(
+        "dns-fail.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[routes]]\nupstream = \"app\"\n[upstreams.app]\nresolve_every = \"50ms\"\n\
+             backends = [{{ addr = \"{name}\" }}]\n"
+        ),
+    );
+    let log = file.with_extension("log");
+    let child = spawn_logged(&file, &log, "info,palisade::dns=debug");
+    // The log lines about the name, as (level, message).
+    let lines = || -> Vec<(String, String)> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["name"] == name)
+            .map(|v| {
+                let field = |f: &str| v[f].as_str().unwrap_or_default().to_owned();
+                (field("level"), field("message"))
+            })
+            .collect()
+    };
+    // The start plus a few refreshes (each 50 ms apart).
+    let looked_up = eventually(Duration::from_secs(20), async || lines().len() >= 6).await;
+    let lines = lines();
+    assert!(looked_up, "{lines:?}");
+    let warnings: Vec<_> = lines.iter().filter(|(level, _)| level == "WARN").collect();
+    assert_eq!(warnings.len(), 1, "{lines:?}");
+    assert!(warnings[0].1.starts_with("DNS lookup failed"), "{lines:?}");
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|(level, message)| level == "DEBUG" && message == "DNS lookup still failing"),
+        "{lines:?}"
+    );
+    stop_gracefully(child);
+}
