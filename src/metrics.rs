@@ -242,9 +242,11 @@ impl Metrics {
             .routes
             .iter()
             .map(|r| (r.name.as_str(), r.upstream.as_str()))
-            .chain([("", "")])
             .collect();
+        // The refusal counters are by configured route only; requests and durations are
+        // also counted under route "" (requests no route took: `unrouted`).
         let route_names: HashSet<&str> = routes.iter().map(|r| r.0).collect();
+        let routes: HashSet<(&str, &str)> = routes.into_iter().chain([("", "")]).collect();
         let upstreams: HashSet<&str> = snapshot.upstreams.iter().map(|u| &*u.name).collect();
         let backends: HashSet<(&str, &str)> = snapshot
             .upstreams
@@ -283,13 +285,24 @@ impl Metrics {
     /// The handles one route's requests update.
     pub fn route(&self, route: &str, upstream: &str) -> RouteMetrics {
         // Resolving the refusal counters makes their series appear at 0.
-        self.rate_limited.with_label_values(&[route]);
-        self.denied.with_label_values(&[route]);
         RouteMetrics {
-            by_code: CodeCounters::new(&self.requests, &[route, upstream]),
-            duration: self.duration.with_label_values(&[route, upstream]),
+            answers: self.answers(route, upstream),
             rate_limited: self.rate_limited.with_label_values(&[route]),
             denied: self.denied.with_label_values(&[route]),
+        }
+    }
+
+    /// The handles of requests no route took (404, and heads refused before they became
+    /// requests): counted under route `""` and upstream `""`. Only routes refuse by rate
+    /// limit or allow list, so there are no refusal series with route `""`.
+    pub fn unrouted(&self) -> AnswerMetrics {
+        self.answers("", "")
+    }
+
+    fn answers(&self, route: &str, upstream: &str) -> AnswerMetrics {
+        AnswerMetrics {
+            by_code: CodeCounters::new(&self.requests, &[route, upstream]),
+            duration: self.duration.with_label_values(&[route, upstream]),
         }
     }
 
@@ -452,13 +465,20 @@ impl CodeCounters {
     }
 }
 
-/// The metric handles of one route.
+/// The handles counting answered requests, of a route or of none.
 #[derive(Debug, Clone)]
-pub struct RouteMetrics {
+pub struct AnswerMetrics {
     /// `palisade_requests_total` by code.
     pub by_code: CodeCounters,
     /// `palisade_request_duration_seconds`.
     pub duration: Histogram,
+}
+
+/// The metric handles of one route.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// Its answered requests.
+    pub answers: AnswerMetrics,
     /// `palisade_rate_limited_total`.
     pub rate_limited: IntCounter,
     /// `palisade_denied_total`.

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::dns::Resolved;
 use crate::limit::cidr::CidrSet;
 use crate::limit::rate::{self, RateLimiter};
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::{AnswerMetrics, Metrics};
 use crate::route::RouteTable;
 use crate::upstream::Upstream;
 
@@ -33,7 +33,7 @@ pub struct Snapshot {
     /// The upstream pools, in config order (routes refer to them by index).
     pub upstreams: Vec<Upstream>,
     /// Metric handles for requests no route matched.
-    pub unrouted: RouteMetrics,
+    pub unrouted: AnswerMetrics,
     /// `server.client_ip.trusted_proxies`, compiled.
     pub trusted_proxies: CidrSet,
 }
@@ -96,7 +96,7 @@ impl Snapshot {
             config: Arc::new(config),
             routes,
             upstreams,
-            unrouted: metrics.route("", ""),
+            unrouted: metrics.unrouted(),
             trusted_proxies,
         }
     }

@@ -118,7 +118,7 @@ impl Record<'_> {
         let metrics = self
             .trace
             .route
-            .map_or(&self.snapshot.unrouted, |r| &r.metrics);
+            .map_or(&self.snapshot.unrouted, |r| &r.metrics.answers);
         metrics.by_code.inc(status);
         metrics.duration.observe(elapsed.as_secs_f64());
         if let Some(line) = self.line {

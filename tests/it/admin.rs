@@ -360,6 +360,55 @@ async fn metrics_carry_every_spec_name_and_count_the_traffic() {
     );
 }
 
+/// The `route` label values of the series of `name` in the exposition `text`.
+fn routes_of(text: &str, name: &str) -> Vec<String> {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let start = rest.find("route=\"")? + "route=\"".len();
+            let len = rest[start..].find('"')?;
+            Some(rest[start..start + len].to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn refusal_counters_have_series_for_configured_routes_only() {
+    // Requests that match no route count under route "" in palisade_requests_total; only
+    // routes refuse, so the refusal counters have no route "" (it was there, at 0).
+    let a = Echo::start("a").await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"app\"\n\
+         [[routes]]\nname = \"web\"\npath_prefix = \"/web\"\nupstream = \"app\"\n\
+         [upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+        a.addr
+    ))
+    .await;
+    assert_eq!(get(&proxy.url("/elsewhere")).await.status, 404);
+    assert_eq!(get(&proxy.url("/api/x")).await.status, 200);
+    let text = get(&proxy.admin_url("/metrics")).await.text();
+    // The 404 is counted, under route "".
+    assert!(
+        routes_of(&text, "palisade_requests_total")
+            .iter()
+            .any(String::is_empty),
+        "{text}"
+    );
+    for name in ["palisade_rate_limited_total", "palisade_denied_total"] {
+        let mut routes = routes_of(&text, name);
+        routes.sort();
+        assert_eq!(routes, ["api", "web"], "{name}:\n{text}");
+        for route in ["api", "web"] {
+            assert_eq!(
+                sample(&text, name, &[("route", route)]),
+                Some(0.0),
+                "{text}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_admin_request_head_that_never_finishes_is_cut_off_by_header_read() {
     let a = Echo::start("a").await;
