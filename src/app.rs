@@ -360,7 +360,10 @@ fn demo_banner() -> &'static str {
 
 Try:
   for i in 1 2 3 4 5 6; do curl -s 127.0.0.1:8080/hello | grep -o '"backend":"[^"]*"'; done
-  curl -si 127.0.0.1:8080/status/503        # a backend's own error passes through
+  curl -si 127.0.0.1:8080/status/503        # every backend answers 503: palisade retries the GET
+                                            # on the other two (as its retry budget allows: about
+                                            # one retry per 5 requests), then passes the last 503 on
+  curl -s 127.0.0.1:9901/metrics | grep -E 'retries_total|code="503"'   # those retries
   curl -si 127.0.0.1:8080/delay/300         # answered after 300 ms
   curl -s  127.0.0.1:8080/bytes/1000000 | wc -c
   curl -sN 127.0.0.1:8080/stream/5          # five chunks, 100 ms apart

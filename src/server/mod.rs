@@ -297,7 +297,9 @@ async fn serve_inner(
     if let Ok(mut offered) = offered.lock() {
         offered.clear();
     }
-    if !handed_over.load(Ordering::Relaxed) {
+    // Only where a replacing instance could take the queued connections: fixed listeners
+    // (the demo's, bound alone) have none, and the advice would be noise there.
+    if managed && !handed_over.load(Ordering::Relaxed) {
         warn_if_queued_connections_would_reset();
     }
     for task in accept_tasks.into_values() {
@@ -318,7 +320,8 @@ async fn serve_inner(
 /// Linux resets the connections still waiting in a closing listener's accept queue unless
 /// `net.ipv4.tcp_migrate_req` = 1 hands them to another SO_REUSEPORT listener on the same
 /// port (the instance that replaces this one). Says so (at info: a plain Ctrl-C needs no
-/// warning) when it matters: at drain.
+/// warning) when it matters: at the drain of `run` ([`serve_managed`]), whose listeners
+/// share their ports with a replacing instance; not for the demo.
 fn warn_if_queued_connections_would_reset() {
     const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
     if let Ok(value) = std::fs::read_to_string(SYSCTL) {

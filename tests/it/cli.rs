@@ -329,7 +329,17 @@ fn a_listen_address_in_use_is_named_with_its_setting() {
 #[tokio::test]
 async fn demo_serves_round_robin_over_three_echo_backends() {
     // The demo's ports are fixed by the SPEC (8080, 9001-9003).
-    let child = spawn_palisade(&["demo"]);
+    let dir = TempDir::new("demo");
+    let log = dir.join("demo.log");
+    let child = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(["demo", "--log-format", "json", "--log-level", "info"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn palisade demo"),
+    );
     wait_listening("127.0.0.1:8080".parse().expect("addr")).await;
     let mut seen: HashMap<String, u32> = HashMap::new();
     for _ in 0..6 {
@@ -339,7 +349,67 @@ async fn demo_serves_round_robin_over_three_echo_backends() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(seen.values().all(|&n| n == 2), "{seen:?}");
+
+    // What the banner says of /status/503: retried on the other two backends (the six
+    // requests above earned the retry budget that), the last 503 passed on, the retries
+    // in /metrics.
+    assert_eq!(get("http://127.0.0.1:8080/status/503").await.status, 503);
+    let text = get("http://127.0.0.1:9901/metrics").await.text();
+    assert_eq!(
+        sample(&text, "palisade_retries_total", &[("upstream", "echo")]),
+        Some(2.0),
+        "{text}"
+    );
+    for port in 9001..=9003 {
+        let backend = format!("127.0.0.1:{port}");
+        assert_eq!(
+            sample(
+                &text,
+                "palisade_upstream_requests_total",
+                &[("backend", backend.as_str()), ("code", "503")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+
     stop_gracefully(child);
+    // It drained, without the advice for restarting `run` under load (README, Running
+    // several instances): the demo is never replaced by another instance.
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains(": draining"), "{logged}");
+    assert!(!logged.contains("tcp_migrate_req"), "{logged}");
+}
+
+#[tokio::test]
+async fn run_gives_the_tcp_migrate_req_advice_at_drain_where_it_is_off() {
+    // The advice the demo leaves out stays for `run`, whose listeners a replacing
+    // instance shares (where the sysctl is 1, or absent, there is nothing to advise).
+    let echo = Echo::start("a").await;
+    // A port of its own, not 0: the hand-over socket is named after the lowest listen
+    // address, and another palisade started on `127.0.0.1:0` meanwhile would take this
+    // one's listeners over (and then there is nothing to advise).
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_dir, file) = write_config(
+        "advice.toml",
+        &format!(
+            "[server]\nlisten = [\"{listen}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            single_upstream(&[(echo.addr, 1)], "")
+        ),
+    );
+    let log = file.with_extension("log");
+    let child = spawn_logged(&file, &log, "info");
+    wait_listening(listen).await;
+    assert_eq!(get(&format!("http://{listen}/")).await.status, 200);
+    stop_gracefully(child);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let off = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .is_ok_and(|v| v.trim() == "0");
+    assert_eq!(
+        logged.contains("net.ipv4.tcp_migrate_req = 0"),
+        off,
+        "{logged}"
+    );
 }
 
 #[tokio::test]
