@@ -109,7 +109,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // Sockets for addresses this config no longer has are closed here.
     drop(inherited);
     // Offered in turn from before this process says it is ready.
-    let offer = server::handover::name(&config).map(server::handover::Offer::claim);
+    let offers: Vec<_> = server::handover::names(&config)
+        .into_iter()
+        .map(server::handover::Offer::claim)
+        .collect();
     let admin_listener = bind_admin(&config)?;
     // The addresses bound, not as written: port 0 becomes the port the kernel chose.
     for listener in &listeners {
@@ -148,7 +151,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         shutdown_signal().await;
         crate::sdnotify::stopping();
     };
-    server::serve_managed(listeners, state, offer, shutdown).await;
+    server::serve_managed(listeners, state, offers, shutdown).await;
     sighup.abort();
     dns_task.abort();
     let _ = admin_stop.send(());

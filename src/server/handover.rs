@@ -4,9 +4,10 @@
 //! With SO_REUSEPORT alone, each process has a listening socket of its own on the shared
 //! port, and Linux resets the connections still queued on the old one when it closes
 //! (unless `net.ipv4.tcp_migrate_req` = 1, off by default). So a running palisade also
-//! offers its listening sockets on an abstract Unix socket named after its lowest listen
-//! address, and a new one starting with that address asks for them first (SCM_RIGHTS):
-//! both processes then accept from the very same socket, and when the old one stops
+//! offers its listening sockets on abstract Unix sockets, one named after each of its
+//! listen addresses, and a new one asks under its own addresses for them first
+//! (SCM_RIGHTS): any address the two share finds the running one. Both processes then
+//! accept from the very same socket, and when the old one stops
 //! accepting and closes its copy, what is queued stays queued for the new one. HAProxy
 //! (`-x`), nginx (binary upgrade) and Envoy (hot restart) pass their listeners on the
 //! same way.
@@ -45,10 +46,11 @@ pub type Key = (SocketAddr, bool);
 /// The listening sockets a process offers, kept current as reloads add and remove them.
 pub type Offered = Arc<Mutex<HashMap<Key, Arc<TcpListener>>>>;
 
-/// The abstract socket name under which a process offers its listeners: after its lowest
-/// listen address (plain or TLS). None without any.
-pub fn name(config: &Config) -> Option<String> {
-    listen_addresses(config).first().map(|&addr| name_of(addr))
+/// The abstract socket names under which a process offers its listeners: one after each
+/// of its listen addresses (plain or TLS), lowest first. Each serves the same offer, so a
+/// new process finds this one under any address the two share.
+pub fn names(config: &Config) -> Vec<String> {
+    listen_addresses(config).into_iter().map(name_of).collect()
 }
 
 fn name_of(addr: SocketAddr) -> String {
@@ -71,33 +73,52 @@ fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
 
 /// The listening sockets that running palisades offer for `config`'s addresses. The
 /// names of its addresses are asked lowest first, skipping addresses already taken over:
-/// usually the first answer has them all. A running process offers under its own lowest
-/// address, which need not be this config's lowest (a listen address added meanwhile).
+/// a running process offers under every one of its addresses and answers with all its
+/// sockets, so the first address the two share usually brings them all. A running
+/// process that does not answer in time is not asked again under its other names.
 pub fn take_over(config: &Config) -> HashMap<Key, std::net::TcpListener> {
     let mut taken: HashMap<Key, std::net::TcpListener> = HashMap::new();
     for addr in listen_addresses(config) {
         if taken.keys().any(|(have, _)| *have == addr) {
             continue;
         }
-        for (key, listener) in fetch(&name_of(addr)) {
-            taken.entry(key).or_insert(listener);
+        match fetch(&name_of(addr)) {
+            Fetched::Listeners(listeners) => {
+                for (key, listener) in listeners {
+                    taken.entry(key).or_insert(listener);
+                }
+            }
+            Fetched::Nobody => {}
+            // Hung (or stopped): each of its names would cost another wait.
+            Fetched::NoAnswer => break,
         }
     }
     taken
 }
 
-/// Asks a running palisade for its listening sockets. Empty when there is none (or it
-/// cannot be asked: every failure is logged and leaves the new process to bind its own).
-fn fetch(name: &str) -> HashMap<Key, std::net::TcpListener> {
+/// What asking under one name brought.
+enum Fetched {
+    /// The sockets offered (possibly none).
+    Listeners(HashMap<Key, std::net::TcpListener>),
+    /// No process offers under the name (or it could not be asked; logged).
+    Nobody,
+    /// A process holds the name but did not answer within [`ASK_TIMEOUT`] (logged).
+    NoAnswer,
+}
+
+/// Asks a running palisade for its listening sockets. Every failure is logged and leaves
+/// the new process to bind its own.
+fn fetch(name: &str) -> Fetched {
     match ask(name) {
         Ok(listeners) => {
             if !listeners.is_empty() {
                 tracing::info!(
                     listeners = listeners.len(),
+                    name,
                     "took over the listening sockets of the running palisade"
                 );
             }
-            listeners
+            Fetched::Listeners(listeners)
         }
         Err(e)
             if matches!(
@@ -105,11 +126,18 @@ fn fetch(name: &str) -> HashMap<Key, std::net::TcpListener> {
                 io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
             ) =>
         {
-            HashMap::new()
+            Fetched::Nobody
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not take over the running palisade's listening sockets; binding new ones");
-            HashMap::new()
+            tracing::warn!(error = %e, name, "could not take over the running palisade's listening sockets; binding new ones");
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                Fetched::NoAnswer
+            } else {
+                Fetched::Nobody
+            }
         }
     }
 }
@@ -182,9 +210,9 @@ fn same_user(stream: &UnixStream) -> io::Result<()> {
     Ok(())
 }
 
-/// The hand-over name of a process, claimed before the process says it is ready, so that
-/// a new process started as soon as this one is ready finds it. A new process asking
-/// before [`serve`] runs waits in the socket's queue.
+/// One hand-over name of a process (see [`names`]), claimed before the process says it is
+/// ready, so that a new process started as soon as this one is ready finds it. A new
+/// process asking before [`serve`] runs waits in the socket's queue.
 #[derive(Debug)]
 pub struct Offer {
     name: String,
@@ -214,10 +242,10 @@ impl Offer {
     }
 }
 
-/// Offers `offered` under `offer`'s name until `stop` says the process is stopping. While
-/// another process holds the name (the one this one took over from, until it stops),
-/// binding is tried again every second. Sets `handed` once a process took the sockets
-/// over.
+/// Offers `offered` under `offer`'s name until `stop` says the process is stopping (one
+/// task per name, all serving the same `offered`). While another process holds the name
+/// (the one this one took over from, until it stops), binding is tried again every
+/// second. Sets `handed` once a process took the sockets over.
 pub async fn serve(
     offer: Offer,
     offered: Offered,

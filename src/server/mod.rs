@@ -150,23 +150,23 @@ pub async fn serve_listeners(
 /// Like [`serve_listeners`], and the plain listeners follow `server.listen`: a reload that
 /// adds an address opens it, one that removes an address closes it (its open connections
 /// carry on). TLS listeners stay as started; their certificates follow reloads. The
-/// listeners are offered to a replacing process under `offer` ([`handover`]), and under
-/// the name of the new lowest listen address after a reload that changes it.
+/// listeners are offered to a replacing process under `offers` ([`handover`]: one name
+/// per listen address), and the names follow reloads that add and remove addresses.
 pub async fn serve_managed(
     listeners: Vec<Listener>,
     state: Arc<ProxyState>,
-    offer: Option<handover::Offer>,
+    offers: Vec<handover::Offer>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_inner(listeners, state, shutdown, Mode::Managed(offer)).await;
+    serve_inner(listeners, state, shutdown, Mode::Managed(offers)).await;
 }
 
 /// Whether the listeners follow the config ([`serve_managed`]).
 enum Mode {
     /// The listeners given, until the end.
     Fixed,
-    /// Listeners follow `server.listen` and are offered for hand-over, first under this.
-    Managed(Option<handover::Offer>),
+    /// Listeners follow `server.listen` and are offered for hand-over, first under these.
+    Managed(Vec<handover::Offer>),
 }
 
 async fn serve_inner(
@@ -175,9 +175,9 @@ async fn serve_inner(
     shutdown: impl Future<Output = ()>,
     mode: Mode,
 ) {
-    let (managed, first_offer) = match mode {
-        Mode::Managed(offer) => (true, offer),
-        Mode::Fixed => (false, None),
+    let (managed, first_offers) = match mode {
+        Mode::Managed(offers) => (true, offers),
+        Mode::Fixed => (false, Vec::new()),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone of `done_tx`; when all are dropped, `recv`
@@ -212,14 +212,16 @@ async fn serve_inner(
         let key = (listener.tls.unwrap_or(addr), listener.tls.is_some());
         accept_tasks.insert(key, spawn(listener.socket, listener.tls));
     }
-    // Offered under the lowest listen address, which a reload may change.
+    // Offered under every listen address, which a reload may add and remove: one task
+    // per name.
     let handed_over = Arc::new(AtomicBool::new(false));
     let offer = |offer: handover::Offer| {
         let name = offer.name().to_owned();
         let task = handover::serve(offer, offered.clone(), stop_rx.clone(), handed_over.clone());
         (name, tokio::spawn(task))
     };
-    let mut offering = first_offer.map(offer);
+    let mut offering: HashMap<String, JoinHandle<()>> =
+        first_offers.into_iter().map(offer).collect();
     let mut changes = state.subscribe();
     // Addresses a reload asked for that could not be bound (each logged once): tried
     // again every REBIND_EVERY, since a reload that changes nothing else is skipped.
@@ -278,12 +280,24 @@ async fn serve_inner(
                 }
             }
         }
-        let name = handover::name(&state.snapshot().config);
-        if managed && offering.as_ref().map(|(offered_as, _)| offered_as) != name.as_ref() {
-            if let Some((_, task)) = offering.take() {
-                task.abort();
+        if managed {
+            let names: HashSet<String> = handover::names(&state.snapshot().config)
+                .into_iter()
+                .collect();
+            // A dropped address releases its name: aborting the task closes its socket.
+            offering.retain(|name, task| {
+                let keep = names.contains(name);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for name in names {
+                if !offering.contains_key(&name) {
+                    let (name, task) = offer(handover::Offer::claim(name));
+                    offering.insert(name, task);
+                }
             }
-            offering = name.map(|name| offer(handover::Offer::claim(name)));
         }
     }
     drop(done_tx);
@@ -291,7 +305,7 @@ async fn serve_inner(
     state.start_draining();
     let _ = stop_tx.send(true);
     // The hand-over stops first: a process that took the sockets over keeps them open.
-    if let Some((_, task)) = offering {
+    for task in offering.into_values() {
         let _ = task.await;
     }
     if let Ok(mut offered) = offered.lock() {

@@ -166,7 +166,12 @@ async fn restart_scenario() {
 /// (its pid): while the old process runs, the shared admin port's `/readyz` may be
 /// answered by the old one, however the new one is doing.
 async fn start_ready(path: &Path, admin: SocketAddr) -> ChildGuard {
-    let mut child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    let child = spawn_palisade(&["run", "-c", &path.to_string_lossy()]);
+    wait_ready(child, path, admin).await
+}
+
+/// Waits until `child`, started with `path`, serves (see [`start_ready`]).
+async fn wait_ready(mut child: ChildGuard, path: &Path, admin: SocketAddr) -> ChildGuard {
     let pid = u64::from(child.0.id());
     let ready = eventually(Duration::from_secs(20), async || {
         matches!(
@@ -543,28 +548,14 @@ fn two_addresses() -> (SocketAddr, SocketAddr) {
     )
 }
 
-/// A process offers its sockets under its lowest listen address, and a reload can change
-/// which that is: it now offers under the new one. Before, it kept the name it started
-/// with, and a new process whose lowest address was the reload's new one found nobody to
-/// take over from and bound a socket of its own (its predecessor's queue then lost).
+/// A process offers its sockets under each of its listen addresses, and a reload can add
+/// a lower one: it offers under that too. Once, it kept the one name it started with, and
+/// a new process whose lowest address was the reload's new one found nobody to take over
+/// from and bound a socket of its own (its predecessor's queue then lost).
 #[tokio::test]
 async fn a_reload_that_adds_a_lower_address_moves_the_hand_over_with_it() {
-    let echo = Echo::start("a").await;
-    let dir = TempDir::new("handover-reload");
     let (low, high) = two_addresses();
-    let (path, admin) = listen_config(&dir, "a", &[high], echo.addr);
-    let old = start_ready(&path, admin).await;
-    write_config(&path, &[low, high], admin, echo.addr);
-    let reloaded = post(&format!("http://{admin}/reload"), Vec::new()).await;
-    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
-    assert!(
-        eventually(Duration::from_secs(5), async || one_request(low)
-            .await
-            .is_ok())
-        .await,
-        "the reload did not open {low}"
-    );
-    replace_and_check_the_take_over(old, &dir, &[low], low, echo.addr).await;
+    reload_then_take_over("handover-reload", &[high], &[low, high], low).await;
 }
 
 /// A new process whose lowest listen address is not the running one's (it adds a lower
@@ -593,4 +584,126 @@ async fn replace_and_check_the_take_over(
     assert_served_with_the_old_one_frozen(&old, addr, "new").await;
     terminate_and_wait(old).await;
     terminate_and_wait(new).await;
+}
+
+/// Rewrites the config at `path` to listen on `listen`, reloads it through `admin`, and
+/// waits until every address of `listen` answers and none of `dropped` does.
+async fn reload_listening(
+    path: &Path,
+    listen: &[SocketAddr],
+    dropped: &[SocketAddr],
+    admin: SocketAddr,
+    backend: SocketAddr,
+) {
+    write_config(path, listen, admin, backend);
+    let reloaded = post(&format!("http://{admin}/reload"), Vec::new()).await;
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    let opened = listen.iter().map(|&addr| (addr, true));
+    for (addr, open) in opened.chain(dropped.iter().map(|&addr| (addr, false))) {
+        assert!(
+            eventually(Duration::from_secs(5), async || one_request(addr)
+                .await
+                .is_ok()
+                == open)
+            .await,
+            "the reload did not {} {addr}",
+            if open { "open" } else { "close" }
+        );
+    }
+}
+
+/// Three listen addresses, lowest first.
+fn three_addresses() -> [SocketAddr; 3] {
+    let mut ports = [free_port(), free_port(), free_port()];
+    ports.sort_unstable();
+    ports.map(|port| ([127, 0, 0, 1], port).into())
+}
+
+/// A running process offers its sockets under every one of its listen addresses, so a
+/// new process whose config drops the running one's lowest address (and adds another)
+/// still takes over the sockets of the addresses the two share. Before, the running
+/// process offered under its lowest address only: the new one found nobody, bound its
+/// own socket, and the connections queued on the old one's were lost.
+#[tokio::test]
+async fn a_new_process_without_the_old_lowest_address_still_takes_over() {
+    let echo = Echo::start("a").await;
+    let dir = TempDir::new("handover-dropped");
+    let [a, b, c] = three_addresses();
+    let (path, admin) = listen_config(&dir, "old", &[a, b], echo.addr);
+    let old = start_ready(&path, admin).await;
+    replace_and_check_the_take_over(old, &dir, &[b, c], b, echo.addr).await;
+}
+
+/// A reload that adds an address offers the sockets under its name too: a new process
+/// listening on the added address only takes that socket over.
+#[tokio::test]
+async fn a_reload_that_adds_an_address_offers_under_it_too() {
+    let (low, high) = two_addresses();
+    reload_then_take_over("handover-reload-added", &[low], &[low, high], high).await;
+}
+
+/// Starts a process on `first`, reloads it to `then`, and checks that a process listening
+/// on `addr` alone takes `addr`'s socket over ([`replace_and_check_the_take_over`]).
+async fn reload_then_take_over(
+    tag: &str,
+    first: &[SocketAddr],
+    then: &[SocketAddr],
+    addr: SocketAddr,
+) {
+    let echo = Echo::start("a").await;
+    let dir = TempDir::new(tag);
+    let (path, admin) = listen_config(&dir, "a", first, echo.addr);
+    let old = start_ready(&path, admin).await;
+    reload_listening(&path, then, &[], admin, echo.addr).await;
+    replace_and_check_the_take_over(old, &dir, &[addr], addr, echo.addr).await;
+}
+
+/// A running process that does not answer the hand-over holds a name for each of its
+/// addresses; a new process sharing several of them asks under the first one only, gives
+/// up once, and binds its own sockets for them all (it does not wait again per address).
+#[tokio::test]
+async fn a_hung_old_process_is_asked_under_one_of_its_names_only() {
+    let echo = Echo::start("a").await;
+    let dir = TempDir::new("handover-hung-two");
+    let [a, b, c] = three_addresses();
+    let (path, admin) = listen_config(&dir, "old", &[a, b, c], echo.addr);
+    let old = start_ready(&path, admin).await;
+    signal(&old, "-STOP");
+    let (path, admin) = listen_config(&dir, "new", &[a, b, c], echo.addr);
+    let log_path = dir.join("new.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["run", "-c", &path.to_string_lossy(), "--log-level", "warn"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn palisade");
+    let new = wait_ready(ChildGuard(child), &path, admin).await;
+    signal(&old, "-CONT");
+    terminate_and_wait(old).await;
+    // Its log is complete once it has exited.
+    terminate_and_wait(new).await;
+    let log = std::fs::read_to_string(&log_path).expect("read the log");
+    let asked = log.matches("could not take over").count();
+    assert_eq!(asked, 1, "asked the hung process {asked} times:\n{log}");
+}
+
+/// A reload that drops an address stops offering under its name, so the name is free for
+/// a process that listens there next: here one started on the dropped address claims it,
+/// and a process started after that takes that one's socket over (were the name still
+/// the reloaded process's, the second would have asked it, got no socket for the address
+/// and bound one of its own).
+#[tokio::test]
+async fn a_reload_that_drops_an_address_releases_its_name() {
+    let echo = Echo::start("a").await;
+    let dir = TempDir::new("handover-reload-dropped");
+    let (low, high) = two_addresses();
+    let (path, admin) = listen_config(&dir, "old", &[low, high], echo.addr);
+    let old = start_ready(&path, admin).await;
+    reload_listening(&path, &[high], &[low], admin, echo.addr).await;
+    let (path, admin) = listen_config(&dir, "first", &[low], echo.addr);
+    let first = start_ready(&path, admin).await;
+    replace_and_check_the_take_over(first, &dir, &[low], low, echo.addr).await;
+    terminate_and_wait(old).await;
 }
