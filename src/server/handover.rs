@@ -57,7 +57,10 @@ fn name_of(addr: SocketAddr) -> String {
     format!("palisade-handover/{addr}")
 }
 
-/// Every listen address of `config` (plain and TLS), lowest first.
+/// Every listen address of `config` (plain and TLS) that names one port, lowest first.
+/// Port 0 asks the kernel for any free port: two processes both configured with it
+/// share no address, so it is neither offered under nor asked for (were it, a second
+/// palisade started on port 0 would take the running one's socket).
 fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
     let mut addrs: Vec<SocketAddr> = config
         .server
@@ -65,6 +68,7 @@ fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
         .iter()
         .copied()
         .chain(config.server.tls.iter().map(|t| t.listen))
+        .filter(|addr| addr.port() != 0)
         .collect();
     addrs.sort();
     addrs.dedup();

@@ -671,15 +671,8 @@ async fn a_hung_old_process_is_asked_under_one_of_its_names_only() {
     signal(&old, "-STOP");
     let (path, admin) = listen_config(&dir, "new", &[a, b, c], echo.addr);
     let log_path = dir.join("new.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args(["run", "-c", &path.to_string_lossy(), "--log-level", "warn"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn palisade");
-    let new = wait_ready(ChildGuard(child), &path, admin).await;
+    let child = spawn_logging_to(&path, "warn", &log_path);
+    let new = wait_ready(child, &path, admin).await;
     signal(&old, "-CONT");
     terminate_and_wait(old).await;
     // Its log is complete once it has exited.
@@ -706,4 +699,41 @@ async fn a_reload_that_drops_an_address_releases_its_name() {
     let first = start_ready(&path, admin).await;
     replace_and_check_the_take_over(first, &dir, &[low], low, echo.addr).await;
     terminate_and_wait(old).await;
+}
+
+/// Port 0 is any free port, not an address two processes share: a palisade started on
+/// port 0 beside another on port 0 binds its own socket and takes nothing over. Once,
+/// both offered and asked under `127.0.0.1:0`, and the second took the first's socket.
+#[tokio::test]
+async fn two_processes_on_port_0_take_nothing_from_each_other() {
+    let echo = Echo::start("a").await;
+    let dir = TempDir::new("handover-port-0");
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let (path, admin) = listen_config(&dir, "first", &[any], echo.addr);
+    let first = start_ready(&path, admin).await;
+    let (path, admin) = listen_config(&dir, "second", &[any], echo.addr);
+    let log_path = dir.join("second.log");
+    let child = spawn_logging_to(&path, "info", &log_path);
+    let second = wait_ready(child, &path, admin).await;
+    terminate_and_wait(second).await;
+    terminate_and_wait(first).await;
+    let log = std::fs::read_to_string(&log_path).expect("read the log");
+    assert!(log.contains("listening"), "no listening line:\n{log}");
+    assert!(
+        !log.contains("took over"),
+        "the second process took the first's socket:\n{log}"
+    );
+}
+
+/// `palisade run -c path` logging at `level` to the file `log` (plain text).
+fn spawn_logging_to(path: &Path, level: &str, log: &Path) -> ChildGuard {
+    let log = std::fs::File::create(log).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["run", "-c", &path.to_string_lossy(), "--log-level", level])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn palisade");
+    ChildGuard(child)
 }
