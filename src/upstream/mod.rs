@@ -144,50 +144,71 @@ impl Drop for QueuePlace<'_> {
     }
 }
 
-/// The backends a request already tried (only the first few are remembered), and those
-/// of them it may not try again.
-#[derive(Debug, Default, Clone, Copy)]
+/// The backends a request already tried (the first [`Tried::REMEMBERED`] different ones
+/// are remembered), and those it may not try again (as many again).
+#[derive(Debug, Clone, Copy)]
 pub struct Tried {
-    list: [u32; 8],
-    len: usize,
-    /// Bit `n`: `list[n]` is barred (its TLS handshake failed: it would fail again).
-    barred: u8,
+    list: [u32; Tried::REMEMBERED],
+    len: u8,
+    /// The backend tried last ([`NONE`] before the first attempt).
+    last: u32,
+    /// Backends whose TLS handshake failed: they would fail again.
+    barred: [u32; Tried::REMEMBERED],
+    barred_len: u8,
+}
+
+/// No backend.
+const NONE: u32 = u32::MAX;
+
+impl Default for Tried {
+    fn default() -> Tried {
+        Tried {
+            list: [NONE; Tried::REMEMBERED],
+            len: 0,
+            last: NONE,
+            barred: [NONE; Tried::REMEMBERED],
+            barred_len: 0,
+        }
+    }
 }
 
 impl Tried {
-    /// Remembers backend `i`.
+    /// How many different backends are remembered as tried, and as barred.
+    pub const REMEMBERED: usize = 8;
+
+    /// Remembers backend `i` (once, however often it is tried) as the one tried last.
     pub fn push(&mut self, i: usize) {
-        if self.len < self.list.len() {
-            self.list[self.len] = i as u32;
+        let i = i as u32;
+        self.last = i;
+        let len = usize::from(self.len);
+        if len < self.list.len() && !self.list[..len].contains(&i) {
+            self.list[len] = i;
             self.len += 1;
         }
     }
 
     /// Whether backend `i` was tried.
     pub fn contains(&self, i: usize) -> bool {
-        self.list[..self.len].contains(&(i as u32))
+        self.list[..usize::from(self.len)].contains(&(i as u32))
     }
 
-    /// The backend tried last (of those remembered).
+    /// The backend tried last.
     pub fn last(&self) -> Option<usize> {
-        let i = self.len.checked_sub(1)?;
-        Some(self.list[i] as usize)
+        (self.last != NONE).then_some(self.last as usize)
     }
 
     /// Bars the backend tried last: no later attempt of the request goes to it.
     pub fn bar_last(&mut self) {
-        if let Some(n) = self.len.checked_sub(1) {
-            self.barred |= 1 << n;
+        let len = usize::from(self.barred_len);
+        if self.last != NONE && len < self.barred.len() && !self.is_barred(self.last as usize) {
+            self.barred[len] = self.last;
+            self.barred_len += 1;
         }
     }
 
     /// Whether backend `i` is barred.
     pub fn is_barred(&self, i: usize) -> bool {
-        self.barred != 0
-            && self.list[..self.len]
-                .iter()
-                .enumerate()
-                .any(|(n, &b)| b as usize == i && self.barred & (1 << n) != 0)
+        self.barred_len != 0 && self.barred[..usize::from(self.barred_len)].contains(&(i as u32))
     }
 }
 
@@ -442,7 +463,9 @@ impl Upstream {
             self.balancer
                 .pick(backends, key, &|i| !open(i) || tried.is_barred(i))
         });
-        if any.is_some() {
+        // Available backends barred to this request are no panic: it fares as in one,
+        // but neither the metric nor the log says so.
+        if any.is_some() && !backends.iter().any(|b| b.is_available(now)) {
             self.panic_picks.fetch_add(1, Ordering::Relaxed);
             if !self.panic_logged.swap(true, Ordering::Relaxed) {
                 tracing::warn!(upstream = %self.name, "no healthy backend left; panic mode: trying all of them");
@@ -581,6 +604,29 @@ mod tests {
     }
 
     #[test]
+    fn the_backend_barred_is_the_one_tried_last_however_many_attempts_came_before() {
+        let mut tried = Tried::default();
+        assert_eq!(tried.last(), None);
+        // The same backend again and again takes one place among those remembered.
+        for _ in 0..20 {
+            tried.push(3);
+        }
+        for i in 0..Tried::REMEMBERED + 2 {
+            tried.push(i);
+        }
+        assert_eq!(tried.last(), Some(Tried::REMEMBERED + 1));
+        tried.bar_last();
+        assert!(tried.is_barred(Tried::REMEMBERED + 1));
+        assert!((0..=Tried::REMEMBERED).all(|i| !tried.is_barred(i)));
+        assert!(tried.contains(Tried::REMEMBERED - 1) && tried.contains(3));
+        // Barring twice takes no second place.
+        tried.bar_last();
+        tried.push(0);
+        tried.bar_last();
+        assert!(tried.is_barred(0) && tried.is_barred(Tried::REMEMBERED + 1));
+    }
+
+    #[test]
     fn a_barred_backend_is_never_picked_again() {
         let up = upstream("{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }");
         let mut tried = Tried::default();
@@ -598,6 +644,8 @@ mod tests {
         for _ in 0..8 {
             assert_eq!(up.pick(0, &tried), Some(1));
         }
+        // A healthy backend is there, barred to this request only: no panic mode.
+        assert_eq!(up.panic_picks.load(Ordering::Relaxed), 0);
         // Nothing left but the barred one: nothing to pick.
         tried.push(1);
         tried.bar_last();

@@ -386,9 +386,8 @@ async fn run_gives_the_tcp_migrate_req_advice_at_drain_where_it_is_off() {
     // The advice the demo leaves out stays for `run`, whose listeners a replacing
     // instance shares (where the sysctl is 1, or absent, there is nothing to advise).
     let echo = Echo::start("a").await;
-    // A port of its own, not 0: the hand-over socket is named after the lowest listen
-    // address, and another palisade started on `127.0.0.1:0` meanwhile would take this
-    // one's listeners over (and then there is nothing to advise).
+    // A port of its own, not 0: the advice is left out once another process has taken
+    // the listeners over, so no other test's palisade may share this address.
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (_dir, file) = write_config(
         "advice.toml",
