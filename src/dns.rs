@@ -138,7 +138,8 @@ impl Lookups {
                 }
             }
         }
-        // A name the config no longer has is forgotten: if it comes back, so does its warning.
+        // A name the config no longer has at this lookup is forgotten: if it comes back,
+        // so does its warning (not when it left and came back between two lookups).
         self.failing.retain(|name| names.contains(name));
         out
     }
