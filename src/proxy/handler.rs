@@ -681,7 +681,7 @@ async fn attempt_once<'s>(
     last: bool,
 ) -> Result<Outcome, ProxyError> {
     let (index, in_flight) = upstream.acquire(key, tried).await.map_err(|e| match e {
-        PickError::NoBackends => ProxyError::ConnectionRefused,
+        PickError::NoBackends | PickError::Barred => ProxyError::ConnectionRefused,
         PickError::QueueFull => ProxyError::QueueFull,
     })?;
     tried.push(index);

@@ -132,6 +132,9 @@ pub enum PickError {
     NoBackends,
     /// Every backend is at its in-flight cap and the queue is full, or the wait timed out.
     QueueFull,
+    /// The backends with room are all barred to this request (their TLS handshakes
+    /// failed): no backend it may use is reachable.
+    Barred,
 }
 
 /// A request's place in an upstream's queue: counted in when taken (the caller adds it),
@@ -204,6 +207,11 @@ impl Tried {
             self.barred[len] = self.last;
             self.barred_len += 1;
         }
+    }
+
+    /// Whether any backend is barred.
+    pub fn any_barred(&self) -> bool {
+        self.barred_len != 0
     }
 
     /// Whether backend `i` is barred.
@@ -363,6 +371,11 @@ impl Upstream {
                 }
                 // Lost a race for the last slot: pick again.
                 continue;
+            }
+            // Nothing picked though a backend has room: those with room are barred to
+            // this request, and waiting for a slot would not change that.
+            if tried.any_barred() && self.backends.iter().any(|b| b.in_flight() < self.cap) {
+                return Err(PickError::Barred);
             }
             // Every backend is at its cap: queue, if there is a queue.
             let Some(queue) = &self.config.queue else {
@@ -651,5 +664,20 @@ mod tests {
         tried.bar_last();
         assert!(!up.has_untried(&tried));
         assert_eq!(up.pick(0, &tried), None);
+    }
+
+    #[tokio::test]
+    async fn with_every_backend_barred_a_request_is_not_told_the_queue_is_full() {
+        let up = upstream("{ addr = \"127.0.0.1:1\" }, { addr = \"127.0.0.1:2\" }");
+        let mut tried = Tried::default();
+        for i in 0..2 {
+            tried.push(i);
+            tried.bar_last();
+        }
+        // Both have room: it is the barring, not the cap (a 502, not a 503).
+        assert!(matches!(
+            up.acquire(0, &tried).await,
+            Err(PickError::Barred)
+        ));
     }
 }
