@@ -191,7 +191,7 @@ pub fn status(state: &ProxyState) -> Value {
                     "healthy": b.is_healthy(),
                     "ejected": b.is_ejected(now),
                     "in_flight": b.in_flight(),
-                    "weight": b.weight,
+                    "weight": b.weight(),
                     "requests": b.requests.load(Ordering::Relaxed),
                     "failures": b.failures.load(Ordering::Relaxed),
                     "ewma_ms": b.ewma_ns() as f64 / 1e6,

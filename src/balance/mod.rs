@@ -154,7 +154,7 @@ fn fmix64(mut k: u64) -> u64 {
 
 /// A backend's weight as the algorithms use it: the configured one, at least 1.
 fn weight_of(backend: &Backend) -> u64 {
-    u64::from(backend.weight.max(1))
+    u64::from(backend.weight().max(1))
 }
 
 /// First index at or after `start` (wrapping) that `skip` allows, with the steps taken.

@@ -17,8 +17,9 @@ pub struct Backend {
     /// The address connections go to: `host:port` as configured, or one address a
     /// configured name resolved to (`ip:port`).
     pub addr: Box<str>,
-    /// Relative share of traffic, at least 1.
-    pub weight: u32,
+    /// Relative share of traffic, at least 1; a reload that changes only the weight sets
+    /// it here, so the backend keeps its live state. Read it through [`Backend::weight`].
+    pub weight: AtomicU32,
     /// `addr` as the authority of upstream request URIs (where to connect), parsed once.
     pub authority: Authority,
     /// The backend as configured (`host:port`, the name when `addr` is one of its
@@ -72,7 +73,7 @@ impl Backend {
         };
         Backend {
             addr: addr.into(),
-            weight: weight.max(1),
+            weight: AtomicU32::new(weight.max(1)),
             authority,
             host,
             in_flight: AtomicU32::new(0),
@@ -89,6 +90,11 @@ impl Backend {
             pool: super::pool::Pool::default(),
             h2: super::h2::H2Conn::default(),
         }
+    }
+
+    /// Relative share of traffic, at least 1.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
     }
 
     /// Requests currently in flight.
@@ -311,7 +317,7 @@ mod tests {
         let b = Backend::new("app.internal:80", 0);
         assert_eq!(b.authority.as_str(), "app.internal:80");
         assert_eq!(b.host.as_str(), "app.internal:80");
-        assert_eq!(b.weight, 1);
+        assert_eq!(b.weight(), 1);
         let named = Backend::named("10.1.2.3:8080", "app.internal:8080", 1);
         assert_eq!(named.authority.as_str(), "10.1.2.3:8080");
         assert_eq!(named.host.as_str(), "app.internal:8080");

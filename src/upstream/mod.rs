@@ -242,13 +242,20 @@ impl Upstream {
                     continue;
                 }
                 // Kept only under the same name too: the name is its Host and TLS name.
+                // A new weight is no new backend: it keeps its counters, health and
+                // requests in flight (SPEC: backends that stay keep their state).
                 let kept = previous.and_then(|p| {
-                    p.backends.iter().find(|old| {
-                        *old.addr == *addr && old.host.as_str() == b.addr && old.weight == b.weight
-                    })
+                    p.backends
+                        .iter()
+                        .find(|old| *old.addr == *addr && old.host.as_str() == b.addr)
                 });
                 backends.push(match kept {
-                    Some(old) => old.clone(),
+                    Some(old) => {
+                        // Only snapshots about to serve are built: the old one's requests
+                        // may see the new weight too, which is harmless.
+                        old.weight.store(b.weight.max(1), Ordering::Relaxed);
+                        old.clone()
+                    }
                     None => Arc::new(Backend::named(&addr, &b.addr, b.weight)),
                 });
             }

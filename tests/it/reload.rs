@@ -636,3 +636,65 @@ async fn a_save_that_changes_nothing_is_logged_as_not_reloaded() {
     );
     stop_gracefully(child);
 }
+
+/// A reload that changes only a backend's weight keeps the backend: its counters, its
+/// health and its requests in flight (SPEC: backends that stay keep their state). Once,
+/// a new weight made a new backend: `/status` counted from 0, a backend held out by its
+/// health checks was back in rotation, and least_conn lost sight of requests in flight.
+#[tokio::test]
+async fn a_backend_whose_weight_alone_changes_keeps_its_state() {
+    let a = Echo::start("a").await;
+    let b = Echo::start("b").await;
+    let toml = |wa: u32, wb: u32| {
+        format!(
+            "[[routes]]\nname = \"all\"\nupstream = \"app\"\n[upstreams.app]\nbalance = \"least_conn\"\n\
+             backends = [{{ addr = \"{}\", weight = {wa} }}, {{ addr = \"{}\", weight = {wb} }}]\n\
+             [upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1\n",
+            a.addr, b.addr
+        )
+    };
+    let proxy = Proxy::start(&toml(1, 1)).await;
+    for _ in 0..4 {
+        assert_eq!(get(&proxy.url("/")).await.status, 200);
+    }
+    // b fails its checks and is held out; a has a request in flight.
+    post(&format!("http://{}/health/down", b.addr), vec![]).await;
+    let backends = async || {
+        get(&proxy.admin_url("/status")).await.json()["upstreams"]["app"]["backends"].clone()
+    };
+    assert!(
+        eventually(Duration::from_secs(3), async || backends().await[1]
+            ["healthy"]
+            == false)
+        .await,
+        "b never showed unhealthy"
+    );
+    let slow_url = proxy.url("/delay/1500");
+    let slow = tokio::spawn(async move { get(&slow_url).await.status });
+    assert!(
+        eventually(Duration::from_secs(3), async || backends().await[0]
+            ["in_flight"]
+            == 1)
+        .await,
+        "the slow request never showed in flight"
+    );
+    let before = backends().await;
+
+    let config =
+        palisade::config::parse(&toml(3, 2), std::path::Path::new("test.toml")).expect("config");
+    proxy.state.apply(config);
+    let after = backends().await;
+    assert_eq!(
+        (&after[0]["weight"], &after[1]["weight"]),
+        (&3.into(), &2.into())
+    );
+    for field in ["requests", "failures", "in_flight"] {
+        assert_eq!(after[0][field], before[0][field], "a's {field}: {after}");
+    }
+    assert_eq!(after[1]["requests"], before[1]["requests"], "{after}");
+    assert_eq!(
+        after[1]["healthy"], false,
+        "b came back with the new weight: {after}"
+    );
+    assert_eq!(slow.await.expect("slow request"), 200);
+}
