@@ -598,15 +598,19 @@ enum Outcome {
 }
 
 /// Sends the request to one backend after another until an attempt succeeds or the retry
-/// rules say stop: connection failures (nothing was sent) are retried whatever the method,
-/// on any backend (the same one too: it costs it nothing) and without a token from the
-/// retry budget, except that a backend whose TLS handshake failed (its certificate did not
-/// verify) would fail the same way again: the request goes on only to a backend it has not
-/// tried, and never back to that one; after the request was sent, only idempotent requests with a buffered
-/// body are retried, only after a reset, a timeout or a 502/503/504, only on a backend
-/// this request has not tried (as nginx: a slow answer is not asked for again from the
-/// backend that is still working on it), and each such retry needs a token from the
-/// upstream's retry budget. Every retry waits an exponential backoff with full jitter.
+/// rules say stop:
+/// - a connection failure (nothing was sent) is retried whatever the method, on any
+///   backend (the same one too: it costs it nothing) and without a token from the retry
+///   budget; but a backend whose TLS handshake failed (its certificate did not verify)
+///   would fail the same way again, so the request goes on only to a backend it has not
+///   tried, and never back to that one;
+/// - after the request was sent, only idempotent requests with a buffered body are
+///   retried, only after a reset, a timeout or a 502/503/504, only on a backend this
+///   request has not tried (as nginx: a slow answer is not asked for again from the
+///   backend that is still working on it), and each such retry needs a token from the
+///   upstream's retry budget.
+///
+/// Every retry waits an exponential backoff with full jitter.
 async fn attempt_until_done<'s>(
     upstream: &'s Upstream,
     template: &mut Template,

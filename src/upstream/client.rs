@@ -4,8 +4,8 @@
 //!
 //! One keep-alive pool per upstream (hyper-util's legacy client; the pool is keyed by
 //! backend address, so an upstream whose address changes name, by a reload or DNS, gets a
-//! new client: see [`super::Upstream::build`]), TCP_NODELAY, a connect timeout, HTTP/1.1 or HTTP/2 prior knowledge as
-//! the upstream's `protocol` says, and TLS to the backends when the upstream has
+//! new client: see [`super::Upstream::build`]), TCP_NODELAY, a connect timeout, HTTP/1.1
+//! or HTTP/2 prior knowledge as the upstream's `protocol` says, and TLS to the backends when the upstream has
 //! `tls = true` (rustls: the system roots or `ca_file`; `server_name`, else the backend's
 //! configured host, as the name to send in SNI and to verify, see [`ServerNames`]).
 
