@@ -326,7 +326,7 @@ async fn exchange(wire: &mut Slot, ctx: &Connection, head: Box<Head>) -> bool {
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(backend) = on_upgrade.as_ref().and_then(OnUpgrade::take) {
             let mut out = Vec::with_capacity(256);
-            status_line(&mut out, Version::HTTP_11, parts.status);
+            status_line(&mut out, parts.status);
             for (name, value) in &parts.headers {
                 header_line(&mut out, name, value.as_bytes());
             }
@@ -602,7 +602,7 @@ fn encode_head(
     let mut out =
         Vec::with_capacity(128 + parts.headers.len() * 48 + raw.map_or(0, |raw| raw.byte_len()));
     let status = parts.status;
-    status_line(&mut out, version, status);
+    status_line(&mut out, status);
     let mut length = None;
     let mut has_connection = false;
     let mut has_date = false;
@@ -663,12 +663,12 @@ fn encode_head(
     (out, framing, keep_alive)
 }
 
-fn status_line(out: &mut Vec<u8>, version: Version, status: StatusCode) {
-    out.extend_from_slice(if version == Version::HTTP_10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    });
+/// The status line. It says HTTP/1.1 to HTTP/1.0 clients too, as nginx, HAProxy and
+/// Apache do: a server sends the highest version it conforms to within the client's major
+/// version (RFC 9110, section 6.2). What an HTTP/1.0 client cannot take (chunked framing,
+/// a connection kept without asking) follows the request's version, not this line's.
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());

@@ -143,7 +143,7 @@ async fn a_host_less_request_reaches_a_dns_backend_with_its_name_as_host() {
     .await;
     resolve(&proxy, "app.internal:8080", backend.addr);
     let head = backend
-        .through(proxy.addr, b"GET /x HTTP/1.0\r\n\r\n", "HTTP/1.0 200 ")
+        .through(proxy.addr, b"GET /x HTTP/1.0\r\n\r\n", "HTTP/1.1 200 ")
         .await;
     assert_eq!(lines(&head, "host"), ["app.internal:8080"], "{head}");
     // The backend is still listed (/status, metrics) by the address it is at.

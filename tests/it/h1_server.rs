@@ -534,15 +534,16 @@ async fn pipelined_requests_in_one_write_are_answered_in_order() {
 }
 
 #[tokio::test]
-async fn an_http10_request_without_keep_alive_is_answered_in_http10_and_the_connection_closed() {
+async fn an_http10_request_without_keep_alive_is_answered_and_the_connection_closed() {
     let backend = Backend::start().await;
     let proxy = backend.proxy().await;
     let mut client = Client::connect(proxy.addr).await;
     client.send("GET /ten HTTP/1.0\r\nhost: test\r\n\r\n").await;
     let answer = client.answer("GET").await;
-    // The status line speaks the client's version.
+    // The status line says HTTP/1.1, as nginx's and HAProxy's do (RFC 9110, 6.2): the
+    // highest version palisade speaks within the client's major version.
     assert!(
-        answer.head.line.starts_with("HTTP/1.0 200"),
+        answer.head.line.starts_with("HTTP/1.1 200"),
         "{:?}",
         answer.head
     );
@@ -557,7 +558,7 @@ async fn an_http10_request_without_keep_alive_is_answered_in_http10_and_the_conn
 }
 
 #[tokio::test]
-async fn an_http10_request_with_keep_alive_is_answered_in_http10_and_the_connection_kept() {
+async fn an_http10_request_with_keep_alive_is_answered_and_the_connection_kept() {
     // ApacheBench's -k and old clients keep HTTP/1.0 connections alive by asking: the
     // answer says `connection: keep-alive` and the connection serves the next request
     // (hyper's server closed it instead).
@@ -569,7 +570,7 @@ async fn an_http10_request_with_keep_alive_is_answered_in_http10_and_the_connect
         .await;
     let answer = client.answer("GET").await;
     assert!(
-        answer.head.line.starts_with("HTTP/1.0 200"),
+        answer.head.line.starts_with("HTTP/1.1 200"),
         "{:?}",
         answer.head
     );
@@ -862,7 +863,7 @@ async fn an_answer_without_length_reaches_an_http10_client_delimited_by_the_clos
             .await;
         let answer = client.answer("GET").await;
         assert!(
-            answer.head.line.starts_with("HTTP/1.0 200"),
+            answer.head.line.starts_with("HTTP/1.1 200"),
             "{:?}",
             answer.head
         );

@@ -302,7 +302,7 @@ async fn an_h2c_upstream_gets_the_clients_host_as_authority_and_no_host_field() 
         std::time::Duration::from_secs(5),
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert!(
         answer.contains(&format!("x-saw-authority: {backend}\r\n")),
         "{answer}"
@@ -341,7 +341,7 @@ async fn a_dns_h2c_backend_gets_its_name_as_authority_from_probes_and_host_less_
     };
     let name = ("app.internal:8080".to_owned(), 0);
     assert_eq!(next().await, name, "a probe");
-    raw_expect(proxy.addr, b"GET /c HTTP/1.0\r\n\r\n", "HTTP/1.0 200 ").await;
+    raw_expect(proxy.addr, b"GET /c HTTP/1.0\r\n\r\n", "HTTP/1.1 200 ").await;
     // The request, and any probe that came along meanwhile.
     assert_eq!(next().await, name);
     assert_eq!(next().await, name);

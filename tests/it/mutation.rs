@@ -212,7 +212,7 @@ async fn one_case(proxy: std::net::SocketAddr, rng: &mut Rng) -> Result<u16, Str
         return Ok(0);
     }
     let line = &got[..got.len().min(13)];
-    let well_formed = (line.starts_with(b"HTTP/1.1 ") || line.starts_with(b"HTTP/1.0 "))
+    let well_formed = line.starts_with(b"HTTP/1.1 ")
         && line.len() == 13
         && line[9..12].iter().all(u8::is_ascii_digit)
         && line[12] == b' ';

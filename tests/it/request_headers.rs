@@ -253,7 +253,7 @@ async fn an_http1_absolute_form_target_replaces_the_host_header() {
         Duration::from_secs(5),
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.0 400 "), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(
         answer.contains("proxy-status: palisade; error=http_request_error"),
         "{answer}"

@@ -628,7 +628,7 @@ async fn a_dns_backend_gets_its_name_as_sni_and_is_verified_against_it() {
     assert_eq!(answer.header("x-sni"), Some("localhost"));
 
     // An HTTP/1.0 client without Host: the name is the Host too.
-    let answer = raw_expect(proxy.addr, b"GET /bare HTTP/1.0\r\n\r\n", "HTTP/1.0 200 ").await;
+    let answer = raw_expect(proxy.addr, b"GET /bare HTTP/1.0\r\n\r\n", "HTTP/1.1 200 ").await;
     assert!(answer.contains(&format!("x-host: {name}\r\n")), "{answer}");
 }
 
