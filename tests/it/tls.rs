@@ -509,6 +509,26 @@ fn acceptor(cert: &Cert) -> tokio_rustls::TlsAcceptor {
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
+/// Listens on an ephemeral port and hands each connection, with an acceptor for `cert`, to
+/// `serve`, whose future runs in a task of its own.
+async fn tls_listener<F, Fut>(cert: &Cert, mut serve: F) -> SocketAddr
+where
+    F: FnMut(tokio_rustls::TlsAcceptor, tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let acceptor = acceptor(cert);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve(acceptor.clone(), tcp));
+        }
+    });
+    addr
+}
+
 /// An HTTPS-only backend with `cert`, answering `tls-ok PATH`, with the SNI it got in
 /// `x-sni` and the Host in `x-host` (`-`: none).
 async fn https_backend(cert: &Cert) -> SocketAddr {
@@ -517,46 +537,39 @@ async fn https_backend(cert: &Cert) -> SocketAddr {
 
 /// [`https_backend`], and the count of connections it accepted (handshakes begun).
 async fn https_backend_counted(cert: &Cert) -> (SocketAddr, Arc<AtomicUsize>) {
-    let acceptor = acceptor(cert);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let sni = stream.get_ref().1.server_name().unwrap_or("-").to_owned();
-                let service =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let sni = sni.clone();
-                        async move {
-                            let body = format!("tls-ok {}", req.uri().path());
-                            let mut resp =
-                                http::Response::new(http_body_util::Full::new(Bytes::from(body)));
-                            let host = req
-                                .headers()
-                                .get("host")
-                                .cloned()
-                                .unwrap_or(http::HeaderValue::from_static("-"));
-                            resp.headers_mut().insert("x-host", host);
-                            resp.headers_mut()
-                                .insert("x-sni", sni.parse().expect("sni as a value"));
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    let addr = tls_listener(cert, move |acceptor, tcp| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let sni = stream.get_ref().1.server_name().unwrap_or("-").to_owned();
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let sni = sni.clone();
+                    async move {
+                        let body = format!("tls-ok {}", req.uri().path());
+                        let mut resp =
+                            http::Response::new(http_body_util::Full::new(Bytes::from(body)));
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .cloned()
+                            .unwrap_or(http::HeaderValue::from_static("-"));
+                        resp.headers_mut().insert("x-host", host);
+                        resp.headers_mut()
+                            .insert("x-sni", sni.parse().expect("sni as a value"));
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         }
-    });
+    })
+    .await;
     (addr, accepted)
 }
 
@@ -715,42 +728,98 @@ async fn the_spec_examples_certificate_paths_work_from_the_repository() {
 /// timeout meeting a request on its way), with or without TLS close_notify. Counts the
 /// request heads it read.
 async fn https_closing_on_the_second_request(cert: &Cert) -> (SocketAddr, Arc<AtomicUsize>) {
-    let acceptor = acceptor(cert);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let heads = Arc::new(AtomicUsize::new(0));
     let count = heads.clone();
-    tokio::spawn(async move {
-        let mut graceful = false;
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, count) = (acceptor.clone(), count.clone());
-            // Every other connection ends with TLS close_notify, the others without.
-            graceful = !graceful;
-            tokio::spawn(async move {
-                let Ok(mut stream) = acceptor.accept(tcp).await else {
+    let mut graceful = false;
+    let addr = tls_listener(cert, move |acceptor, tcp| {
+        let count = count.clone();
+        // Every other connection ends with TLS close_notify, the others without.
+        graceful = !graceful;
+        let graceful = graceful;
+        async move {
+            let Ok(mut stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            for answered in [true, false] {
+                if request_head_bytes(&mut stream).await.is_none() {
                     return;
-                };
-                for answered in [true, false] {
-                    if request_head_bytes(&mut stream).await.is_none() {
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                if answered {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(ok).await.is_err() || stream.flush().await.is_err() {
                         return;
                     }
-                    count.fetch_add(1, Ordering::SeqCst);
-                    if answered {
-                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(ok).await.is_err() || stream.flush().await.is_err() {
-                            return;
-                        }
-                    }
                 }
-                if graceful {
-                    let _ = stream.shutdown().await;
-                }
-            });
+            }
+            if graceful {
+                let _ = stream.shutdown().await;
+            }
         }
-    });
+    })
+    .await;
     (addr, heads)
+}
+
+/// An HTTPS backend that reads a request head on each connection and answers `answer`,
+/// then closes. Counts the request heads it read.
+async fn https_answering(cert: &Cert, answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let heads = Arc::new(AtomicUsize::new(0));
+    let count = heads.clone();
+    let addr = tls_listener(cert, move |acceptor, tcp| {
+        let count = count.clone();
+        async move {
+            let Ok(mut stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            if request_head_bytes(&mut stream).await.is_some() {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(answer).await;
+                let _ = stream.flush().await;
+                let _ = stream.shutdown().await;
+            }
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn an_https_backend_answer_that_is_not_http_is_a_502_http_protocol_error() {
+    // HTTPS backends are spoken to through hyper's HTTP/1 client, not palisade's own codec:
+    // its parse errors get the same 502 and Proxy-Status as the codec's (h1_upstream.rs),
+    // not a connection error.
+    let cert = make_cert(&["backend.test"]);
+    let dir = temp_dir("garbled");
+    std::fs::write(dir.join("backend-ca.pem"), &cert.cert_pem).expect("ca");
+    let garbled: [(&str, &'static [u8]); 3] = [
+        ("not HTTP", b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
+        (
+            "a bad status code",
+            b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n",
+        ),
+        (
+            "a line without a colon",
+            b"HTTP/1.1 200 OK\r\nno colon here\r\ncontent-length: 0\r\n\r\n",
+        ),
+    ];
+    for (what, answer) in garbled {
+        let (backend, heads) = https_answering(&cert, answer).await;
+        let proxy = Proxy::start_file(&upstream_tls_config(
+            &dir,
+            backend,
+            "ca_file = \"backend-ca.pem\"\nserver_name = \"backend.test\"",
+        ))
+        .await;
+        let got = get(&proxy.url("/")).await;
+        assert_eq!(got.status, 502, "{what}: {}", got.text());
+        assert_eq!(
+            got.header("proxy-status"),
+            Some("palisade; error=http_protocol_error"),
+            "{what}"
+        );
+        assert!(heads.load(Ordering::SeqCst) >= 1, "{what}: never asked");
+    }
 }
 
 #[tokio::test]
