@@ -123,48 +123,41 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
 
 /// Watches the config file, and the certificate and key files it names, and reloads when
 /// one changes. Directories are watched, since editors, `sed -i` and certificate renewers
-/// replace files by a rename; only create, modify, close-after-write and remove events for
-/// those files count (notify also reports plain opens, which a reload causes). A file
-/// reached through symbolic links is watched along the way too: a Kubernetes ConfigMap
-/// (`palisade.toml -> ..data/palisade.toml`, `..data` swapped by a rename) or a deploy's
-/// `current` link moved to a new release is a change of the file. A burst of events
-/// reloads once, [`QUIET`] after its last event (at most [`MAX_BURST`] after its first).
-/// A config file written in place and not closed is read only once its writer has closed
-/// it (`cmd > palisade.toml` with a slow `cmd` leaves it half written for as long as `cmd`
-/// takes), or after [`WRITE_WAIT`] with no further event. A change of the config file
-/// reloads only when its content differs; a change of a certificate always reloads. What
-/// is watched follows the running config: certificate files a reload names (by any
-/// trigger) are watched within a second. Keep the returned watcher alive to keep
-/// watching.
-pub fn watch_config_file(state: Arc<ProxyState>) -> notify::Result<ConfigWatcher> {
-    use notify_debouncer_full::{new_debouncer, DebounceEventResult};
-
-    let files = Arc::new(std::sync::Mutex::new(Files::of(&state.snapshot().config)));
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
-    let seen = files.clone();
-    let debouncer = new_debouncer(WATCH_DEBOUNCE, None, move |result: DebounceEventResult| {
-        let Ok(events) = result else { return };
-        let change = match seen.lock() {
-            Ok(mut files) => files.settle(&events),
-            Err(_) => return,
-        };
-        if let Some(change) = change {
-            let _ = tx.send(change);
-        }
-    })?;
+/// replace files by a rename. A directory's watch reports only what can change a file
+/// there as a whole: a file created, renamed, removed, or closed after writing (and its
+/// permissions changed), not every write or open: a busy log beside the config costs
+/// nothing. The config file is watched itself for writes in place, so that one half
+/// written is not read. A file reached through symbolic links is watched along the way
+/// too: a Kubernetes ConfigMap (`palisade.toml -> ..data/palisade.toml`, `..data` swapped
+/// by a rename) or a deploy's `current` link moved to a new release is a change of the
+/// file. A burst of events reloads once, [`QUIET`] after its last event (at most
+/// [`MAX_BURST`] after its first). A config file written in place and not closed is read
+/// only once its writer has closed it (`cmd > palisade.toml` with a slow `cmd` leaves it
+/// half written for as long as `cmd` takes), or after [`WRITE_WAIT`] with no further
+/// event. A change of the config file reloads only when its content differs; a change of
+/// a certificate always reloads. What is watched follows the running config: certificate
+/// files a reload names (by any trigger) are watched within a second. Keep the returned
+/// watcher alive to keep watching. Must be called within a Tokio runtime.
+///
+/// inotify is used directly: notify 8 (the design's first choice) subscribes every watched
+/// directory to every write and open with no way to narrow it, and a program appending to
+/// a file beside the config cost palisade half a core.
+pub fn watch_config_file(state: Arc<ProxyState>) -> std::io::Result<ConfigWatcher> {
+    let files = Files::of(&state.snapshot().config);
+    let inotify = inotify::Inotify::init()?;
     let mut watch = Watch {
-        debouncer,
+        watches: inotify.watches(),
+        events: inotify.into_event_stream([0u8; 4096])?,
         dirs: Vec::new(),
+        file: None,
     };
-    let dirs = lock_files(&files).map(|f| f.dirs()).unwrap_or_default();
-    for dir in &dirs {
-        watch
-            .debouncer
-            .watch(dir, notify::RecursiveMode::NonRecursive)?;
+    for dir in files.dirs() {
+        let wd = watch.watches.add(&dir, DIR_EVENTS)?;
+        watch.dirs.push((dir, wd));
     }
-    watch.dirs = dirs;
+    watch.watch_file(&files);
     Ok(ConfigWatcher {
-        task: tokio::spawn(follow(state, rx, files, watch)),
+        task: tokio::spawn(follow(state, files, watch)),
     })
 }
 
@@ -180,44 +173,138 @@ impl Drop for ConfigWatcher {
     }
 }
 
-/// The file watcher and the directories it watches.
+/// What a directory's watch reports: the events that make a file there whole, new or gone.
+const DIR_EVENTS: inotify::WatchMask = inotify::WatchMask::CREATE
+    .union(inotify::WatchMask::DELETE)
+    .union(inotify::WatchMask::MOVED_FROM)
+    .union(inotify::WatchMask::MOVED_TO)
+    .union(inotify::WatchMask::CLOSE_WRITE)
+    .union(inotify::WatchMask::ATTRIB);
+
+/// What the config file's own watch reports: writes in place (it is being written).
+const FILE_EVENTS: inotify::WatchMask = inotify::WatchMask::MODIFY;
+
+/// The inotify watches, and what each one is on.
 struct Watch {
-    debouncer: notify_debouncer_full::Debouncer<
-        notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-    dirs: Vec<PathBuf>,
+    watches: inotify::Watches,
+    events: inotify::EventStream<[u8; 4096]>,
+    /// The watched directories.
+    dirs: Vec<(PathBuf, inotify::WatchDescriptor)>,
+    /// The config file's own watch, while it exists.
+    file: Option<inotify::WatchDescriptor>,
 }
 
-fn lock_files(files: &std::sync::Mutex<Files>) -> Option<std::sync::MutexGuard<'_, Files>> {
-    files.lock().ok()
+impl Watch {
+    /// Points the config file's own watch at the file now at its path (a rename may have
+    /// put another there).
+    fn watch_file(&mut self, files: &Files) {
+        let (dir, name) = &files.config;
+        let fresh = self.watches.add(dir.join(name), FILE_EVENTS).ok();
+        if let Some(old) = self.file.take() {
+            if Some(&old) != fresh.as_ref() {
+                // Gone already if the old file was removed.
+                let _ = self.watches.remove(old);
+            }
+        }
+        self.file = fresh;
+    }
+
+    /// The next event for a file in a watched directory, or for the config file itself.
+    /// None: the watcher failed (logged) and no more will come.
+    async fn next(&mut self, files: &Files) -> Option<FileEvent> {
+        use futures_util::StreamExt;
+        use inotify::EventMask;
+        loop {
+            let event = match self.events.next().await? {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the config file watcher failed; reload with SIGHUP or POST /reload");
+                    return None;
+                }
+            };
+            if event.mask.contains(EventMask::Q_OVERFLOW) {
+                // Events were lost: reload whatever is there now.
+                return Some(FileEvent {
+                    kind: Seen::Lost,
+                    key: files.config.clone(),
+                });
+            }
+            if event.mask.contains(EventMask::IGNORED) {
+                // The directory (or file) is gone: a later refresh watches it again.
+                self.dirs.retain(|(_, wd)| *wd != event.wd);
+                if self.file.as_ref() == Some(&event.wd) {
+                    self.file = None;
+                }
+                continue;
+            }
+            if self.file.as_ref() == Some(&event.wd) {
+                if event.mask.contains(EventMask::MODIFY) {
+                    return Some(FileEvent {
+                        kind: Seen::Written,
+                        key: files.config.clone(),
+                    });
+                }
+                continue;
+            }
+            let Some(dir) = self.dirs.iter().find(|(_, wd)| *wd == event.wd) else {
+                continue;
+            };
+            let Some(name) = event.name else {
+                // About the directory itself.
+                continue;
+            };
+            let kind = if event.mask.contains(EventMask::CREATE) {
+                Seen::Created
+            } else if event.mask.contains(EventMask::CLOSE_WRITE) {
+                Seen::Closed
+            } else if event
+                .mask
+                .intersects(EventMask::MOVED_FROM | EventMask::MOVED_TO)
+            {
+                Seen::Renamed
+            } else if event.mask.contains(EventMask::DELETE) {
+                Seen::Removed
+            } else {
+                Seen::Attributes
+            };
+            return Some(FileEvent {
+                kind,
+                key: (dir.0.clone(), name),
+            });
+        }
+    }
+
+    /// The next change of a watched file. None: the watcher failed.
+    async fn next_change(&mut self, files: &mut Files) -> Option<Change> {
+        loop {
+            let event = self.next(files).await?;
+            if let Some(change) = files.settle(&event) {
+                return Some(change);
+            }
+        }
+    }
 }
 
 /// Reloads on the changes the watcher reports, and keeps what it watches in step with
 /// the running config.
-async fn follow(
-    state: Arc<ProxyState>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
-    files: Arc<std::sync::Mutex<Files>>,
-    mut watch: Watch,
-) {
+async fn follow(state: Arc<ProxyState>, mut files: Files, mut watch: Watch) {
     let mut generation = state.snapshot().generation;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
-            change = rx.recv() => change,
+            change = watch.next_change(&mut files) => change,
             _ = tick.tick() => {
                 // A reload by SIGHUP or the admin API may name other certificate files.
                 if state.snapshot().generation != generation {
                     generation = state.snapshot().generation;
-                    refresh(&state, &files, &mut watch);
+                    refresh(&state, &mut files, &mut watch);
                 }
                 continue;
             }
         };
         let Some(change) = (match first {
-            Some(change) => settle(change, &mut rx).await,
+            Some(change) => settle(change, &mut watch, &mut files).await,
             None => None,
         }) else {
             return;
@@ -231,32 +318,27 @@ async fn follow(
         }
         // Links may lead elsewhere now (a swapped `..data`), and the files may be others.
         generation = state.snapshot().generation;
-        refresh(&state, &files, &mut watch);
+        refresh(&state, &mut files, &mut watch);
     }
 }
 
 /// Gathers the rest of a burst after its first change: until no event came for
 /// [`QUIET`] (at most [`MAX_BURST`] in all), and while the config file is being written,
-/// until it is closed or [`WRITE_WAIT`] passes with no event. None: the watcher is gone.
-async fn settle(
-    mut change: Change,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Change>,
-) -> Option<Change> {
+/// until it is closed or [`WRITE_WAIT`] passes with no event (said in the log once it has
+/// been open for [`QUIET`]: most writers close at once). None: the watcher is gone.
+async fn settle(mut change: Change, watch: &mut Watch, files: &mut Files) -> Option<Change> {
     let started = tokio::time::Instant::now();
-    if !change.written {
-        tracing::info!("config file is being written: reloading once it is closed");
-    }
+    let mut told = false;
     loop {
         let wait = if change.written {
             QUIET.min(MAX_BURST.saturating_sub(started.elapsed()))
-        } else {
+        } else if told {
             WRITE_WAIT
+        } else {
+            QUIET
         };
-        match tokio::time::timeout(wait, rx.recv()).await {
+        match tokio::time::timeout(wait, watch.next_change(files)).await {
             Ok(Some(next)) => {
-                if !next.written && change.written {
-                    tracing::info!("config file is being written: reloading once it is closed");
-                }
                 change = Change {
                     certificates: change.certificates | next.certificates,
                     written: next.written,
@@ -264,6 +346,10 @@ async fn settle(
             }
             Ok(None) => return None,
             Err(_) if change.written => return Some(change),
+            Err(_) if !told => {
+                tracing::info!("config file is being written: reloading once it is closed");
+                told = true;
+            }
             Err(_) => {
                 tracing::warn!(
                     "config file still open for writing {WRITE_WAIT:?} after its last change: reloading what it holds"
@@ -278,26 +364,32 @@ async fn settle(
 }
 
 /// Points the watch at the files the running config names, along their links now.
-fn refresh(state: &ProxyState, files: &std::sync::Mutex<Files>, watch: &mut Watch) {
+fn refresh(state: &ProxyState, files: &mut Files, watch: &mut Watch) {
     let mut fresh = Files::of(&state.snapshot().config);
-    let dirs = fresh.dirs();
-    if let Some(mut current) = lock_files(files) {
-        fresh.writing = current.writing;
-        *current = fresh;
-    }
-    for dir in dirs.iter().filter(|d| !watch.dirs.contains(d)) {
-        if let Err(e) = watch
-            .debouncer
-            .watch(dir, notify::RecursiveMode::NonRecursive)
-        {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory of the config or its certificates");
+    fresh.writing = files.writing;
+    *files = fresh;
+    let dirs = files.dirs();
+    let new: Vec<&PathBuf> = dirs
+        .iter()
+        .filter(|d| !watch.dirs.iter().any(|(w, _)| w == *d))
+        .collect();
+    for dir in new {
+        match watch.watches.add(dir, DIR_EVENTS) {
+            Ok(wd) => watch.dirs.push((dir.clone(), wd)),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory of the config or its certificates")
+            }
         }
     }
-    for dir in watch.dirs.iter().filter(|d| !dirs.contains(d)) {
+    let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut watch.dirs)
+        .into_iter()
+        .partition(|(dir, _)| dirs.contains(dir));
+    for (_, wd) in dropped {
         // A directory removed since (an old ConfigMap version) is unwatched already.
-        let _ = watch.debouncer.unwatch(dir);
+        let _ = watch.watches.remove(wd);
     }
-    watch.dirs = dirs;
+    watch.dirs = kept;
+    watch.watch_file(files);
 }
 
 /// What a settled burst of file events asks for.
@@ -361,60 +453,71 @@ impl Files {
         dirs
     }
 
-    /// Follows a settled burst of events; Some when one touched a watched file.
-    fn settle(&mut self, events: &[notify_debouncer_full::DebouncedEvent]) -> Option<Change> {
-        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-
-        let mut config_changed = false;
-        let mut certificates = false;
-        for event in events {
-            let relevant = matches!(
-                event.kind,
-                EventKind::Create(_)
-                    | EventKind::Modify(_)
-                    | EventKind::Remove(_)
-                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
-            );
-            if !relevant {
-                continue;
-            }
-            let mut config = false;
-            let mut link = false;
-            for path in &event.paths {
-                let key = watched(path);
-                config |= key == self.config;
-                link |= self.config_links.contains(&key);
-                certificates |= self.certs.contains(&key);
-            }
-            if link {
-                // A link made or moved: where it leads now is a whole file.
-                config_changed = true;
-                self.writing = false;
-            }
-            if !config {
-                continue;
-            }
-            config_changed = true;
-            match event.kind {
-                // Opened to be written (a new file, or one truncated or written in
-                // place): its writer may not be done.
-                EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
-                    self.writing = true
-                }
-                // Its writer closed it; or another file was renamed over it, or it is
-                // gone: whatever is there now is whole.
-                EventKind::Access(_)
-                | EventKind::Modify(ModifyKind::Name(_))
-                | EventKind::Remove(_) => self.writing = false,
-                // Permissions, times: no news about its content.
-                _ => {}
-            }
+    /// Follows one file event; Some when it touched a watched file.
+    fn settle(&mut self, event: &FileEvent) -> Option<Change> {
+        if event.kind == Seen::Lost {
+            // Which files changed is not known: all of them may have.
+            self.writing = false;
+            return Some(Change {
+                certificates: true,
+                written: true,
+            });
         }
-        (config_changed || certificates).then_some(Change {
+        let key = &event.key;
+        let certificates = self.certs.contains(key);
+        if self.config_links.contains(key) {
+            // A link made or moved: where it leads now is a whole file.
+            self.writing = false;
+            return Some(Change {
+                certificates,
+                written: true,
+            });
+        }
+        if *key != self.config {
+            return certificates.then_some(Change {
+                certificates,
+                written: !self.writing,
+            });
+        }
+        match event.kind {
+            // Opened to be written (a new file, or one written in place): its writer may
+            // not be done.
+            Seen::Created | Seen::Written => self.writing = true,
+            // Its writer closed it; or another file was renamed over it, or it is gone:
+            // whatever is there now is whole.
+            Seen::Closed | Seen::Renamed | Seen::Removed | Seen::Lost => self.writing = false,
+            // Permissions, times: no news about its content.
+            Seen::Attributes => {}
+        }
+        Some(Change {
             certificates,
             written: !self.writing,
         })
     }
+}
+
+/// What happened to a file in a watched directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Created,
+    /// Written in place (the config file's own watch).
+    Written,
+    /// Closed after writing.
+    Closed,
+    /// Renamed from or to this name.
+    Renamed,
+    Removed,
+    /// Permissions or times changed.
+    Attributes,
+    /// The kernel's queue overflowed: events were lost.
+    Lost,
+}
+
+/// A file event: what, and to which file.
+#[derive(Debug)]
+struct FileEvent {
+    kind: Seen,
+    key: Key,
 }
 
 /// Resolves `path` as the kernel would, noting every symbolic link met on the way (the
@@ -486,9 +589,6 @@ fn watched(path: &std::path::Path) -> Key {
     )
 }
 
-/// How long the watcher waits for a burst of file events to settle.
-const WATCH_DEBOUNCE: Duration = Duration::from_millis(50);
-
 /// A burst of file events ends this long after its last event ...
 const QUIET: Duration = Duration::from_millis(200);
 
@@ -498,3 +598,93 @@ const MAX_BURST: Duration = Duration::from_secs(2);
 /// How long a config file written in place and not closed is waited for before it is
 /// read anyway (a writer that keeps it open).
 const WRITE_WAIT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(dir: &str, name: &str) -> Key {
+        (PathBuf::from(dir), name.into())
+    }
+
+    fn files() -> Files {
+        Files {
+            config: key("/etc/p", "palisade.toml"),
+            config_links: vec![key("/etc/p", "..data")],
+            certs: vec![key("/etc/tls", "cert.pem")],
+            writing: false,
+        }
+    }
+
+    fn event(kind: Seen, key: Key) -> FileEvent {
+        FileEvent { kind, key }
+    }
+
+    const WRITING: Option<Change> = Some(Change {
+        certificates: false,
+        written: false,
+    });
+    const WHOLE: Option<Change> = Some(Change {
+        certificates: false,
+        written: true,
+    });
+    const CERTS: Option<Change> = Some(Change {
+        certificates: true,
+        written: true,
+    });
+
+    #[test]
+    fn a_config_written_in_place_is_whole_once_closed() {
+        let mut files = files();
+        let config = key("/etc/p", "palisade.toml");
+        assert_eq!(files.settle(&event(Seen::Written, config.clone())), WRITING);
+        assert_eq!(files.settle(&event(Seen::Written, config.clone())), WRITING);
+        assert_eq!(
+            files.settle(&event(Seen::Attributes, config.clone())),
+            WRITING
+        );
+        assert_eq!(files.settle(&event(Seen::Closed, config.clone())), WHOLE);
+        // Made anew, then renamed over: whole at the rename.
+        assert_eq!(files.settle(&event(Seen::Created, config.clone())), WRITING);
+        assert_eq!(files.settle(&event(Seen::Renamed, config.clone())), WHOLE);
+        assert_eq!(files.settle(&event(Seen::Removed, config)), WHOLE);
+    }
+
+    #[test]
+    fn links_certificates_and_lost_events_count_other_files_do_not() {
+        let mut files = files();
+        assert_eq!(
+            files.settle(&event(Seen::Closed, key("/etc/p", "app.log"))),
+            None
+        );
+        assert_eq!(
+            files.settle(&event(Seen::Created, key("/etc/tls", "palisade.toml"))),
+            None
+        );
+        // A swapped `..data` link: whatever it leads to now is whole.
+        files.writing = true;
+        assert_eq!(
+            files.settle(&event(Seen::Renamed, key("/etc/p", "..data"))),
+            WHOLE
+        );
+        assert!(!files.writing);
+        assert_eq!(
+            files.settle(&event(Seen::Closed, key("/etc/tls", "cert.pem"))),
+            CERTS
+        );
+        // A certificate change while the config is being written waits for it.
+        files.writing = true;
+        assert_eq!(
+            files.settle(&event(Seen::Renamed, key("/etc/tls", "cert.pem"))),
+            Some(Change {
+                certificates: true,
+                written: false,
+            })
+        );
+        // Events were lost: everything is read again.
+        assert_eq!(
+            files.settle(&event(Seen::Lost, key("/etc/p", "palisade.toml"))),
+            CERTS
+        );
+    }
+}

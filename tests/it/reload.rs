@@ -593,6 +593,109 @@ async fn metric_series_of_renamed_routes_and_removed_backends_go_away() {
     );
 }
 
+/// The inotify watches of process `pid`: (inode, mask) per watch, from
+/// /proc/PID/fdinfo of its inotify descriptors.
+fn inotify_watches(pid: u32) -> Vec<(u64, u32)> {
+    let mut watches = Vec::new();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd");
+    for fd in fds.flatten() {
+        let is_inotify = std::fs::read_link(fd.path())
+            .is_ok_and(|target| target.to_string_lossy().contains("inotify"));
+        if !is_inotify {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        for line in info.lines().filter(|l| l.starts_with("inotify ")) {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name))
+                    .and_then(|v| u64::from_str_radix(v, 16).ok())
+                    .unwrap_or_else(|| panic!("no {name} in {line}"))
+            };
+            watches.push((field("ino:"), field("mask:") as u32));
+        }
+    }
+    watches
+}
+
+#[tokio::test]
+async fn writes_and_opens_beside_the_config_do_not_wake_the_watcher() {
+    // A log another program appends to in the config's directory used to cost palisade
+    // half a core: the directory's watch reported every write and every open. It now
+    // reports only creations, renames, removals, closes after writing and attribute
+    // changes; only the config file's own watch reports writes. Checked on the kernel's
+    // list of the process's watches, then by a real edit still reloading.
+    use std::os::unix::fs::MetadataExt;
+    const IN_MODIFY: u32 = 0x2;
+    const IN_OPEN: u32 = 0x20;
+    const IN_CLOSE_WRITE: u32 = 0x8;
+    const IN_MOVED_TO: u32 = 0x80;
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let (port, admin) = (free_port(), free_port());
+    let text = |echo: &Echo| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            routes_to(&[echo.addr], "/")
+        )
+    };
+    let (dir, path) = temp_config("busy-dir", &text(&a));
+    let log = dir.write("palisade.log", "");
+    let child = spawn_logged(&path, &log, "info");
+    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(proxy).await;
+    let pid = child.0.id();
+    let dir_ino = std::fs::metadata(path.parent().expect("dir"))
+        .expect("dir")
+        .ino();
+    let file_ino = std::fs::metadata(&path).expect("config").ino();
+    let mut watches = Vec::new();
+    let found = eventually(Duration::from_secs(10), async || {
+        watches = inotify_watches(pid);
+        watches.iter().any(|(ino, _)| *ino == dir_ino)
+    })
+    .await;
+    assert!(found, "the config's directory is not watched: {watches:?}");
+    for (ino, mask) in &watches {
+        assert_eq!(mask & IN_OPEN, 0, "a watch reports opens: {watches:?}");
+        if *ino == dir_ino {
+            assert_eq!(mask & IN_MODIFY, 0, "the directory's watch reports writes");
+            assert_ne!(mask & IN_CLOSE_WRITE, 0, "{mask:#x}");
+            assert_ne!(mask & IN_MOVED_TO, 0, "{mask:#x}");
+        }
+    }
+    assert!(
+        watches
+            .iter()
+            .any(|(ino, mask)| *ino == file_ino && mask & IN_MODIFY != 0),
+        "the config file's own writes are not watched: {watches:?}"
+    );
+
+    // A busy neighbour, then a real edit in place: the edit still reloads.
+    let busy = dir.write("app.log", "");
+    {
+        use std::io::Write;
+        let mut out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&busy)
+            .expect("app.log");
+        for i in 0..2000 {
+            writeln!(out, "line {i}").expect("append");
+            out.flush().expect("flush");
+        }
+    }
+    std::fs::write(&path, text(&b)).expect("edit");
+    let moved = eventually(Duration::from_secs(10), async || {
+        get(&format!("http://{proxy}/")).await.json()["backend"] == "b"
+    })
+    .await;
+    assert!(moved, "the edit beside a busy log was not reloaded");
+    stop_gracefully(child);
+}
+
 #[tokio::test]
 async fn a_save_that_changes_nothing_is_logged_as_not_reloaded() {
     let echo = Echo::start("a").await;
