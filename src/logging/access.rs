@@ -5,16 +5,18 @@
 //! timestamp formatted from scratch): more than the rest of the request. Here the line is
 //! written into a per-thread batch, strings are copied in runs between the rare bytes
 //! JSON must escape, and the date part of the timestamp is formatted once per second.
-//! Every 20 ms a flusher thread writes each thread's batch to stderr, where every other
-//! log line goes, holding stderr's lock for the whole batch (so lines never interleave
-//! mid-line with the log writer's): handing over each line woke the writer thread per
-//! request (a futex wake, its spinning `sched_yield`s, and a `write` per line on the
-//! proxy's core), and handing batches to that writer copied each of them into its queue.
+//! Every 20 ms (while lines come: it sleeps after a second without one) a flusher thread
+//! writes each thread's batch to stderr, where every other log line goes, holding
+//! stderr's lock for the whole batch (so lines never interleave mid-line with the log
+//! writer's): handing over each line woke the writer thread per request (a futex wake,
+//! its spinning `sched_yield`s, and a `write` per line on the proxy's core), and handing
+//! batches to that writer copied each of them into its queue.
 //! The output is the line `tracing` wrote: the same keys in the same order.
 
 use std::cell::RefCell;
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -55,10 +57,7 @@ pub fn install(level: &str) {
     }
     let started = std::thread::Builder::new()
         .name("palisade-access".into())
-        .spawn(|| loop {
-            std::thread::sleep(FLUSH_EVERY);
-            flush();
-        });
+        .spawn(flusher);
     if let Err(e) = started {
         // Lines still reach the log: each thread's batch is handed over once it is full,
         // and at exit (`flush`).
@@ -72,25 +71,77 @@ pub fn enabled() -> Option<bool> {
     SINK.get().and_then(|sink| sink.enabled)
 }
 
+/// The flusher thread: writes the batches every [`FLUSH_EVERY`] while lines come, and
+/// sleeps once none came for [`IDLE_ROUNDS`] rounds (with the access log off, or no
+/// traffic, it would otherwise wake 50 times a second for nothing), until a line wakes it.
+fn flusher() {
+    let _ = FLUSHER.set(std::thread::current());
+    let mut idle = 0;
+    loop {
+        std::thread::sleep(FLUSH_EVERY);
+        if flush() {
+            idle = 0;
+            continue;
+        }
+        idle += 1;
+        if idle < IDLE_ROUNDS {
+            continue;
+        }
+        idle = 0;
+        // Said before the last look at the batches: a line added after that look (its
+        // batch's lock taken after this one's) finds PARKED set and wakes the thread.
+        PARKED.store(true, Ordering::SeqCst);
+        if flush() {
+            PARKED.store(false, Ordering::SeqCst);
+            continue;
+        }
+        while PARKED.load(Ordering::SeqCst) {
+            std::thread::park();
+        }
+    }
+}
+
+/// Rounds of [`FLUSH_EVERY`] with no line before the flusher sleeps (1 s).
+const IDLE_ROUNDS: u32 = 50;
+
+/// Whether the flusher sleeps until a line comes.
+static PARKED: AtomicBool = AtomicBool::new(false);
+
+/// The flusher thread, to wake.
+static FLUSHER: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// Wakes the flusher if it sleeps for want of lines: one relaxed load per line while it
+/// is awake.
+fn wake_flusher() {
+    if PARKED.load(Ordering::Relaxed) && PARKED.swap(false, Ordering::SeqCst) {
+        if let Some(flusher) = FLUSHER.get() {
+            flusher.unpark();
+        }
+    }
+}
+
 /// Writes every thread's batched lines (every 20 ms, and at exit: the log guard calls it
-/// before the log writer's own flush).
-pub fn flush() {
+/// before the log writer's own flush). Whether there were any.
+pub fn flush() -> bool {
     let Some(sink) = SINK.get() else {
-        return;
+        return false;
     };
     let Ok(mut all) = sink.batches.lock() else {
-        return;
+        return false;
     };
+    let mut wrote = false;
     all.retain(|batch| {
         // Checked before the batch is taken: a thread that ends after this keeps its
         // batch here for the next round; one that ended before adds nothing more, so this
         // last flush of its batch is complete and the batch is forgotten.
         let alive = Arc::strong_count(batch) > 1;
         if let Ok(mut lines) = batch.lock() {
+            wrote |= !lines.is_empty();
             hand_over(&mut lines);
         }
         alive
     });
+    wrote
 }
 
 /// Writes `lines` to stderr in one locked `write_all` (no other log line lands inside
@@ -171,6 +222,9 @@ pub fn write(line: &Line<'_>) -> bool {
             if lines.len() >= MAX_BATCH {
                 hand_over(&mut lines);
             }
+            // After the batch's lock is let go (see `flusher`).
+            drop(lines);
+            wake_flusher();
             true
         })
         .unwrap_or(false)

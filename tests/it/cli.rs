@@ -579,6 +579,67 @@ async fn the_access_log_writes_one_json_line_per_request_in_utc() {
     assert!(line["duration_ms"].as_f64().is_some());
 }
 
+/// Voluntary context switches of process `pid`'s thread named `name` (0 when it has none).
+fn thread_switches(pid: u32, name: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn the_access_log_flusher_sleeps_while_idle_and_wakes_for_the_next_line() {
+    // The flusher thread wrote the batches every 20 ms whether or not a line had come: 50
+    // wake-ups a second on an idle proxy, or one with the access log off. It now sleeps
+    // after a second without a line, and a line wakes it.
+    let echo = Echo::start("a").await;
+    let palisade = Logged::start(&access_config(true, echo.addr)).await;
+    let pid = palisade.child.0.id();
+    let answer = get(&format!("http://{}/before", palisade.addr)).await;
+    assert_eq!(answer.status, 200);
+    let logged = |path: &'static str| {
+        let log = palisade.log.clone();
+        async move || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            access_lines(&text).iter().any(|l| l["path"] == path)
+        }
+    };
+    assert!(eventually(Duration::from_secs(5), logged("/before")).await);
+    // Idle: after its second of grace (longer on a busy machine) the thread falls asleep
+    // and stays asleep (at 50 a second it would switch about 100 times in these 2 s).
+    let mut before = thread_switches(pid, "palisade-access");
+    let asleep = eventually(Duration::from_secs(10), async || {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = thread_switches(pid, "palisade-access");
+        std::mem::replace(&mut before, now) == now
+    })
+    .await;
+    assert!(asleep, "the idle flusher never fell asleep");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let woke = thread_switches(pid, "palisade-access") - before;
+    assert!(before > 0, "no palisade-access thread in /proc/{pid}/task");
+    assert!(woke <= 5, "the idle flusher woke {woke} times in 2 s");
+    // The next line wakes it and is written.
+    let answer = get(&format!("http://{}/after", palisade.addr)).await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        eventually(Duration::from_secs(5), logged("/after")).await,
+        "the line after the idle spell was not written: {}",
+        std::fs::read_to_string(&palisade.log).unwrap_or_default()
+    );
+    palisade.stop();
+}
+
 #[tokio::test]
 async fn the_access_line_names_the_host_of_refused_requests_and_of_hosts_that_are_not_utf8() {
     let echo = Echo::start("a").await;
