@@ -153,7 +153,7 @@ pub fn watch_config_file(state: Arc<ProxyState>) -> std::io::Result<ConfigWatche
     };
     for dir in files.dirs() {
         let wd = watch.watches.add(&dir, DIR_EVENTS)?;
-        watch.dirs.push((dir, wd));
+        watch.dirs.push((dir, Some(wd)));
     }
     watch.watch_file(&files);
     Ok(ConfigWatcher {
@@ -181,15 +181,19 @@ const DIR_EVENTS: inotify::WatchMask = inotify::WatchMask::CREATE
     .union(inotify::WatchMask::CLOSE_WRITE)
     .union(inotify::WatchMask::ATTRIB);
 
-/// What the config file's own watch reports: writes in place (it is being written).
-const FILE_EVENTS: inotify::WatchMask = inotify::WatchMask::MODIFY;
+/// What the config file's own watch reports: writes in place (it is being written), and
+/// its close after writing. Its directory's watch sees the close too, unless the file
+/// was written through another name (a hard link, or the host's side of a single-file
+/// bind mount such as Docker's `-v ./palisade.toml:/etc/palisade/palisade.toml`).
+const FILE_EVENTS: inotify::WatchMask =
+    inotify::WatchMask::MODIFY.union(inotify::WatchMask::CLOSE_WRITE);
 
 /// The inotify watches, and what each one is on.
 struct Watch {
     watches: inotify::Watches,
     events: inotify::EventStream<[u8; 4096]>,
-    /// The watched directories.
-    dirs: Vec<(PathBuf, inotify::WatchDescriptor)>,
+    /// The watched directories: None while one cannot be watched (it is gone).
+    dirs: Vec<(PathBuf, Option<inotify::WatchDescriptor>)>,
     /// The config file's own watch, while it exists.
     file: Option<inotify::WatchDescriptor>,
 }
@@ -230,23 +234,29 @@ impl Watch {
                 });
             }
             if event.mask.contains(EventMask::IGNORED) {
-                // The directory (or file) is gone: a later refresh watches it again.
-                self.dirs.retain(|(_, wd)| *wd != event.wd);
+                // The file or directory is gone (or was unwatched). A directory keeps its
+                // entry: the next refresh finds it gone, or replaced, and reloads then.
                 if self.file.as_ref() == Some(&event.wd) {
                     self.file = None;
                 }
                 continue;
             }
             if self.file.as_ref() == Some(&event.wd) {
-                if event.mask.contains(EventMask::MODIFY) {
-                    return Some(FileEvent {
-                        kind: Seen::Written,
-                        key: files.config.clone(),
-                    });
-                }
-                continue;
+                let kind = if event.mask.contains(EventMask::CLOSE_WRITE) {
+                    Seen::Closed
+                } else {
+                    Seen::Written
+                };
+                return Some(FileEvent {
+                    kind,
+                    key: files.config.clone(),
+                });
             }
-            let Some(dir) = self.dirs.iter().find(|(_, wd)| *wd == event.wd) else {
+            let Some(dir) = self
+                .dirs
+                .iter()
+                .find(|(_, wd)| wd.as_ref() == Some(&event.wd))
+            else {
                 continue;
             };
             let Some(name) = event.name else {
@@ -288,16 +298,18 @@ impl Watch {
 /// Reloads on the changes the watcher reports, and keeps what it watches in step with
 /// the running config.
 async fn follow(state: Arc<ProxyState>, mut files: Files, mut watch: Watch) {
-    let mut generation = state.snapshot().generation;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             change = watch.next_change(&mut files) => change,
             _ = tick.tick() => {
-                // A reload by SIGHUP or the admin API may name other certificate files.
-                if state.snapshot().generation != generation {
-                    generation = state.snapshot().generation;
+                // A reload by SIGHUP or the admin API may name other certificate files; a
+                // directory may have been replaced or removed (no event says so), and a
+                // rename may have put another file at the config's path.
+                if refresh(&state, &mut files, &mut watch) {
+                    tracing::info!("a watched directory was replaced: reloading");
+                    let _ = reload(&state);
                     refresh(&state, &mut files, &mut watch);
                 }
                 continue;
@@ -317,7 +329,6 @@ async fn follow(state: Arc<ProxyState>, mut files: Files, mut watch: Watch) {
             let _ = reload_if_changed(&state);
         }
         // Links may lead elsewhere now (a swapped `..data`), and the files may be others.
-        generation = state.snapshot().generation;
         refresh(&state, &mut files, &mut watch);
     }
 }
@@ -333,7 +344,7 @@ async fn settle(mut change: Change, watch: &mut Watch, files: &mut Files) -> Opt
         let wait = if change.written {
             QUIET.min(MAX_BURST.saturating_sub(started.elapsed()))
         } else if told {
-            WRITE_WAIT
+            WRITE_WAIT.saturating_sub(QUIET)
         } else {
             QUIET
         };
@@ -354,6 +365,8 @@ async fn settle(mut change: Change, watch: &mut Watch, files: &mut Files) -> Opt
                 tracing::warn!(
                     "config file still open for writing {WRITE_WAIT:?} after its last change: reloading what it holds"
                 );
+                // What it holds is read as whole: the next change starts afresh.
+                files.writing = false;
                 return Some(Change {
                     written: true,
                     ..change
@@ -364,32 +377,41 @@ async fn settle(mut change: Change, watch: &mut Watch, files: &mut Files) -> Opt
 }
 
 /// Points the watch at the files the running config names, along their links now.
-fn refresh(state: &ProxyState, files: &mut Files, watch: &mut Watch) {
+/// Every directory is watched anew (the same watch while it is the same directory). True
+/// when one that was watched has been replaced by another, or came back after it was
+/// gone: files in it changed without an event.
+fn refresh(state: &ProxyState, files: &mut Files, watch: &mut Watch) -> bool {
     let mut fresh = Files::of(&state.snapshot().config);
     fresh.writing = files.writing;
     *files = fresh;
-    let dirs = files.dirs();
-    let new: Vec<&PathBuf> = dirs
-        .iter()
-        .filter(|d| !watch.dirs.iter().any(|(w, _)| w == *d))
-        .collect();
-    for dir in new {
-        match watch.watches.add(dir, DIR_EVENTS) {
-            Ok(wd) => watch.dirs.push((dir.clone(), wd)),
+    let mut replaced = false;
+    let mut dirs = Vec::new();
+    for dir in files.dirs() {
+        let before = watch.dirs.iter().find(|(d, _)| *d == dir).map(|(_, wd)| wd);
+        match watch.watches.add(&dir, DIR_EVENTS) {
+            Ok(wd) => {
+                replaced |= before.is_some_and(|old| old.as_ref() != Some(&wd));
+                dirs.push((dir, Some(wd)));
+            }
             Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory of the config or its certificates")
+                if before.is_none_or(Option::is_some) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory of the config or its certificates; trying again every second");
+                }
+                dirs.push((dir, None));
             }
         }
     }
-    let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut watch.dirs)
-        .into_iter()
-        .partition(|(dir, _)| dirs.contains(dir));
-    for (_, wd) in dropped {
-        // A directory removed since (an old ConfigMap version) is unwatched already.
-        let _ = watch.watches.remove(wd);
+    // Watches no longer used (a directory dropped, or replaced: its old one); gone already
+    // if the directory was removed (an old ConfigMap version).
+    for (_, wd) in std::mem::replace(&mut watch.dirs, dirs) {
+        if let Some(wd) = wd {
+            if !watch.dirs.iter().any(|(_, now)| now.as_ref() == Some(&wd)) {
+                let _ = watch.watches.remove(wd);
+            }
+        }
     }
-    watch.dirs = kept;
     watch.watch_file(files);
+    replaced
 }
 
 /// What a settled burst of file events asks for.

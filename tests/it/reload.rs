@@ -593,9 +593,9 @@ async fn metric_series_of_renamed_routes_and_removed_backends_go_away() {
     );
 }
 
-/// The inotify watches of process `pid`: (inode, mask) per watch, from
-/// /proc/PID/fdinfo of its inotify descriptors.
-fn inotify_watches(pid: u32) -> Vec<(u64, u32)> {
+/// The inotify watches of process `pid`: the mask of each, from /proc/PID/fdinfo of its
+/// inotify descriptors.
+fn inotify_watches(pid: u32) -> Vec<u32> {
     let mut watches = Vec::new();
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd");
     for fd in fds.flatten() {
@@ -610,16 +610,73 @@ fn inotify_watches(pid: u32) -> Vec<(u64, u32)> {
         ))
         .unwrap_or_default();
         for line in info.lines().filter(|l| l.starts_with("inotify ")) {
-            let field = |name: &str| {
-                line.split_whitespace()
-                    .find_map(|f| f.strip_prefix(name))
-                    .and_then(|v| u64::from_str_radix(v, 16).ok())
-                    .unwrap_or_else(|| panic!("no {name} in {line}"))
-            };
-            watches.push((field("ino:"), field("mask:") as u32));
+            let mask = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("mask:"))
+                .and_then(|v| u32::from_str_radix(v, 16).ok())
+                .unwrap_or_else(|| panic!("no mask in {line}"));
+            watches.push(mask);
         }
     }
     watches
+}
+
+/// palisade run on a config file of its own directory (its JSON log elsewhere), routing
+/// `/` to one echo backend; for the watcher's tests.
+struct Watched {
+    dir: TempDir,
+    path: PathBuf,
+    _logs: TempDir,
+    log: PathBuf,
+    child: ChildGuard,
+    proxy: SocketAddr,
+    admin: u16,
+}
+
+impl Watched {
+    async fn start(tag: &str, echo: &Echo) -> Watched {
+        let (port, admin) = (free_port(), free_port());
+        let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let logs = TempDir::new(&format!("{tag}-log"));
+        let log = logs.write("palisade.log", "");
+        let (dir, path) = temp_config(tag, &Watched::text(proxy, admin, echo));
+        let child = spawn_logged(&path, &log, "info");
+        wait_listening(proxy).await;
+        Watched {
+            dir,
+            path,
+            _logs: logs,
+            log,
+            child,
+            proxy,
+            admin,
+        }
+    }
+
+    fn text(proxy: SocketAddr, admin: u16, echo: &Echo) -> String {
+        format!(
+            "[server]\nlisten = [\"{proxy}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            routes_to(&[echo.addr], "/")
+        )
+    }
+
+    /// The config routing `/` to `echo` instead.
+    fn config_for(&self, echo: &Echo) -> String {
+        Watched::text(self.proxy, self.admin, echo)
+    }
+
+    /// Whether `/` comes to be answered by the backend named `name` (10 s at most).
+    async fn comes_to(&self, name: &str) -> bool {
+        let url = format!("http://{}/", self.proxy);
+        eventually(Duration::from_secs(10), async || {
+            get(&url).await.json()["backend"] == name
+        })
+        .await
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 #[tokio::test]
@@ -628,54 +685,45 @@ async fn writes_and_opens_beside_the_config_do_not_wake_the_watcher() {
     // half a core: the directory's watch reported every write and every open. It now
     // reports only creations, renames, removals, closes after writing and attribute
     // changes; only the config file's own watch reports writes. Checked on the kernel's
-    // list of the process's watches, then by a real edit still reloading.
-    use std::os::unix::fs::MetadataExt;
+    // list of the process's watches (one on the directory, one on the config file), then
+    // by a real edit still reloading.
     const IN_MODIFY: u32 = 0x2;
-    const IN_OPEN: u32 = 0x20;
     const IN_CLOSE_WRITE: u32 = 0x8;
+    const IN_OPEN: u32 = 0x20;
     const IN_MOVED_TO: u32 = 0x80;
+    const IN_CREATE: u32 = 0x100;
     let (a, b) = (Echo::start("a").await, Echo::start("b").await);
-    let (port, admin) = (free_port(), free_port());
-    let text = |echo: &Echo| {
-        format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
-            routes_to(&[echo.addr], "/")
-        )
-    };
-    let (dir, path) = temp_config("busy-dir", &text(&a));
-    let log = dir.write("palisade.log", "");
-    let child = spawn_logged(&path, &log, "info");
-    let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(proxy).await;
-    let pid = child.0.id();
-    let dir_ino = std::fs::metadata(path.parent().expect("dir"))
-        .expect("dir")
-        .ino();
-    let file_ino = std::fs::metadata(&path).expect("config").ino();
+    let palisade = Watched::start("busy-dir", &a).await;
+    let pid = palisade.child.0.id();
+    let is_dir = |mask: &u32| mask & IN_CREATE != 0;
     let mut watches = Vec::new();
     let found = eventually(Duration::from_secs(10), async || {
         watches = inotify_watches(pid);
-        watches.iter().any(|(ino, _)| *ino == dir_ino)
+        watches.iter().filter(|m| is_dir(m)).count() == 1
+            && watches.iter().filter(|m| !is_dir(m)).count() == 1
     })
     .await;
-    assert!(found, "the config's directory is not watched: {watches:?}");
-    for (ino, mask) in &watches {
-        assert_eq!(mask & IN_OPEN, 0, "a watch reports opens: {watches:?}");
-        if *ino == dir_ino {
+    assert!(
+        found,
+        "not one directory watch and one file watch: {watches:x?}"
+    );
+    for mask in &watches {
+        assert_eq!(mask & IN_OPEN, 0, "a watch reports opens: {watches:x?}");
+        assert_ne!(mask & IN_CLOSE_WRITE, 0, "{watches:x?}");
+        if is_dir(mask) {
             assert_eq!(mask & IN_MODIFY, 0, "the directory's watch reports writes");
-            assert_ne!(mask & IN_CLOSE_WRITE, 0, "{mask:#x}");
-            assert_ne!(mask & IN_MOVED_TO, 0, "{mask:#x}");
+            assert_ne!(mask & IN_MOVED_TO, 0, "{watches:x?}");
+        } else {
+            assert_ne!(
+                mask & IN_MODIFY,
+                0,
+                "the config file's writes are not watched"
+            );
         }
     }
-    assert!(
-        watches
-            .iter()
-            .any(|(ino, mask)| *ino == file_ino && mask & IN_MODIFY != 0),
-        "the config file's own writes are not watched: {watches:?}"
-    );
 
     // A busy neighbour, then a real edit in place: the edit still reloads.
-    let busy = dir.write("app.log", "");
+    let busy = palisade.dir.write("app.log", "");
     {
         use std::io::Write;
         let mut out = std::fs::OpenOptions::new()
@@ -687,13 +735,61 @@ async fn writes_and_opens_beside_the_config_do_not_wake_the_watcher() {
             out.flush().expect("flush");
         }
     }
-    std::fs::write(&path, text(&b)).expect("edit");
-    let moved = eventually(Duration::from_secs(10), async || {
-        get(&format!("http://{proxy}/")).await.json()["backend"] == "b"
-    })
-    .await;
-    assert!(moved, "the edit beside a busy log was not reloaded");
-    stop_gracefully(child);
+    std::fs::write(&palisade.path, palisade.config_for(&b)).expect("edit");
+    assert!(
+        palisade.comes_to("b").await,
+        "the edit beside a busy log was not reloaded"
+    );
+    stop_gracefully(palisade.child);
+}
+
+#[tokio::test]
+async fn a_config_written_through_another_name_reloads_when_closed() {
+    // A hard link, or the host's side of a single-file bind mount: the write and its close
+    // are seen by the file's own watch, not by its directory's. The close ends the wait
+    // for the writer: no 5 s wait and no "still open" warning.
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let palisade = Watched::start("hard-link", &a).await;
+    let elsewhere = TempDir::new("hard-link-other");
+    let other = elsewhere.join("other-name.toml");
+    std::fs::hard_link(&palisade.path, &other).expect("hard link");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Written in place through the other name (truncate, write, close).
+    std::fs::write(&other, palisade.config_for(&b)).expect("write through the link");
+    let moved = palisade.comes_to("b").await;
+    let logged = palisade.log();
+    assert!(
+        moved,
+        "the write through the other name was not reloaded: {logged}"
+    );
+    assert!(
+        !logged.contains("still open for writing"),
+        "the close was not seen: {logged}"
+    );
+    stop_gracefully(palisade.child);
+}
+
+#[tokio::test]
+async fn a_config_directory_removed_and_made_again_is_watched_again() {
+    // No event says that a watched directory came back: palisade looks every second, and
+    // reloads what the new one holds.
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let palisade = Watched::start("dir-again", &a).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::fs::remove_dir_all(&*palisade.dir).expect("remove the config's directory");
+    // Gone for a while (the failed reload keeps the running config)...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let answer = get(&format!("http://{}/", palisade.proxy)).await;
+    assert_eq!(answer.json()["backend"], "a");
+    // ... then back, with another config in it.
+    std::fs::create_dir_all(&*palisade.dir).expect("make the directory again");
+    std::fs::write(&palisade.path, palisade.config_for(&b)).expect("write");
+    assert!(
+        palisade.comes_to("b").await,
+        "the directory made again was not watched: {}",
+        palisade.log()
+    );
+    stop_gracefully(palisade.child);
 }
 
 #[tokio::test]
