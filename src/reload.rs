@@ -111,6 +111,9 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
                 generation = current.generation,
                 "config file unchanged in meaning: not reloaded"
             );
+            // The file was fixed since any rejection: breaking it the same way again is
+            // news (logged, counted) again.
+            state.rejected_text.store(0, Ordering::Relaxed);
             Ok(None)
         }
         Err(_) if text.is_some_and(|t| t == state.rejected_text.load(Ordering::Relaxed)) => {
@@ -150,6 +153,8 @@ pub fn watch_config_file(state: Arc<ProxyState>) -> std::io::Result<ConfigWatche
         events: inotify.into_event_stream([0u8; 4096])?,
         dirs: Vec::new(),
         file: None,
+        lost: false,
+        wake_after: tokio::time::Instant::now(),
     };
     for dir in files.dirs() {
         let wd = watch.watches.add(&dir, DIR_EVENTS)?;
@@ -196,7 +201,16 @@ struct Watch {
     dirs: Vec<(PathBuf, Option<inotify::WatchDescriptor>)>,
     /// The config file's own watch, while it exists.
     file: Option<inotify::WatchDescriptor>,
+    /// Events were lost since the last reload (the kernel's queue overflowed).
+    lost: bool,
+    /// The earliest the next wait for events may end (see [`READ_EVERY`]).
+    wake_after: tokio::time::Instant,
 }
+
+/// A watcher that had to wait for events wakes at most this often: a busy directory's
+/// events (a log beside the config opened and closed for every line) are read in batches
+/// rather than one wake-up each. A lone change is read at once.
+const READ_EVERY: Duration = Duration::from_millis(50);
 
 impl Watch {
     /// Points the config file's own watch at the file now at its path (a rename may have
@@ -216,10 +230,20 @@ impl Watch {
     /// The next event for a file in a watched directory, or for the config file itself.
     /// None: the watcher failed (logged) and no more will come.
     async fn next(&mut self, files: &Files) -> Option<FileEvent> {
-        use futures_util::StreamExt;
+        use futures_util::{FutureExt, StreamExt};
         use inotify::EventMask;
         loop {
-            let event = match self.events.next().await? {
+            let next = match self.events.next().now_or_never() {
+                Some(queued) => queued,
+                None => {
+                    // Nothing queued: wait, but not past the last wake-up + READ_EVERY.
+                    tokio::time::sleep_until(self.wake_after).await;
+                    let next = self.events.next().await;
+                    self.wake_after = tokio::time::Instant::now() + READ_EVERY;
+                    next
+                }
+            };
+            let event = match next? {
                 Ok(event) => event,
                 Err(e) => {
                     tracing::warn!(error = %e, "the config file watcher failed; reload with SIGHUP or POST /reload");
@@ -228,6 +252,7 @@ impl Watch {
             };
             if event.mask.contains(EventMask::Q_OVERFLOW) {
                 // Events were lost: reload whatever is there now.
+                self.lost = true;
                 return Some(FileEvent {
                     kind: Seen::Lost,
                     key: files.config.clone(),
@@ -277,10 +302,13 @@ impl Watch {
             } else {
                 Seen::Attributes
             };
-            return Some(FileEvent {
-                kind,
-                key: (dir.0.clone(), name),
-            });
+            let key = (dir.0.clone(), name);
+            if key == files.config && matches!(kind, Seen::Created | Seen::Renamed) {
+                // Another file at the config's path: watch its writes from now on, not
+                // only at the next refresh (it may be written for a while yet).
+                self.watch_file(files);
+            }
+            return Some(FileEvent { kind, key });
         }
     }
 
@@ -321,7 +349,12 @@ async fn follow(state: Arc<ProxyState>, mut files: Files, mut watch: Watch) {
         }) else {
             return;
         };
-        if change.certificates {
+        if std::mem::take(&mut watch.lost) {
+            tracing::warn!(
+                "file events were lost (the kernel's queue of them overflowed): reloading"
+            );
+            let _ = reload(&state);
+        } else if change.certificates {
             tracing::info!("certificate files changed: reloading");
             let _ = reload(&state);
         } else {

@@ -792,6 +792,140 @@ async fn a_config_directory_removed_and_made_again_is_watched_again() {
     stop_gracefully(palisade.child);
 }
 
+impl Watched {
+    /// `palisade_config_reloads_total{result="failure"}` from the admin API.
+    async fn failed_reloads(&self) -> u64 {
+        let metrics = get(&format!("http://127.0.0.1:{}/metrics", self.admin))
+            .await
+            .text();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("palisade_config_reloads_total{result=\"failure\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether the log comes to hold `text` (10 s at most).
+    async fn logs(&self, text: &str) -> bool {
+        eventually(Duration::from_secs(10), async || self.log().contains(text)).await
+    }
+}
+
+#[tokio::test]
+async fn a_config_broken_again_after_a_fix_is_rejected_and_counted_again() {
+    // The same broken text is not rejected twice in a row (a SIGHUP and the watcher
+    // seeing one write), but once the file was fixed, breaking it again is news.
+    let a = Echo::start("a").await;
+    let palisade = Watched::start("broken-again", &a).await;
+    let good = palisade.config_for(&a);
+    let bad = format!("{good}\n[[routes]]\nupstream = \n");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::fs::write(&palisade.path, &bad).expect("break");
+    let once = eventually(Duration::from_secs(10), async || {
+        palisade.failed_reloads().await == 1
+    })
+    .await;
+    assert!(
+        once,
+        "the first breakage was not counted: {}",
+        palisade.log()
+    );
+    std::fs::write(&palisade.path, &good).expect("fix");
+    assert!(
+        palisade.logs("unchanged in meaning").await,
+        "{}",
+        palisade.log()
+    );
+    std::fs::write(&palisade.path, &bad).expect("break again");
+    let twice = eventually(Duration::from_secs(10), async || {
+        palisade.failed_reloads().await == 2
+    })
+    .await;
+    assert!(
+        twice,
+        "the second breakage was swallowed: {}",
+        palisade.log()
+    );
+    stop_gracefully(palisade.child);
+}
+
+#[tokio::test]
+async fn a_config_made_anew_and_written_slowly_is_not_read_half_written() {
+    // After the file was removed, a writer makes it anew and writes it in three parts,
+    // 3 s apart (each pause shorter than the 5 s a writer is waited for, the whole
+    // longer). Its writes are watched from its creation: it is read once, whole.
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let palisade = Watched::start("made-anew", &a).await;
+    let whole = palisade.config_for(&b);
+    let cut = whole.find("addr = ").expect("a backend address") + 10;
+    let (first, rest) = whole.split_at(cut);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::fs::remove_file(&palisade.path).expect("remove");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        use std::io::Write;
+        let mut out = std::fs::File::create(&palisade.path).expect("create");
+        for part in [first, second, third] {
+            out.write_all(part.as_bytes()).expect("write");
+            out.flush().expect("flush");
+            if part != third {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+    }
+    assert!(palisade.comes_to("b").await, "{}", palisade.log());
+    let log = palisade.log();
+    assert!(!log.contains("still open for writing"), "{log}");
+    // The removal's failed read is the only rejection.
+    assert_eq!(palisade.failed_reloads().await, 1, "{log}");
+    stop_gracefully(palisade.child);
+}
+
+#[tokio::test]
+async fn lost_file_events_are_said_and_everything_is_reloaded() {
+    // More events than the kernel queues for the watcher (palisade stopped meanwhile):
+    // the overflow is logged as such, and the config is read again.
+    let a = Echo::start("a").await;
+    let palisade = Watched::start("overflow", &a).await;
+    let limit: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(16384);
+    assert!(
+        limit <= 1 << 20,
+        "max_queued_events {limit} is too many to overflow"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pid = palisade.child.0.id().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    // Closes after writing, alternating between two files: the kernel merges only
+    // repeats of the same event.
+    let names = [palisade.dir.join("one.log"), palisade.dir.join("two.log")];
+    for i in 0..limit + 1000 {
+        std::fs::write(&names[i % 2], "x").expect("write");
+    }
+    signal("-CONT");
+    assert!(
+        palisade.logs("file events were lost").await,
+        "{}",
+        palisade.log()
+    );
+    assert!(
+        palisade.logs("configuration reloaded").await,
+        "{}",
+        palisade.log()
+    );
+    stop_gracefully(palisade.child);
+}
+
 #[tokio::test]
 async fn a_save_that_changes_nothing_is_logged_as_not_reloaded() {
     let echo = Echo::start("a").await;
