@@ -26,10 +26,22 @@ fn apply(
     text: Option<u64>,
     loaded: Result<Config, Vec<ConfigError>>,
 ) -> Result<u64, Vec<ConfigError>> {
-    let loaded = loaded.and_then(|config| Ok((crate::tls::build(&config)?, config)));
+    let loaded = loaded.and_then(|config| match crate::tls::build(&config) {
+        Ok(tls) => Ok((tls, config)),
+        Err(errors) => {
+            // Files that may not be there yet (a certificate still to be issued).
+            if let Ok(mut files) = state.rejected_tls_files.lock() {
+                *files = tls_files(&config);
+            }
+            Err(errors)
+        }
+    });
     match loaded {
         Ok((tls, config)) => {
             state.rejected_text.store(0, Ordering::Relaxed);
+            if let Ok(mut files) = state.rejected_tls_files.lock() {
+                files.clear();
+            }
             state.set_tls(tls);
             let generation = state.apply(config);
             state.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -43,6 +55,16 @@ fn apply(
             Err(errors)
         }
     }
+}
+
+/// The certificate and key files `config` names.
+fn tls_files(config: &Config) -> Vec<PathBuf> {
+    config
+        .server
+        .tls
+        .iter()
+        .flat_map(|t| [t.cert.clone(), t.key.clone()])
+        .collect()
 }
 
 /// Reads and validates the config file for a reload: a hash of the text read (None when
@@ -112,8 +134,11 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
                 "config file unchanged in meaning: not reloaded"
             );
             // The file was fixed since any rejection: breaking it the same way again is
-            // news (logged, counted) again.
+            // news (logged, counted) again, and the files it named are not awaited.
             state.rejected_text.store(0, Ordering::Relaxed);
+            if let Ok(mut files) = state.rejected_tls_files.lock() {
+                files.clear();
+            }
             Ok(None)
         }
         Err(_) if text.is_some_and(|t| t == state.rejected_text.load(Ordering::Relaxed)) => {
@@ -146,7 +171,7 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
 /// directory to every write and open with no way to narrow it, and a program appending to
 /// a file beside the config cost palisade half a core.
 pub fn watch_config_file(state: Arc<ProxyState>) -> std::io::Result<ConfigWatcher> {
-    let files = Files::of(&state.snapshot().config);
+    let files = Files::of(&state.snapshot().config, &[]);
     let inotify = inotify::Inotify::init()?;
     let mut watch = Watch {
         watches: inotify.watches(),
@@ -414,7 +439,12 @@ async fn settle(mut change: Change, watch: &mut Watch, files: &mut Files) -> Opt
 /// when one that was watched has been replaced by another, or came back after it was
 /// gone: files in it changed without an event.
 fn refresh(state: &ProxyState, files: &mut Files, watch: &mut Watch) -> bool {
-    let mut fresh = Files::of(&state.snapshot().config);
+    let rejected = state
+        .rejected_tls_files
+        .lock()
+        .map(|files| files.clone())
+        .unwrap_or_default();
+    let mut fresh = Files::of(&state.snapshot().config, &rejected);
     fresh.writing = files.writing;
     *files = fresh;
     let mut replaced = false;
@@ -474,14 +504,12 @@ struct Files {
 }
 
 impl Files {
-    /// The files `config` names, as they resolve now.
-    fn of(config: &Config) -> Files {
+    /// The files `config` names, and `more` certificate files, as they resolve now.
+    fn of(config: &Config, more: &[PathBuf]) -> Files {
         let (config_links, file) = resolve(&config.path);
-        let certs = config
-            .server
-            .tls
+        let certs = tls_files(config)
             .iter()
-            .flat_map(|t| [&t.cert, &t.key])
+            .chain(more)
             .flat_map(|path| {
                 let (mut keys, file) = resolve(path);
                 keys.push(file);

@@ -130,6 +130,10 @@ pub struct ProxyState {
     /// A hash of the config file text the last rejected reload read (0: none since the
     /// last success): the watcher does not reject the same text again.
     pub rejected_text: AtomicU64,
+    /// The certificate and key files of the last config rejected for its TLS files (none
+    /// since the last success): the watcher watches them too, so that the reload goes
+    /// through once they are there.
+    pub rejected_tls_files: Mutex<Vec<std::path::PathBuf>>,
     /// The outcome of the last reload: when, and the generation or the first error.
     pub last_reload: Mutex<Option<(Instant, Result<u64, String>)>>,
     started: Instant,
@@ -162,6 +166,7 @@ impl ProxyState {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             rejected_text: AtomicU64::new(0),
+            rejected_tls_files: Mutex::new(Vec::new()),
             last_reload: Mutex::new(None),
             started: Instant::now(),
             checkers: Mutex::new(Vec::new()),

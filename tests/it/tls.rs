@@ -396,6 +396,56 @@ fn check_reports_missing_and_mismatched_pem_files() {
 }
 
 #[tokio::test]
+async fn certificate_files_a_rejected_config_names_are_watched_until_they_are_there() {
+    // A config naming a certificate still to be issued (its directory not made yet) is
+    // rejected; once the files are there, the reload goes through without a command.
+    let cert = make_cert(&["localhost"]);
+    let dir = temp_dir("cert-later");
+    let echo = Echo::start("e").await;
+    let (port, admin, tls_port) = (free_port(), free_port(), free_port());
+    let plain = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nbackends = [{{ addr = \"{}\" }}]\n",
+        echo.addr
+    );
+    let path = dir.write("palisade.toml", &plain);
+    let logs = temp_dir("cert-later-log");
+    let log = logs.write("palisade.log", "");
+    let child = spawn_logged(&path, &log, "info");
+    wait_listening(([127, 0, 0, 1], port).into()).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let with_tls = format!(
+        "{plain}[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"later/c.pem\"\nkey = \"later/c-key.pem\"\n"
+    );
+    std::fs::write(&path, with_tls).expect("write");
+    let logged = |text: &'static str| {
+        let log = log.clone();
+        async move || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(text)
+        }
+    };
+    assert!(eventually(Duration::from_secs(10), logged("reload rejected")).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = dir.join("later");
+    std::fs::create_dir_all(&later).expect("mkdir");
+    write_pair(&later, "c", &cert);
+    let served = eventually(Duration::from_secs(10), async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(
+        served,
+        "the certificate was there, the reload never came: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(eventually(Duration::from_secs(10), logged("configuration reloaded")).await);
+    stop_gracefully(child);
+}
+
+#[tokio::test]
 async fn replacing_the_certificate_files_is_noticed_without_a_reload_command() {
     let (a, b) = (make_cert(&["a.test"]), make_cert(&["b.test"]));
     let dir = temp_dir("watch");
