@@ -153,19 +153,22 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
 /// one changes. Directories are watched, since editors, `sed -i` and certificate renewers
 /// replace files by a rename. A directory's watch reports only what can change a file
 /// there as a whole: a file created, renamed, removed, or closed after writing (and its
-/// permissions changed), not every write or open: a busy log beside the config costs
-/// nothing. The config file is watched itself for writes in place, so that one half
-/// written is not read. A file reached through symbolic links is watched along the way
+/// permissions changed), not every write or open; and a busy directory's events are read
+/// in batches (`READ_EVERY`): a busy log beside the config costs next to nothing. The
+/// config file is watched itself for writes in place, so that one half written is not
+/// read. A file reached through symbolic links is watched along the way
 /// too: a Kubernetes ConfigMap (`palisade.toml -> ..data/palisade.toml`, `..data` swapped
 /// by a rename) or a deploy's `current` link moved to a new release is a change of the
-/// file. A burst of events reloads once, [`QUIET`] after its last event (at most
-/// [`MAX_BURST`] after its first). A config file written in place and not closed is read
+/// file. A burst of events reloads once, `QUIET` (200 ms) after its last event (at most
+/// `MAX_BURST` (2 s) after its first). A config file written in place and not closed is read
 /// only once its writer has closed it (`cmd > palisade.toml` with a slow `cmd` leaves it
-/// half written for as long as `cmd` takes), or after [`WRITE_WAIT`] with no further
+/// half written for as long as `cmd` takes), or after `WRITE_WAIT` (5 s) with no further
 /// event. A change of the config file reloads only when its content differs; a change of
 /// a certificate always reloads. What is watched follows the running config: certificate
-/// files a reload names (by any trigger) are watched within a second. Keep the returned
-/// watcher alive to keep watching. Must be called within a Tokio runtime.
+/// files a reload names (by any trigger) are watched within a second, as are those of a
+/// config rejected because they could not be read. A watched directory removed or
+/// replaced (which no event says) is found within a second, and reloaded from. Keep the
+/// returned watcher alive to keep watching. Must be called within a Tokio runtime.
 ///
 /// inotify is used directly: notify 8 (the design's first choice) subscribes every watched
 /// directory to every write and open with no way to narrow it, and a program appending to

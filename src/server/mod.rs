@@ -1297,7 +1297,7 @@ impl<A: Deref<Target = Activity>> Drop for RequestGuard<A> {
     }
 }
 
-/// A client socket that reports its reads and writes to the connection's [`Activity`].
+/// A client socket that reports its reads and writes to the connection's `Activity`.
 pub struct TrackedIo<S> {
     inner: S,
     activity: Arc<Activity>,
