@@ -862,7 +862,12 @@ async fn a_config_made_anew_and_written_slowly_is_not_read_half_written() {
     let (second, third) = rest.split_at(rest.len() / 2);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     std::fs::remove_file(&palisade.path).expect("remove");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The removal is read (and rejected) first, on its own.
+    let read = eventually(Duration::from_secs(10), async || {
+        palisade.failed_reloads().await == 1
+    })
+    .await;
+    assert!(read, "the removal was not noticed: {}", palisade.log());
     {
         use std::io::Write;
         let mut out = std::fs::File::create(&palisade.path).expect("create");
