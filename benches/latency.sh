@@ -14,7 +14,10 @@
 # pools, round robin over three nginx backends). Installs nginx, haproxy and h2load
 # (nghttp2-client) with apt-get when missing. Every request stays on 127.0.0.1, every run
 # is bounded by --duration. "direct" is h2load straight to one backend: the harness's own
-# floor.
+# floor. "clustered" is the share of the requests at or above p99 that started in the
+# worst 1 % of the run's 10 ms windows: on a shared machine, stalls put much of the tail
+# in a few windows for every proxy alike, and then p99 says more about the machine than
+# about the proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -179,22 +182,32 @@ for round in $(seq "$rounds"); do
       taskset -c 1 h2load --h1 -c "$conns" --rps "$per_client" -D "$duration" \
         --warm-up-time 1 --log-file "$log" "http://127.0.0.1:$port/" > "$work/log/h2load.out" 2>&1 || true
       python3 - "$proxy" "$rate" "$round" "$log" "$duration" >> "$results" <<'PY'
-import sys
+import collections, sys
 proxy, rate, rnd, path, duration = sys.argv[1:]
-lat, errors = [], 0
+rows, errors = [], 0
 for line in open(path):
     parts = line.split()
     if len(parts) < 3:
         continue
     if parts[1] != "200":
         errors += 1
-    lat.append(int(parts[2]))
-lat.sort()
+    rows.append((int(parts[0]), int(parts[2])))
+lat = sorted(us for _, us in rows)
 def pct(p):
     return lat[min(len(lat) - 1, int(len(lat) * p))] / 1000.0 if lat else float("nan")
+# How clustered the slowest 1 % is: the share of the requests at or above p99 that
+# started in the worst 1 % of the run's 10 ms windows. Stalls of the machine put many
+# slow requests in a few windows, for every proxy alike.
+clustered = float("nan")
+if lat:
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    windows = {start // 10000 for start, _ in rows}
+    slow = collections.Counter(start // 10000 for start, us in rows if us >= p99)
+    worst = sum(n for _, n in slow.most_common(max(1, len(windows) // 100)))
+    clustered = 100.0 * worst / max(1, sum(slow.values()))
 print("\t".join([proxy, rate, rnd, str(len(lat) / float(duration)), str(pct(0.5)),
                  str(pct(0.9)), str(pct(0.99)), str(pct(0.999)),
-                 str(lat[-1] / 1000.0 if lat else float("nan")), str(errors)]))
+                 str(lat[-1] / 1000.0 if lat else float("nan")), str(errors), str(clustered)]))
 PY
       echo "  $proxy @ $rate req/s: $(tail -1 "$results" | cut -f4,7 | awk '{printf "%.0f req/s, p99 %.3f ms", $1, $2}')" >&2
     done
@@ -207,11 +220,12 @@ import statistics, sys
 path, rounds, duration, conns = sys.argv[1:]
 rows = {}
 for line in open(path):
-    p, rate, rnd, rps, p50, p90, p99, p999, mx, err = line.rstrip("\n").split("\t")
+    p, rate, rnd, rps, p50, p90, p99, p999, mx, err, clustered = line.rstrip("\n").split("\t")
     rows.setdefault((p, int(rate)), []).append(
-        (float(rps), float(p50), float(p90), float(p99), float(p999), float(mx), int(err)))
+        (float(rps), float(p50), float(p90), float(p99), float(p999), float(mx), int(err),
+         float(clustered)))
 print(f"median of {rounds} rounds, {duration} s each, {conns} connections, fixed offered rate (h2load --rps)")
-print(f"{'proxy':<10}{'rate':>8}{'got/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'max ms':>9}{'errs':>6}  p99 vs nginx")
+print(f"{'proxy':<10}{'rate':>8}{'got/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'max ms':>9}{'errs':>6}{'clustered':>11}  p99 vs nginx")
 for rate in sorted({r for _, r in rows}):
     nginx = rows.get(("nginx", rate))
     nginx_p99 = statistics.median(x[3] for x in nginx) if nginx else None
@@ -221,6 +235,10 @@ for rate in sorted({r for _, r in rows}):
             continue
         med = [statistics.median(x[i] for x in v) for i in range(6)]
         errs = sum(x[6] for x in v)
+        clustered = statistics.median(x[7] for x in v)
         ratio = f"{med[3] / nginx_p99:.2f}x" if nginx_p99 else "-"
-        print(f"{proxy:<10}{rate:>8}{med[0]:>9.0f}{med[1]:>9.3f}{med[2]:>9.3f}{med[3]:>9.3f}{med[4]:>10.3f}{med[5]:>9.3f}{errs:>6}  {ratio}")
+        print(f"{proxy:<10}{rate:>8}{med[0]:>9.0f}{med[1]:>9.3f}{med[2]:>9.3f}{med[3]:>9.3f}{med[4]:>10.3f}{med[5]:>9.3f}{errs:>6}{clustered:>10.0f}%  {ratio}")
+print("clustered: the share of the requests at or above p99 that started in the worst 1 % of")
+print("the run's 10 ms windows (median over rounds); high when stalls of the machine, not the")
+print("proxy's own cost per request, make the tail.")
 PY
