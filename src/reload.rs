@@ -174,7 +174,6 @@ pub fn reload_if_changed(state: &ProxyState) -> Result<Option<u64>, Vec<ConfigEr
 /// directory to every write and open with no way to narrow it, and a program appending to
 /// a file beside the config cost palisade half a core.
 pub fn watch_config_file(state: Arc<ProxyState>) -> std::io::Result<ConfigWatcher> {
-    let files = Files::of(&state.snapshot().config, &[]);
     let inotify = inotify::Inotify::init()?;
     let mut watch = Watch {
         watches: inotify.watches(),
@@ -184,11 +183,9 @@ pub fn watch_config_file(state: Arc<ProxyState>) -> std::io::Result<ConfigWatche
         lost: false,
         wake_after: tokio::time::Instant::now(),
     };
-    for dir in files.dirs() {
-        let wd = watch.watches.add(&dir, DIR_EVENTS)?;
-        watch.dirs.push((dir, Some(wd)));
-    }
-    watch.watch_file(&files);
+    // What cannot be watched yet is warned about and tried again every second.
+    let mut files = Files::of(&state.snapshot().config, &[]);
+    refresh(&state, &mut files, &mut watch);
     Ok(ConfigWatcher {
         task: tokio::spawn(follow(state, files, watch)),
     })
